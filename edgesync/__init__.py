@@ -1,0 +1,101 @@
+"""edgesync: the edge-runtime background-task model for sync WSGI apps under gunicorn.
+
+Answer the request now, finish the work after it::
+
+    import edgesync
+
+    @app.post("/signup")
+    def signup():
+        user = create_user(request.form)
+        edgesync.wait_until(send_welcome_email, user.email)   # does not block
+        return "ok"
+
+    edgesync.add_event_listener("beforeunload", lambda ev: save_progress(ev.reason))
+
+Serve it with ``gunicorn -k edgesync.Worker app:app``. Outside gunicorn a default
+in-process runtime runs the same tasks and drains them at interpreter exit.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any, Awaitable, Callable, Dict, ParamSpec, TypeVar, Union, overload
+
+from ._config import ConfigError, Settings, load_settings
+from ._events import (
+    BeforeUnloadEvent,
+    TaskInfo,
+    UnhandledRejectionEvent,
+    add_event_listener,
+    remove_event_listener,
+)
+from ._invocation import InvocationCancelled
+from ._pool import QueueFull
+from ._runtime import current as _current_runtime
+from ._runtime import peek as _peek_runtime
+from ._worker import Worker
+
+__all__ = [
+    "BeforeUnloadEvent",
+    "ConfigError",
+    "InvocationCancelled",
+    "QueueFull",
+    "Settings",
+    "TaskInfo",
+    "UnhandledRejectionEvent",
+    "Worker",
+    "add_event_listener",
+    "load_settings",
+    "remove_event_listener",
+    "runtime_metrics",
+    "wait_until",
+]
+
+__version__ = "0.1.0"
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@overload
+def wait_until(fn: "Future[T]", /) -> "Future[T]": ...
+@overload
+def wait_until(fn: Awaitable[T], /) -> "Future[T]": ...
+@overload
+def wait_until(fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> "Future[T]": ...
+@overload
+def wait_until(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> "Future[T]": ...
+
+
+def wait_until(fn: Union[Callable[..., Any], "Future[Any]", Awaitable[Any]], /,
+               *args: Any, **kwargs: Any) -> "Future[Any]":
+    """Run ``fn(*args, **kwargs)`` in the background; does not block.
+
+    Returns a ``concurrent.futures.Future`` of its result. ``fn`` may also be an
+    existing ``Future`` (tracked, and returned as is) or an awaitable such as a
+    coroutine (run to completion on a background thread). The task runs in a copy
+    of the caller's ``contextvars`` context, taken now. The instance stays up until
+    the task is done, within its limits.
+
+    Raises ``TypeError`` for anything else, ``QueueFull`` when
+    ``max_pending_tasks`` tasks are pending already, and ``RuntimeError`` once the
+    instance is unloading and accepts no more background work. A task that raises
+    dispatches an ``unhandledrejection`` event and never affects other tasks.
+    """
+    return _current_runtime().wait_until(fn, args, kwargs)
+
+
+def runtime_metrics() -> Dict[str, Any]:
+    """A plain-data snapshot of this instance (one gunicorn worker, or this process).
+
+    Keys: ``pid``, ``state`` (serving / retiring / unloaded), ``policy``, ``age_s``,
+    ``rss_bytes``, ``rss_baseline_bytes``, ``requests``, ``tasks`` (queued, running,
+    tracked, completed, failed, abandoned), ``background_threads``,
+    ``invocations_cancelled``, ``retire_reason``, ``terminate_reason`` and
+    ``beforeunload_dispatched`` (reasons, in order). Outside gunicorn this creates
+    the default runtime if needed (no thread starts until work arrives).
+    """
+    rt = _peek_runtime()
+    if rt is None:
+        rt = _current_runtime()
+    return rt.metrics()

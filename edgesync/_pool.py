@@ -1,0 +1,288 @@
+"""The bounded background thread pool that runs ``wait_until`` work.
+
+design: at most ``max_pending`` tasks are accepted (queued + running + tracked
+futures); past that ``submit`` raises ``QueueFull`` at once, it never blocks and
+never drops. Threads start lazily, up to ``max_threads``, as daemon threads: the
+pool is drained by its owner with a deadline and a heartbeat (``wait_idle``),
+never by the interpreter's exit-time joins. Shutdown is a flag set under the lock
+plus one ``None`` sentinel that each exiting thread passes on (as in CPython's
+``concurrent.futures.thread``). Threads hold no strong reference to the pool's
+owner, only to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from contextvars import Context
+from typing import Any, Callable, Dict, List, Optional, Set
+
+from ._events import TaskInfo
+from ._invocation import TASK, InvocationCancelled, Slot, Tracker
+
+log = logging.getLogger("edgesync")
+
+
+class QueueFull(RuntimeError):
+    """``wait_until`` was offered more work than ``max_pending_tasks`` allows."""
+
+
+class Task:
+    """One unit of background work and its bookkeeping."""
+
+    __slots__ = ("future", "fn", "args", "kwargs", "context", "name", "accepted", "started",
+                 "thread", "tracked")
+
+    def __init__(self, future: "Future[Any]", fn: Optional[Callable[..., Any]], args: Any,
+                 kwargs: Any, context: Optional[Context], name: str, tracked: bool = False):
+        self.future = future
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.context = context
+        self.name = name
+        self.accepted = time.monotonic()
+        self.started: Optional[float] = None
+        self.thread: Optional[str] = None
+        self.tracked = tracked
+
+    def info(self, now: float) -> TaskInfo:
+        if self.tracked:
+            return TaskInfo(self.name, "tracked", now - self.accepted, None)
+        if self.started is None:
+            return TaskInfo(self.name, "queued", now - self.accepted, None)
+        return TaskInfo(self.name, "running", now - self.accepted, now - self.started)
+
+
+def task_name(obj: Any) -> str:
+    """A readable name for a task: ``module.qualname`` of a function, else its repr."""
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    if name is None:
+        return repr(obj)[:120]
+    module = getattr(obj, "__module__", None)
+    return "%s.%s" % (module, name) if module else str(name)
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def run_awaitable(awaitable: Any) -> Any:
+    """Run a coroutine or other awaitable to completion on a fresh event loop."""
+    coro = awaitable if inspect.iscoroutine(awaitable) else _await(awaitable)
+    return asyncio.run(coro)
+
+
+class Pool:
+    """A bounded pool; see the module docstring for its rules.
+
+    ``on_failure(task, exc)`` is called on the task's thread when a task raises
+    (the runtime turns it into an ``unhandledrejection`` event).
+    """
+
+    def __init__(self, max_threads: int, max_pending: int, tracker: Tracker,
+                 on_failure: Callable[[Task, BaseException], None], name: str = "edgesync-task"):
+        self.max_threads = max_threads
+        self.max_pending = max_pending
+        self._tracker = tracker
+        self._on_failure = on_failure
+        self._name = name
+        self._queue: "queue.SimpleQueue[Optional[Task]]" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._waiters = 0
+        self._threads: List[threading.Thread] = []
+        self._tasks: Set[Task] = set()
+        self._closed: Optional[str] = None  # why submit is refused, once closed
+        self.completed = 0
+        self.failed = 0
+        self.cancelled = 0  # by a hard limit
+        self.abandoned = 0
+
+    # -- accepting work ------------------------------------------------------
+
+    def _accept(self, task: Task) -> None:
+        """Count ``task`` in, or raise; the caller holds ``self._lock``."""
+        if self._closed is not None:
+            raise RuntimeError(self._closed)
+        if len(self._tasks) >= self.max_pending:
+            raise QueueFull(
+                "edgesync: the background queue is full (%d tasks pending, the limit set by "
+                "max_pending_tasks): the task was not accepted. Raise max_pending_tasks or "
+                "background_threads, or shed load." % len(self._tasks))
+        self._tasks.add(task)
+
+    def submit(self, fn: Callable[..., Any], args: Any, kwargs: Any, context: Context) -> "Future[Any]":
+        """Schedule ``fn(*args, **kwargs)`` inside ``context``; never blocks."""
+        task = Task(Future(), fn, args, kwargs, context, task_name(fn))
+        with self._lock:
+            self._accept(task)
+            start_thread = len(self._tasks) > len(self._threads) and len(self._threads) < self.max_threads
+            if start_thread:
+                t = threading.Thread(target=_work, args=(self, self._queue, self._tracker),
+                                     name="%s-%d" % (self._name, len(self._threads)), daemon=True)
+                self._threads.append(t)
+        if start_thread:
+            t.start()
+        self._queue.put(task)
+        return task.future
+
+    def track(self, future: "Future[Any]", name: str) -> None:
+        """Count a future that runs elsewhere as pending work until it is done."""
+        task = Task(future, None, (), {}, None, name, tracked=True)
+        with self._lock:
+            self._accept(task)
+        future.add_done_callback(lambda f: self._finish(task, f.cancelled() or f.exception() is None))
+
+    # -- running work (on the pool's threads) --------------------------------
+
+    def _run(self, task: Task, slot: Slot) -> None:
+        future = task.future
+        if not future.set_running_or_notify_cancel():
+            self._finish(task, True)
+            return
+        task.started = time.monotonic()
+        task.thread = slot.thread_name
+        inv = slot.begin(TASK, task.name, task=task)
+        error: Optional[BaseException] = None
+        result: Any = None
+        try:
+            try:
+                assert task.context is not None and task.fn is not None
+                result = task.context.run(task.fn, *task.args, **task.kwargs)
+                if inspect.isawaitable(result):
+                    result = task.context.run(run_awaitable, result)
+            # why BaseException: whatever the task raises belongs to its future and its
+            # unhandledrejection event; it must not end this thread or reach other tasks.
+            except BaseException as exc:
+                error = exc
+        except InvocationCancelled as exc:
+            # At most one cancellation is ever sent per invocation; this catches it
+            # when it lands inside the handler above instead of inside the task.
+            error = exc
+        finally:
+            slot.end_surely(inv)
+        if isinstance(error, InvocationCancelled) and inv.verdict is not None:
+            error = InvocationCancelled(inv.verdict.message)
+        task.fn = task.args = task.kwargs = task.context = None  # drop references early
+        if error is None:
+            future.set_result(result)
+            self._finish(task, True)
+        else:
+            future.set_exception(error)
+            self._finish(task, False, cancelled=inv.verdict is not None)
+            self._on_failure(task, error)
+        del error
+
+    def _finish(self, task: Task, ok: bool, cancelled: bool = False) -> None:
+        with self._lock:
+            if task not in self._tasks:
+                return  # abandoned at shutdown and counted there
+            self._tasks.discard(task)
+            if ok:
+                self.completed += 1
+            else:
+                self.failed += 1
+                self.cancelled += cancelled
+            if self._waiters and not self._tasks:
+                self._idle.notify_all()
+
+    # -- draining and shutdown -----------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Tasks accepted and not finished (queued + running + tracked)."""
+        return len(self._tasks)
+
+    def snapshot(self) -> List[TaskInfo]:
+        """Every pending task, oldest first."""
+        now = time.monotonic()
+        with self._lock:
+            tasks = sorted(self._tasks, key=lambda t: t.accepted)
+        return [t.info(now) for t in tasks]
+
+    def counts(self) -> Dict[str, int]:
+        with self._lock:
+            running = sum(1 for t in self._tasks if t.started is not None)
+            tracked = sum(1 for t in self._tasks if t.tracked)
+            return {"queued": len(self._tasks) - running - tracked, "running": running,
+                    "tracked": tracked, "completed": self.completed, "failed": self.failed,
+                    "cancelled": self.cancelled, "abandoned": self.abandoned,
+                    "threads": len(self._threads)}
+
+    def wait_idle(self, deadline: float, tick: Optional[Callable[[], None]] = None,
+                  interval: float = 0.1) -> bool:
+        """Wait until no task is pending or ``time.monotonic()`` passes ``deadline``.
+
+        ``tick`` is called at least every ``interval`` seconds (the worker's
+        heartbeat). Returns True when the pool became idle.
+        """
+        while True:
+            with self._lock:
+                if not self._tasks:
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._waiters += 1
+                try:
+                    self._idle.wait(min(remaining, interval))
+                finally:
+                    self._waiters -= 1
+            if tick is not None:
+                tick()
+
+    def close(self, reason: str) -> None:
+        """Refuse new work from now on with ``RuntimeError(reason)``."""
+        with self._lock:
+            if self._closed is None:
+                self._closed = reason
+
+    def abandon(self, reason: str) -> List[TaskInfo]:
+        """Close the pool and give up every pending task; return what was given up.
+
+        Queued tasks are cancelled (their futures say so); running ones go on until
+        the process exits, but no longer count. Each is logged by the caller.
+        """
+        now = time.monotonic()
+        with self._lock:
+            if self._closed is None:
+                self._closed = reason
+            tasks = sorted(self._tasks, key=lambda t: t.accepted)
+            self._tasks.clear()
+            self.abandoned += len(tasks)
+            self._idle.notify_all()
+        for t in tasks:
+            if t.started is None and not t.tracked:
+                t.future.cancel()
+        self._queue.put(None)
+        return [t.info(now) for t in tasks]
+
+    def shutdown(self, reason: str) -> None:
+        """Close, and let idle threads exit (running tasks are not waited for)."""
+        self.close(reason)
+        self._queue.put(None)
+
+
+def _work(pool: Pool, work_queue: "queue.SimpleQueue[Optional[Task]]", tracker: Tracker) -> None:
+    slot = tracker.register_thread()
+    try:
+        while True:
+            task = work_queue.get()
+            if task is None:
+                work_queue.put(None)  # pass the sentinel on to the next thread
+                return
+            try:
+                pool._run(task, slot)
+            except InvocationCancelled:
+                # Delivered after the task's own handlers ran (a cancellation racing
+                # the task's end): the task is already accounted for.
+                continue
+            del task
+    finally:
+        tracker.unregister_thread(slot)
