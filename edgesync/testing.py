@@ -1,0 +1,117 @@
+"""Test helpers for apps that use edgesync: run tasks in-process and wait for them.
+
+The equivalent of Cloudflare's ``waitOnExecutionContext``::
+
+    def test_signup_sends_email(client, edgesync_runtime):
+        client.post("/signup", data={"email": "a@example.com"})
+        edgesync_runtime.wait(timeout=5)          # every task scheduled so far is done
+        assert outbox == ["a@example.com"]
+
+    def test_progress_is_saved(edgesync_runtime):
+        events = edgesync_runtime.record("beforeunload")
+        edgesync_runtime.fire_beforeunload("wall_clock")
+        assert [e.reason for e in events] == ["wall_clock"]
+
+``edgesync_runtime`` is a pytest fixture (registered through the ``pytest11`` entry
+point): each test gets a fresh runtime, installed as the process's runtime, that
+is torn down afterwards, so no task or state crosses from one test to the next.
+Outside pytest use ``with edgesync.testing.runtime() as rt: ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from typing import Any, Iterator, List, Optional
+
+from . import _events, _runtime
+from ._config import Settings
+from ._events import TaskInfo
+from ._runtime import Runtime
+
+__all__ = ["TaskTimeout", "TestRuntime", "edgesync_runtime", "runtime"]
+
+
+class TaskTimeout(AssertionError):
+    """``TestRuntime.wait`` ran out of time; the message lists the tasks still pending."""
+
+
+class TestRuntime:
+    """A runtime for one test. Create it with ``runtime()`` or the fixture."""
+
+    __test__ = False  # not a test class, whatever pytest's name matching thinks
+
+    def __init__(self, settings: Optional[Settings] = None, **overrides: Any):
+        base = settings if settings is not None else Settings()
+        self.settings = dataclasses.replace(base, **overrides) if overrides else base
+        self.runtime = Runtime(self.settings)
+        self._previous = _runtime.peek()
+        self._recorders: List[Any] = []
+        _runtime.install(self.runtime)
+
+    def wait(self, timeout: float = 5.0) -> None:
+        """Block until every task scheduled so far (and any they schedule) is done.
+
+        Raises ``TaskTimeout`` naming the tasks still pending after ``timeout`` s.
+        """
+        if not self.runtime.pool.wait_idle(time.monotonic() + timeout):
+            pending = ", ".join("%s (%s)" % (t.name, t.state) for t in self.runtime.pool.snapshot())
+            raise TaskTimeout("edgesync: tasks still pending after %.1fs: %s" % (timeout, pending))
+
+    def record(self, type: str) -> List[Any]:
+        """A list that receives every ``type`` event from now until the test ends."""
+        seen: List[Any] = []
+        _events.add_event_listener(type, seen.append)
+        self._recorders.append((type, seen.append))
+        return seen
+
+    def fire_beforeunload(self, reason: str, timeout: float = 5.0) -> None:
+        """Dispatch ``beforeunload`` with ``reason`` and wait for its listeners.
+
+        Raises ``ValueError`` for a reason edgesync never sends, and ``TaskTimeout``
+        if the listeners do not return within ``timeout`` s.
+        """
+        if reason not in _events.REASONS:
+            raise ValueError("unknown beforeunload reason %r: edgesync sends %s"
+                             % (reason, ", ".join(_events.REASONS)))
+        done = self.runtime.beforeunload(reason, time.monotonic() + timeout)
+        if done is not None and not done.wait(timeout):
+            raise TaskTimeout("edgesync: beforeunload listeners still running after %.1fs" % timeout)
+
+    def metrics(self) -> dict[str, Any]:
+        """``runtime_metrics()`` of this runtime."""
+        return self.runtime.metrics()
+
+    def close(self, timeout: float = 5.0) -> List[TaskInfo]:
+        """Wait up to ``timeout`` s for pending tasks, then unload; returns what was abandoned."""
+        try:
+            self.runtime.pool.wait_idle(time.monotonic() + timeout)
+            return self.runtime.unload("the test ended")
+        finally:
+            self.runtime.pool.shutdown("the test ended")
+            for type, listener in self._recorders:
+                _events.remove_event_listener(type, listener)
+            _runtime.install(self._previous)
+
+
+@contextlib.contextmanager
+def runtime(settings: Optional[Settings] = None, **overrides: Any) -> Iterator[TestRuntime]:
+    """A ``TestRuntime`` installed for the ``with`` block, closed after it."""
+    rt = TestRuntime(settings, **overrides)
+    try:
+        yield rt
+    finally:
+        rt.close()
+
+
+try:
+    import pytest
+except ImportError:  # the helpers above work without pytest; only the fixture needs it
+    pass
+else:
+    @pytest.fixture
+    def edgesync_runtime() -> Iterator[TestRuntime]:
+        """A fresh edgesync runtime for this test (see ``edgesync.testing``)."""
+        with runtime() as rt:
+            yield rt

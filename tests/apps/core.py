@@ -1,0 +1,160 @@
+"""A plain WSGI app that exercises edgesync from real gunicorn workers.
+
+Each route is one behaviour the integration tests drive from outside. Listeners
+and tasks write JSON lines to ``$EVENTS_FILE`` (one ``os.write`` on an O_APPEND
+descriptor per line, so lines from several processes never interleave).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable, Dict, Iterable, List
+from urllib.parse import parse_qs
+
+import edgesync
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+_hoard: List[bytes] = []
+
+
+def record(**fields: Any) -> None:
+    path = os.environ.get("EVENTS_FILE")
+    if not path:
+        return
+    fields.setdefault("pid", os.getpid())
+    fields.setdefault("t", time.time())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(fields) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def on_beforeunload(event: edgesync.BeforeUnloadEvent) -> None:
+    record(type=event.type, reason=event.reason, detail=event.detail,
+           time_remaining=event.time_remaining,
+           pending=[t.name for t in event.pending_tasks])
+
+
+def on_rejection(event: edgesync.UnhandledRejectionEvent) -> None:
+    record(type=event.type, error=repr(event.reason), task=event.task_name)
+    if os.environ.get("PREVENT_DEFAULT"):
+        event.prevent_default()
+
+
+edgesync.add_event_listener("beforeunload", on_beforeunload)
+edgesync.add_event_listener("unhandledrejection", on_rejection)
+
+if os.environ.get("LISTENER_RAISES"):
+    def raising_listener(event: Any) -> None:
+        raise RuntimeError("listener failed on purpose")
+    edgesync.add_event_listener("beforeunload", raising_listener)
+    # Registered after the raising one: it must still run.
+    edgesync.add_event_listener("beforeunload", lambda ev: record(type="after_raising", reason=ev.reason))
+
+if os.environ.get("LISTENER_BLOCKS"):
+    def blocking_listener(event: Any) -> None:
+        record(type="blocking_listener", reason=event.reason)
+        time.sleep(float(os.environ["LISTENER_BLOCKS"]))
+    edgesync.add_event_listener("beforeunload", blocking_listener)
+
+
+# -- tasks -------------------------------------------------------------------
+
+
+def sleepy_task(task_id: str, seconds: float) -> str:
+    record(type="task_start", id=task_id)
+    time.sleep(seconds)
+    record(type="task_done", id=task_id)
+    return task_id
+
+
+def context_task(expected: str) -> None:
+    time.sleep(0.001)
+    record(type="ctx", expected=expected, seen=request_id.get())
+
+
+def failing_task() -> None:
+    raise ValueError("boom from a background task")
+
+
+def cpu_task(task_id: str) -> None:
+    record(type="task_start", id=task_id)
+    x = 0
+    while True:
+        x += 1
+
+
+async def async_task(task_id: str) -> str:
+    import asyncio
+    await asyncio.sleep(0.01)
+    record(type="task_done", id=task_id)
+    return task_id
+
+
+# -- routes ------------------------------------------------------------------
+
+
+def _text(start_response: Callable[..., Any], body: str, status: str = "200 OK") -> List[bytes]:
+    data = body.encode()
+    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    path = environ["PATH_INFO"]
+    q = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+    if path == "/task":
+        edgesync.wait_until(sleepy_task, q.get("id", "t"), float(q.get("sleep", "0.5")))
+        return _text(start_response, "scheduled %s" % q.get("id", "t"))
+    if path == "/async":
+        edgesync.wait_until(async_task(q.get("id", "a")))
+        return _text(start_response, "scheduled")
+    if path == "/ctx":
+        request_id.set(q["id"])
+        edgesync.wait_until(context_task, q["id"])
+        return _text(start_response, "ok")
+    if path == "/fail":
+        edgesync.wait_until(failing_task)
+        return _text(start_response, "scheduled a failing task")
+    if path == "/burst":
+        accepted, refused, message = 0, 0, ""
+        for i in range(int(q["n"])):
+            try:
+                edgesync.wait_until(sleepy_task, "b%d" % i, float(q.get("sleep", "1")))
+                accepted += 1
+            except edgesync.QueueFull as exc:
+                refused += 1
+                message = str(exc)
+        return _text(start_response, json.dumps({"accepted": accepted, "refused": refused,
+                                                 "message": message}))
+    if path == "/taskhog":
+        edgesync.wait_until(cpu_task, q.get("id", "hog"))
+        return _text(start_response, "scheduled a CPU hog")
+    if path == "/hog":
+        x = 0
+        deadline = time.monotonic() + float(q.get("s", "60"))
+        while time.monotonic() < deadline:
+            x += 1
+        return _text(start_response, "survived")
+    if path == "/chog":
+        # CPU burnt inside one C call that releases the GIL: no exception can land.
+        hashlib.pbkdf2_hmac("sha256", b"password", b"salt", int(q.get("n", "200000000")))
+        return _text(start_response, "survived")
+    if path == "/mem":
+        _hoard.append(bytearray(int(q["mb"]) * 1024 * 1024))
+        for chunk in _hoard:  # touch the pages so they count in RSS
+            chunk[::4096] = b"x" * len(chunk[::4096])
+        return _text(start_response, "holding %d MB" % (sum(len(c) for c in _hoard) // 2**20))
+    if path == "/sleep":
+        time.sleep(float(q.get("s", "1")))
+        return _text(start_response, "slept")
+    if path == "/metrics":
+        return _text(start_response, json.dumps(edgesync.runtime_metrics()))
+    if path == "/pid":
+        return _text(start_response, str(os.getpid()))
+    return _text(start_response, "ok")
