@@ -117,9 +117,10 @@ class Pool:
                 "background_threads, or shed load." % len(self._tasks))
         self._tasks.add(task)
 
-    def submit(self, fn: Callable[..., Any], args: Any, kwargs: Any, context: Context) -> "Future[Any]":
+    def submit(self, fn: Callable[..., Any], args: Any, kwargs: Any, context: Context,
+               name: str) -> "Future[Any]":
         """Schedule ``fn(*args, **kwargs)`` inside ``context``; never blocks."""
-        task = Task(Future(), fn, args, kwargs, context, task_name(fn))
+        task = Task(Future(), fn, args, kwargs, context, name)
         with self._lock:
             self._accept(task)
             start_thread = len(self._tasks) > len(self._threads) and len(self._threads) < self.max_threads

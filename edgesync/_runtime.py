@@ -22,7 +22,8 @@ import threading
 import time
 from concurrent.futures import Future
 from contextvars import copy_context
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from contextvars import Context
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from . import _events
 from ._config import Settings, load_settings
@@ -38,6 +39,34 @@ UNLOADED = "unloaded"
 
 #: How long the default runtime (outside gunicorn) waits for its tasks at exit.
 EXIT_DRAIN_SECONDS = 30.0
+
+#: ``hook(fn, context) -> (fn, context)``, applied in the caller's thread when
+#: ``wait_until`` accepts a callable: framework integrations (edgesync.flask,
+#: edgesync.django) use it to give the task its app context or its DB hygiene.
+TaskHook = Callable[[Callable[..., Any], Context], Tuple[Callable[..., Any], Context]]
+_task_hooks: List[TaskHook] = []
+
+
+def add_task_hook(hook: TaskHook) -> None:
+    """Apply ``hook`` to every task accepted from now on, in this process (idempotent)."""
+    if hook not in _task_hooks:
+        _task_hooks.append(hook)
+
+
+def remove_task_hook(hook: TaskHook) -> None:
+    if hook in _task_hooks:
+        _task_hooks.remove(hook)
+
+
+class StatsSink(Protocol):
+    """Where counters and gauges go (gunicorn's statsd logger has this shape)."""
+
+    def increment(self, name: str, value: int, sampling_rate: float = 1.0) -> None: ...
+
+    def gauge(self, name: str, value: float) -> None: ...
+
+
+_COUNTERS = ("completed", "failed", "abandoned", "cancelled")
 
 
 class Runtime:
@@ -66,6 +95,8 @@ class Runtime:
         self._events: "queue.SimpleQueue[Tuple[BeforeUnloadEvent, threading.Event]]" = queue.SimpleQueue()
         self._event_thread: Optional[threading.Thread] = None
         self._process: Any = None  # psutil.Process, created on first use (after fork)
+        self.stats: Optional[StatsSink] = None
+        self._stats_sent: Dict[str, int] = {}
 
     # -- background work -----------------------------------------------------
 
@@ -82,7 +113,7 @@ class Runtime:
                 self.pool.track(future, "asyncio future %r" % (obj,))
                 return future
             try:
-                future = self.pool.submit(run_awaitable, (obj,), {}, copy_context())
+                future = self._submit(run_awaitable, (obj,), {})
             except BaseException:
                 # The awaitable will never run: close it, or Python warns that a
                 # coroutine was never awaited, far from the real cause.
@@ -90,11 +121,18 @@ class Runtime:
                 raise
             return future
         if callable(obj):
-            return self.pool.submit(obj, args, kwargs, copy_context())
+            return self._submit(obj, args, kwargs)
         raise TypeError(
             "wait_until() takes a callable (followed by its arguments), a "
             "concurrent.futures.Future or an awaitable such as a coroutine; got %r (%s)"
             % (obj, type(obj).__name__))
+
+    def _submit(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> "Future[Any]":
+        context = copy_context()
+        name = task_name(args[0] if fn is run_awaitable else fn)
+        for hook in _task_hooks:
+            fn, context = hook(fn, context)
+        return self.pool.submit(fn, args, kwargs, context, name)
 
     def _task_failed(self, task: Task, exc: BaseException) -> None:
         event = UnhandledRejectionEvent(exc, task.future, task.name)
@@ -129,6 +167,7 @@ class Runtime:
         left = event.time_remaining
         log.info("worker %d: beforeunload (reason=%s, %d tasks pending%s)", self.pid, reason,
                  len(pending), "" if left is None else ", %.1fs left" % left)
+        self._increment("beforeunload." + reason)
         done = threading.Event()
         self._events.put((event, done))
         return done
@@ -146,6 +185,7 @@ class Runtime:
             self.state = RETIRING
             self.retire_reason = reason
         log.info("worker %d: retiring (reason=%s)", self.pid, reason)
+        self._increment("retirements." + reason)
         if self._on_retire is not None:
             self._on_retire(reason)
         return True
@@ -159,6 +199,7 @@ class Runtime:
             if self.state == SERVING:
                 self.state = RETIRING
         log.warning("worker %d: terminating (reason=%s): %s", self.pid, reason, message)
+        self._increment("terminations." + reason)
         if self._on_terminate is not None:
             self._on_terminate(reason, message)
         return True
@@ -180,6 +221,32 @@ class Runtime:
         return abandoned
 
     # -- observability -------------------------------------------------------------
+
+    def _increment(self, name: str) -> None:
+        if self.stats is not None:
+            try:
+                self.stats.increment("edgesync." + name, 1)
+            except Exception:  # statsd is best effort; gunicorn's logger logs its own errors
+                log.debug("statsd increment failed", exc_info=True)
+
+    def flush_stats(self) -> None:
+        """Send counters (as increments since the last flush) and gauges to ``stats``."""
+        if self.stats is None:
+            return
+        counts = self.pool.counts()
+        _, requests_cancelled = self.tracker.totals()
+        counts["cancelled"] += requests_cancelled
+        try:
+            for key in _COUNTERS:
+                delta = counts[key] - self._stats_sent.get(key, 0)
+                if delta:
+                    self.stats.increment("edgesync.tasks.%s" % key if key != "cancelled"
+                                         else "edgesync.invocations.cancelled", delta)
+                    self._stats_sent[key] = counts[key]
+            self.stats.gauge("edgesync.tasks.queued", counts["queued"])
+            self.stats.gauge("edgesync.tasks.running", counts["running"])
+        except Exception:  # statsd is best effort; never let it stop the monitor
+            log.debug("statsd flush failed", exc_info=True)
 
     def rss(self) -> Optional[int]:
         """This process's resident set size in bytes (None if it cannot be read)."""
