@@ -39,6 +39,8 @@ UNWIND_GRACE = 0.5
 #: Seconds the worker's main thread has to carry out a termination before the
 #: monitor ends the process itself.
 TERMINATE_FALLBACK = 5.0
+#: Seconds between two statsd flushes (when gunicorn's --statsd-host is set).
+STATS_INTERVAL = 1.0
 #: Exit status of a terminated instance (not 3 or 4, which halt gunicorn's master).
 EXIT_TERMINATED = 1
 #: The wall-clock soft limit retires at a random point in [40%, 50%] of the limit,
@@ -60,6 +62,7 @@ class Monitor:
         self._terminate_requested_at: Optional[float] = None
         self._watchdog_file = watchdog_file if watchdog_file is not None else sys.stderr
         self._watchdog_armed_at = 0.0
+        self._stats_at = 0.0
         self.samples = 0
         self.sample_seconds = 0.0  # CPU time the monitor spent sampling (its own cost)
 
@@ -120,6 +123,9 @@ class Monitor:
                           rt.pid, TERMINATE_FALLBACK)
                 logging.shutdown()
                 os._exit(EXIT_TERMINATED)
+        if rt.stats is not None and now - self._stats_at >= STATS_INTERVAL:
+            self._stats_at = now
+            rt.flush_stats()
         self._check_wall_clock(now)
         self._check_memory()
         for slot, inv in rt.tracker.live():

@@ -179,6 +179,10 @@ class Worker(gthread.ThreadWorker):
         self.runtime = Runtime(self.settings, on_retire=self._wake_for_retire,
                                on_terminate=self._wake_for_terminate)
         _runtime.install(self.runtime)
+        if self.cfg.statsd_host and hasattr(self.log, "gauge"):
+            # gunicorn swapped in its statsd logger: send our metrics through it,
+            # so they get gunicorn's prefix, socket and dogstatsd tags.
+            self.runtime.stats = self.log
         self._attach_logging()
         super().init_process()
 
