@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 # The version check (not try/except ImportError) is the form mypy understands; 3.9 and 3.10 are supported.
-if sys.version_info >= (3, 11):  # noqa: UP036
+if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - only on Python 3.9 / 3.10
     import tomli as tomllib

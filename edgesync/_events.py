@@ -76,7 +76,7 @@ class UnhandledRejectionEvent:
 
     type = UNHANDLEDREJECTION
 
-    def __init__(self, reason: BaseException, future: "Future[Any]", task_name: str):
+    def __init__(self, reason: BaseException, future: Future[Any], task_name: str):
         self.reason = reason
         self.future = future
         self.task_name = task_name

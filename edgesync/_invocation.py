@@ -61,7 +61,7 @@ class Invocation:
     __slots__ = ("kind", "label", "started", "cpu_start", "response_started", "answered",
                  "verdict", "sock", "task", "retire_sent", "warned", "slot", "start_response")
 
-    def __init__(self, slot: "Slot", kind: str, label: Any, cpu_start: float, sock: Any = None,
+    def __init__(self, slot: Slot, kind: str, label: Any, cpu_start: float, sock: Any = None,
                  task: Any = None):
         self.slot = slot
         self.kind = kind

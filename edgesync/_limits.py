@@ -23,7 +23,7 @@ import random
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from ._invocation import REQUEST, Invocation, Slot, Verdict, raw_response
 from ._runtime import Runtime
@@ -53,7 +53,7 @@ MEMORY_SOFT = 0.5
 class Monitor:
     """Samples one runtime's instance and enforces its limits (see the module doc)."""
 
-    def __init__(self, runtime: Runtime, *, interval: float = INTERVAL, watchdog_file: object = None):
+    def __init__(self, runtime: Runtime, *, interval: float = INTERVAL, watchdog_file: Any = None):
         self.rt = runtime
         s = runtime.settings
         self.interval = interval
@@ -149,18 +149,19 @@ class Monitor:
             rt.retire("wall_clock")
 
     def _check_memory(self) -> None:
-        if not self.mem_limit or self.rt.rss_baseline is None:
-            return
         rt = self.rt
+        baseline = rt.rss_baseline
+        if not self.mem_limit or baseline is None:
+            return
         rss = rt.rss()
         if rss is None:
             return
-        growth = rss - rt.rss_baseline
+        growth = rss - baseline
         if self.mem_warn and growth >= self.mem_warn:
             rt.beforeunload("memory", None)
         if growth >= self.mem_limit:
             self._terminate("memory", "RSS grew %.1f MB above its %.1f MB baseline, memory_limit_mb=%d"
-                            % (growth / 2**20, rt.rss_baseline / 2**20, rt.settings.memory_limit_mb))
+                            % (growth / 2**20, baseline / 2**20, rt.settings.memory_limit_mb))
         elif growth >= self.mem_soft:
             rt.retire("memory")
 

@@ -38,7 +38,7 @@ class Task:
     __slots__ = ("future", "fn", "args", "kwargs", "context", "name", "accepted", "started",
                  "thread", "tracked")
 
-    def __init__(self, future: "Future[Any]", fn: Optional[Callable[..., Any]], args: Any,
+    def __init__(self, future: Future[Any], fn: Optional[Callable[..., Any]], args: Any,
                  kwargs: Any, context: Optional[Context], name: str, tracked: bool = False):
         self.future = future
         self.fn = fn
@@ -92,7 +92,7 @@ class Pool:
         self._tracker = tracker
         self._on_failure = on_failure
         self._name = name
-        self._queue: "queue.SimpleQueue[Optional[Task]]" = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Optional[Task]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._waiters = 0
@@ -118,7 +118,7 @@ class Pool:
         self._tasks.add(task)
 
     def submit(self, fn: Callable[..., Any], args: Any, kwargs: Any, context: Context,
-               name: str) -> "Future[Any]":
+               name: str) -> Future[Any]:
         """Schedule ``fn(*args, **kwargs)`` inside ``context``; never blocks."""
         task = Task(Future(), fn, args, kwargs, context, name)
         with self._lock:
@@ -133,7 +133,7 @@ class Pool:
         self._queue.put(task)
         return task.future
 
-    def track(self, future: "Future[Any]", name: str) -> None:
+    def track(self, future: Future[Any], name: str) -> None:
         """Count a future that runs elsewhere as pending work until it is done."""
         task = Task(future, None, (), {}, None, name, tracked=True)
         with self._lock:
@@ -270,7 +270,7 @@ class Pool:
         self._queue.put(None)
 
 
-def _work(pool: Pool, work_queue: "queue.SimpleQueue[Optional[Task]]", tracker: Tracker) -> None:
+def _work(pool: Pool, work_queue: queue.SimpleQueue[Optional[Task]], tracker: Tracker) -> None:
     slot = tracker.register_thread()
     try:
         while True:

@@ -21,8 +21,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from contextvars import copy_context
-from contextvars import Context
+from contextvars import Context, copy_context
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from . import _events
@@ -92,7 +91,7 @@ class Runtime:
         self._on_terminate = on_terminate
         self._lock = threading.Lock()
         self._dispatched: List[str] = []
-        self._events: "queue.SimpleQueue[Tuple[BeforeUnloadEvent, threading.Event]]" = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[Tuple[BeforeUnloadEvent, threading.Event]] = queue.SimpleQueue()
         self._event_thread: Optional[threading.Thread] = None
         self._process: Any = None  # psutil.Process, created on first use (after fork)
         self.stats: Optional[StatsSink] = None
@@ -100,7 +99,7 @@ class Runtime:
 
     # -- background work -----------------------------------------------------
 
-    def wait_until(self, obj: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> "Future[Any]":
+    def wait_until(self, obj: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Future[Any]:
         """See ``edgesync.wait_until``."""
         if isinstance(obj, Future):
             _no_arguments(obj, args, kwargs)
@@ -127,7 +126,7 @@ class Runtime:
             "concurrent.futures.Future or an awaitable such as a coroutine; got %r (%s)"
             % (obj, type(obj).__name__))
 
-    def _submit(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> "Future[Any]":
+    def _submit(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Future[Any]:
         context = copy_context()
         name = task_name(args[0] if fn is run_awaitable else fn)
         for hook in _task_hooks:
@@ -287,11 +286,11 @@ def _no_arguments(obj: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> No
                         "already running; pass a callable to give it arguments" % (obj,))
 
 
-def _chain_asyncio_future(afut: "asyncio.Future[Any]") -> "Future[Any]":
+def _chain_asyncio_future(afut: asyncio.Future[Any]) -> Future[Any]:
     """A concurrent future that settles like ``afut``, which lives on its own loop."""
-    future: "Future[Any]" = Future()
+    future: Future[Any] = Future()
 
-    def settle(done: "asyncio.Future[Any]") -> None:
+    def settle(done: asyncio.Future[Any]) -> None:
         if done.cancelled():
             future.cancel()
         elif done.exception() is not None:
@@ -304,7 +303,7 @@ def _chain_asyncio_future(afut: "asyncio.Future[Any]") -> "Future[Any]":
     return future
 
 
-def _dispatch_events(events: "queue.SimpleQueue[Tuple[BeforeUnloadEvent, threading.Event]]") -> None:
+def _dispatch_events(events: queue.SimpleQueue[Tuple[BeforeUnloadEvent, threading.Event]]) -> None:
     while True:
         event, done = events.get()
         try:

@@ -71,8 +71,8 @@ class _RequestThreads:
     each, and a request costs one queue put, no ``Future`` and no done-callback.
     """
 
-    def __init__(self, worker: "Worker", count: int, tracker: Tracker):
-        self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+    def __init__(self, worker: Worker, count: int, tracker: Tracker):
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._work, args=(worker, tracker),
                                           name="edgesync-request-%d" % i, daemon=True)
                          for i in range(count)]
@@ -86,7 +86,7 @@ class _RequestThreads:
         for _ in self._threads:
             self._queue.put(None)
 
-    def _work(self, worker: "Worker", tracker: Tracker) -> None:
+    def _work(self, worker: Worker, tracker: Tracker) -> None:
         tracker.register_thread()
         get, defer, handle, finish = (self._queue.get, worker.method_queue.defer, worker.handle,
                                       worker.finish_request)
@@ -132,7 +132,8 @@ class _Guard:
             return [body]
 
 
-class Worker(gthread.ThreadWorker):
+# gunicorn ships no type information: its classes are Any to mypy.
+class Worker(gthread.ThreadWorker):  # type: ignore[misc]
     """The gunicorn worker class: ``gunicorn -k edgesync.Worker app:app``.
 
     Each worker process is one edgesync instance: ``wait_until`` work runs on its
@@ -159,13 +160,14 @@ class Worker(gthread.ThreadWorker):
         # Runs in the master, before fork: read the settings (a reload may have
         # changed them), and keep nothing with threads or OS handles.
         try:
-            type(self)._settings = load_settings()
+            settings = type(self)._settings = load_settings()
         except ConfigError as exc:
-            if type(self)._settings is None:
+            previous = type(self)._settings
+            if previous is None:
                 raise
             self.log.error("edgesync: %s; keeping the previous settings", exc)
-        assert type(self)._settings is not None
-        self.settings: Settings = type(self)._settings
+            settings = previous
+        self.settings: Settings = settings
         self.runtime: Runtime = None  # type: ignore[assignment]  # set in init_process
         self.monitor: Optional[Monitor] = None
         self._stop_at: Optional[float] = None
@@ -206,7 +208,7 @@ class Worker(gthread.ThreadWorker):
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
-        self.wsgi = _Guard(self.wsgi, self.runtime.tracker)
+        self.wsgi: Any = _Guard(self.wsgi, self.runtime.tracker)
 
     def accept(self, listener: Any) -> None:
         super().accept(listener)

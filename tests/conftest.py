@@ -51,7 +51,7 @@ class Server:
 
     # -- process ---------------------------------------------------------------
 
-    def start(self, workers_ready: int = 1, timeout: float = 20.0) -> "Server":
+    def start(self, workers_ready: int = 1, timeout: float = 20.0) -> Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESYNC_")}
         env.update({"EVENTS_FILE": str(self.events_path), "PYTHONUNBUFFERED": "1"})
         env.update(self.env)
@@ -101,7 +101,7 @@ class Server:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
-            raise AssertionError("gunicorn did not stop within %.0fs" % timeout)
+            raise AssertionError("gunicorn did not stop within %.0fs" % timeout) from None
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -329,7 +329,7 @@ def test_settings_reference_markdown_lists_every_key() -> None:
     lines = table.strip().splitlines()
     assert lines[0] == "| key | default | accepted | meaning |"
     assert len(lines) == 2 + len(DESIGN_DEFAULTS)
-    for line, (key, default) in zip(lines[2:], DESIGN_DEFAULTS.items()):
+    for line, (key, default) in zip(lines[2:], DESIGN_DEFAULTS.items(), strict=True):
         shown = f'"{default}"' if isinstance(default, str) else str(default)
         assert line.startswith(f"| `{key}` | `{shown}` | "), line
         assert line.count("|") == 5, line

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from edgesync._config import ConfigError, Settings, load_settings
 
-if sys.version_info >= (3, 11):  # noqa: UP036 - the project supports 3.9
+if sys.version_info >= (3, 11):
     import tomllib
 else:
     import tomli as tomllib
