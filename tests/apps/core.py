@@ -145,6 +145,10 @@ def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         # CPU burnt inside one C call that releases the GIL: no exception can land.
         hashlib.pbkdf2_hmac("sha256", b"password", b"salt", int(q.get("n", "200000000")))
         return _text(start_response, "survived")
+    if path == "/gilhog":
+        # One C call that never releases the GIL: every Python thread stops.
+        sum(range(10**13))
+        return _text(start_response, "survived")
     if path == "/mem":
         _hoard.append(bytearray(int(q["mb"]) * 1024 * 1024))
         for chunk in _hoard:  # touch the pages so they count in RSS
