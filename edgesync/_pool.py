@@ -138,7 +138,13 @@ class Pool:
         task = Task(future, None, (), {}, None, name, tracked=True)
         with self._lock:
             self._accept(task)
-        future.add_done_callback(lambda f: self._finish(task, f.cancelled() or f.exception() is None))
+
+        def done(f: "Future[Any]") -> None:
+            error = None if f.cancelled() else f.exception()
+            self._finish(task, error is None)
+            if error is not None:
+                self._on_failure(task, error)
+        future.add_done_callback(done)
 
     # -- running work (on the pool's threads) --------------------------------
 
