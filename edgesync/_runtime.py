@@ -212,11 +212,11 @@ class Runtime:
             "run the work inline, or schedule it before the instance unloads" % why)
         for info in abandoned:
             if info.running_for is None:
-                log.warning("worker %d: abandoned task %s (%s, never started, waited %.2fs)",
-                            self.pid, info.name, info.state, info.age)
+                log.warning("worker %d: abandoned task %s (%s, never started, waited %.2fs), reason=%s",
+                            self.pid, info.name, info.state, info.age, why)
             else:
-                log.warning("worker %d: abandoned task %s (running, ran %.2fs)",
-                            self.pid, info.name, info.running_for)
+                log.warning("worker %d: abandoned task %s (running, ran %.2fs), reason=%s",
+                            self.pid, info.name, info.running_for, why)
         return abandoned
 
     # -- observability -------------------------------------------------------------

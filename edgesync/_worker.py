@@ -328,7 +328,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
     def _quick_shutdown(self) -> None:
         self._fire("termination", time.monotonic() + QUICK_LISTENER_BUDGET)
         self._wait_for_listeners()
-        self._finish("termination (quick shutdown)")
+        self._finish("termination")
         self.cfg.worker_int(self)
         raise SystemExit(0)
 
@@ -347,7 +347,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         if ratio:
             self._fire(reason, time.monotonic() + TERMINATE_LISTENER_BUDGET)
         self._wait_for_listeners()
-        self._finish("terminated: %s" % reason)
+        self._finish(reason)
         raise SystemExit(EXIT_TERMINATED)
 
     def _fire(self, reason: str, deadline: float) -> None:
@@ -371,10 +371,11 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         abandoned = rt.unload(why)
         for _slot, inv in rt.tracker.live():
             if inv.kind == REQUEST:
-                log.warning("worker %d: abandoned %s (running %.2fs)", rt.pid, describe(inv),
-                            time.monotonic() - inv.started)
+                log.warning("worker %d: abandoned %s (running, ran %.2fs), reason=%s", rt.pid,
+                            describe(inv), time.monotonic() - inv.started, why)
         log.info("worker %d: unloaded (%s; %d requests served, %d tasks abandoned)", rt.pid,
                  why, rt.tracker.totals()[0], len(abandoned))
+        rt.flush_stats()
         self.murder_keepalived(force=True)
         self.tpool.shutdown(wait=False)
         self.poller.close()
