@@ -1,0 +1,1 @@
+"""edgesync's benchmark suite: run ``python bench/run.py`` (see bench/README.md)."""

@@ -1,0 +1,1 @@
+"""Apps that the benchmark servers run (``bench.apps.flask_app:app``)."""

@@ -1,0 +1,140 @@
+"""The Flask app every benchmark server runs, whatever its worker class.
+
+Routes (each is one behaviour a scenario measures):
+
+- ``/hello``: hello world (scenario 1, 3, 5, 6, 8).
+- ``/plain`` and ``/task``: the same small view; ``/task`` also hands a light task
+  to ``edgesync.wait_until`` (scenario 2).
+- ``/fill?n=N``: schedules N background tasks that block until ``/release``, so
+  that N tasks sit in the instance's queue (scenario 5). Answers JSON with the
+  number accepted and whether one more was refused with ``QueueFull``.
+- ``/hog``: spins in pure Python until edgesync cancels it (scenario 7, CPU).
+- ``/grow?rate=MB_PER_S&limit_mb=L``: grows the worker's memory by 1 MB steps at
+  ``rate`` MB/s, and appends ``{"crossed": <time.monotonic()>}`` to
+  ``$BENCH_MARKS_FILE`` when its RSS growth above the ready baseline first
+  reaches ``limit_mb`` (scenario 7, memory). ``time.monotonic`` is
+  CLOCK_MONOTONIC, the same clock in every process of the machine, so the client
+  can subtract it from the moment it was answered.
+- ``/pid``: the worker's pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Any, List
+
+from flask import Flask, jsonify, request
+
+import edgesync
+
+app = Flask(__name__)
+
+_gate = threading.Event()
+_hoard: List[bytes] = []
+
+
+def _light_task(n: int) -> int:
+    """A light background task: a few microseconds of Python."""
+    return sum(range(n))
+
+
+def _payload() -> dict[str, Any]:
+    # The work both /plain and /task do, so that they differ only by wait_until.
+    return {"ok": True, "items": [1, 2, 3]}
+
+
+@app.get("/hello")
+def hello() -> str:
+    return "Hello, World!"
+
+
+@app.get("/plain")
+def plain() -> Any:
+    return jsonify(_payload())
+
+
+@app.get("/task")
+def task() -> Any:
+    edgesync.wait_until(_light_task, 50)
+    return jsonify(_payload())
+
+
+def _blocked(gate: threading.Event) -> None:
+    gate.wait(600)
+
+
+@app.get("/fill")
+def fill() -> Any:
+    n = int(request.args.get("n", "0"))
+    gate = _gate
+    for _ in range(n):
+        edgesync.wait_until(_blocked, gate)
+    try:
+        edgesync.wait_until(_blocked, gate)
+    except edgesync.QueueFull:
+        refused = True
+    else:
+        refused = False
+    tasks = edgesync.runtime_metrics()["tasks"]
+    return jsonify({"accepted": n, "one_more_refused": refused,
+                    "pending": tasks["queued"] + tasks["running"]})
+
+
+@app.get("/release")
+def release() -> Any:
+    global _gate
+    _gate.set()
+    _gate = threading.Event()
+    return jsonify({"released": True})
+
+
+@app.get("/hog")
+def hog() -> str:
+    # Pure Python, so a cancellation lands between two bytecodes. The cap only
+    # keeps a server without CPU limits from spinning for ever.
+    deadline = time.monotonic() + 30.0
+    x = 0
+    while time.monotonic() < deadline:
+        x += 1
+    return "not cancelled after %d iterations" % x
+
+
+def _mark(**fields: Any) -> None:
+    path = os.environ.get("BENCH_MARKS_FILE")
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(fields) + "\n").encode())
+        finally:
+            os.close(fd)
+
+
+@app.get("/grow")
+def grow() -> str:
+    import psutil
+
+    rate = float(request.args.get("rate", "200"))  # MB per second
+    limit = float(request.args.get("limit_mb", "64")) * 2**20
+    baseline = edgesync.runtime_metrics()["rss_baseline_bytes"] or psutil.Process().memory_info().rss
+    proc = psutil.Process()
+    step = 2**20
+    start = time.monotonic()
+    crossed = False
+    for i in range(1, 4096):
+        _hoard.append(b"\x01" * step)  # bytes(n) may map zero pages lazily; this touches them
+        growth = proc.memory_info().rss - baseline
+        if not crossed and growth >= limit:
+            crossed = True
+            _mark(crossed=time.monotonic(), growth_mb=growth / 2**20, pid=os.getpid())
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    return "grew %d MB and nobody stopped it" % (len(_hoard))
+
+
+@app.get("/pid")
+def pid() -> str:
+    return str(os.getpid())

@@ -1,0 +1,221 @@
+"""In-process microbenchmarks (scenarios 4 and 5b), run in a child process by bench/run.py.
+
+``python bench/micro.py submit|throughput|monitor [options]`` prints one JSON
+object. Each runs in a fresh interpreter so that no thread or runtime of another
+measurement is alive, and the runner pins it to the server core.
+
+- ``submit``: the cost of one ``edgesync.wait_until(fn)`` against one
+  ``ThreadPoolExecutor.submit(fn)`` with the same number of threads. The pool's
+  threads are first all blocked on a gate (one blocker task each), so the timed
+  loop measures the submit path alone, not the tasks competing for the GIL;
+  then the gate opens and everything drains before the next repeat. Repeats
+  alternate which side goes first; the median per-submit time is reported. A
+  third column, ``tpe_ctx``, submits ``copy_context().run`` to the executor:
+  the same work ``wait_until`` does (it runs each task in a copy of the
+  caller's context), for reference.
+- ``throughput``: N tiny tasks submitted and waited for, end to end (submit,
+  hand-off, run, result), tasks per second.
+- ``monitor``: the limits monitor (``edgesync._limits.Monitor``, default
+  interval, default limits) running on a runtime with K live invocations
+  (threads that each begin one invocation and block); reports the monitor's
+  CPU time per sample and its share of one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextvars import copy_context
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import edgesync
+from edgesync import testing
+
+BIG = 10_000_000
+
+
+def _noop() -> None:
+    return None
+
+
+def _blocker(gate: threading.Event, started: threading.Semaphore) -> None:
+    started.release()
+    gate.wait(60)
+
+
+def _timed_submits(submit: Callable[[], Future[Any]], batch: int) -> tuple[float, List[Future[Any]]]:
+    futures: List[Future[Any]] = []
+    append = futures.append
+    gc.collect()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        for _ in range(batch):
+            append(submit())
+        elapsed = time.perf_counter() - t0
+    finally:
+        gc.enable()
+    return elapsed, futures
+
+
+def _gated_batch(threads: int, batch: int, block: Callable[[Callable[..., Any], Any, Any], Any],
+                 submit: Callable[[], Future[Any]]) -> float:
+    """Block every pool thread, time ``batch`` submits, release and drain. Seconds per submit."""
+    gate = threading.Event()
+    started = threading.Semaphore(0)
+    blockers = [block(_blocker, gate, started) for _ in range(threads)]
+    for _ in range(threads):
+        if not started.acquire(timeout=30):
+            raise RuntimeError("the pool's threads did not all start")
+    elapsed, futures = _timed_submits(submit, batch)
+    gate.set()
+    wait(futures + blockers, timeout=120)
+    return elapsed / batch
+
+
+def bench_submit(threads: int, batch: int, repeats: int) -> Dict[str, Any]:
+    out: Dict[str, List[float]] = {"edgesync": [], "tpe": [], "tpe_ctx": []}
+    with testing.runtime(background_threads=threads, max_pending_tasks=BIG) as _rt, \
+            ThreadPoolExecutor(max_workers=threads) as ex:
+        wait_until = edgesync.wait_until
+
+        def es_block(fn: Callable[..., Any], *a: Any) -> Any:
+            return wait_until(fn, *a)
+
+        def tpe_block(fn: Callable[..., Any], *a: Any) -> Any:
+            return ex.submit(fn, *a)
+
+        sides = {
+            "edgesync": (es_block, lambda: wait_until(_noop)),
+            "tpe": (tpe_block, lambda: ex.submit(_noop)),
+            "tpe_ctx": (tpe_block, lambda: ex.submit(copy_context().run, _noop)),
+        }
+        # Warm-up: start every thread, fill the allocator's free lists.
+        for block, submit in sides.values():
+            _gated_batch(threads, batch, block, submit)
+        names = list(sides)
+        for r in range(repeats):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                block, submit = sides[name]
+                out[name].append(_gated_batch(threads, batch, block, submit))
+    return {"threads": threads, "batch": batch, "repeats": repeats,
+            "us_per_submit": {k: [v * 1e6 for v in vs] for k, vs in out.items()},
+            "median_us": {k: statistics.median(vs) * 1e6 for k, vs in out.items()}}
+
+
+def _drain(submit: Callable[[], Future[Any]], n: int) -> float:
+    gc.collect()
+    t0 = time.perf_counter()
+    futures = [submit() for _ in range(n)]
+    wait(futures, timeout=300)
+    elapsed = time.perf_counter() - t0
+    if not all(f.done() and f.exception() is None for f in futures):
+        raise RuntimeError("some tasks did not complete")
+    return n / elapsed
+
+
+def bench_throughput(threads: int, tasks: int, repeats: int) -> Dict[str, Any]:
+    out: Dict[str, List[float]] = {"edgesync": [], "tpe": []}
+    with testing.runtime(background_threads=threads, max_pending_tasks=BIG) as _rt, \
+            ThreadPoolExecutor(max_workers=threads) as ex:
+        wait_until = edgesync.wait_until
+        sides: Dict[str, Callable[[], Future[Any]]] = {
+            "edgesync": lambda: wait_until(_noop),
+            "tpe": lambda: ex.submit(_noop),
+        }
+        for submit in sides.values():
+            _drain(submit, min(tasks, 2000))  # warm-up
+        for r in range(repeats):
+            order = ["edgesync", "tpe"] if r % 2 == 0 else ["tpe", "edgesync"]
+            for name in order:
+                out[name].append(_drain(sides[name], tasks))
+    return {"threads": threads, "tasks": tasks, "repeats": repeats, "tasks_per_s": out,
+            "median_tasks_per_s": {k: statistics.median(v) for k, v in out.items()}}
+
+
+def bench_monitor(live_counts: List[int], seconds: float) -> Dict[str, Any]:
+    from edgesync._limits import INTERVAL, Monitor
+
+    results = []
+    for k in live_counts:
+        with testing.runtime() as tr:
+            rt = tr.runtime
+            rt.rss_baseline = rt.rss()  # as the worker does when it is ready: memory is checked too
+            release = threading.Event()
+            ready = threading.Semaphore(0)
+
+            def live(rt: Any = rt, ready: threading.Semaphore = ready, release: threading.Event = release) -> None:
+                slot = rt.tracker.register_thread()
+                inv = slot.begin("task", "bench.live")
+                ready.release()
+                release.wait(120)
+                slot.end(inv)
+                rt.tracker.unregister_thread(slot)
+
+            threads = [threading.Thread(target=live, name="live-%d" % i, daemon=True) for i in range(k)]
+            for t in threads:
+                t.start()
+            for _ in threads:
+                ready.acquire(timeout=30)
+            assert len(rt.tracker.live()) == k, (len(rt.tracker.live()), k)
+            monitor = Monitor(rt)
+            monitor.start()
+            assert monitor._thread is not None and monitor._thread.ident is not None
+            clock = time.pthread_getcpuclockid(monitor._thread.ident)
+            time.sleep(0.2)  # let it start sampling
+            s0, n0, c0, w0 = monitor.sample_seconds, monitor.samples, time.clock_gettime(clock), time.monotonic()
+            time.sleep(seconds)
+            s1, n1, c1, w1 = monitor.sample_seconds, monitor.samples, time.clock_gettime(clock), time.monotonic()
+            monitor.stop()
+            monitor._thread.join(5)
+            release.set()
+            for t in threads:
+                t.join(5)
+        samples = n1 - n0
+        results.append({
+            "live": k, "samples": samples, "wall_s": w1 - w0,
+            "us_per_sample": (s1 - s0) / samples * 1e6 if samples else float("nan"),
+            "sample_cpu_pct": (s1 - s0) / (w1 - w0) * 100,
+            "thread_cpu_pct": (c1 - c0) / (w1 - w0) * 100,  # sampling plus the loop around it
+            "thread_us_per_sample": (c1 - c0) / samples * 1e6 if samples else float("nan"),
+        })
+    return {"interval_s": INTERVAL, "results": results}
+
+
+def main(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("submit")
+    s.add_argument("--threads", type=int, default=8)
+    s.add_argument("--batch", type=int, default=2000)
+    s.add_argument("--repeats", type=int, default=15)
+    t = sub.add_parser("throughput")
+    t.add_argument("--threads", type=int, default=8)
+    t.add_argument("--tasks", type=int, default=20000)
+    t.add_argument("--repeats", type=int, default=7)
+    m = sub.add_parser("monitor")
+    m.add_argument("--live", type=int, nargs="+", default=[1, 8, 64])
+    m.add_argument("--seconds", type=float, default=3.0)
+    a = p.parse_args(argv)
+    if a.what == "submit":
+        result = bench_submit(a.threads, a.batch, a.repeats)
+    elif a.what == "throughput":
+        result = bench_throughput(a.threads, a.tasks, a.repeats)
+    else:
+        result = bench_monitor(a.live, a.seconds)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,531 @@
+"""The eight scenarios of issue 5. Each returns rows of ratios (and the raw rounds).
+
+A row's ``value`` is the median over rounds (or trials, or repeats) and
+``values`` holds every one of them. Throughput ratios are "edgesync / reference"
+(higher is better); latency and cost ratios are "edgesync / reference" (lower is
+better); the target column says which way each one goes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from .harness import (
+    REPO,
+    BenchError,
+    Load,
+    PairRound,
+    Server,
+    compare,
+    median,
+    side_by_side,
+    wait_for,
+)
+
+LIMITS_OFF = {
+    "EDGESYNC_WALL_CLOCK_LIMIT_MS": "0",
+    "EDGESYNC_CPU_SOFT_LIMIT_MS": "0",
+    "EDGESYNC_CPU_HARD_LIMIT_MS": "0",
+    "EDGESYNC_MEMORY_LIMIT_MB": "0",
+    "EDGESYNC_REQUEST_IDLE_TIMEOUT_MS": "0",
+}
+ES = "edgesync.Worker"
+
+
+@dataclass
+class Options:
+    rounds: int
+    seconds: float
+    connections: int
+    threads: int
+    server_cpu: Optional[int]
+    client_cpu: Optional[int]
+    quick: bool
+    recycle_seconds: float
+    trials: int
+    logdir: Path
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    scenario: str
+    what: str
+    value: float
+    unit: str  # "x" (a ratio), "ms", "%", "MB", "intervals", "count"
+    target: str = ""
+    ok: Optional[bool] = None
+    values: List[float] = field(default_factory=list)
+
+    def shown(self, v: Optional[float] = None) -> str:
+        v = self.value if v is None else v
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "n/a"
+        if self.unit == "x":
+            return "%.3fx" % v
+        if self.unit == "count":
+            return "%d" % v
+        if self.unit == "%":
+            return "%.2f%%" % v
+        return "%.2f %s" % (v, self.unit)
+
+    @property
+    def verdict(self) -> str:
+        return "" if self.ok is None else ("PASS" if self.ok else "MISS")
+
+
+@dataclass
+class Outcome:
+    rows: List[Row] = field(default_factory=list)
+    details: List[str] = field(default_factory=list)
+
+
+def at_least(v: float, t: float) -> bool:
+    return not math.isnan(v) and v >= t
+
+
+def at_most(v: float, t: float) -> bool:
+    return not math.isnan(v) and v <= t
+
+
+def _pair_rows(scenario: str, label: str, rounds: List[PairRound], *, rps: str = "", p50: str = "",
+               p99: str = "", checks: Optional[Dict[str, Callable[[float], bool]]] = None) -> List[Row]:
+    """req/s, p50 and p99 ratio rows (A / B) for a side-by-side comparison."""
+    checks = checks or {}
+    out = []
+    for metric, name, target in (("rps", "req/s", rps), ("p50", "p50 latency", p50), ("p99", "p99 latency", p99)):
+        values = [r.ratio(metric) for r in rounds]
+        v = median(values)
+        check = checks.get(metric)
+        out.append(Row(scenario, "%s: %s" % (label, name), v, "x", target, check(v) if check else None, values))
+    return out
+
+
+def _round_details(title: str, a: str, b: str, rounds: List[PairRound]) -> List[str]:
+    lines = ["%s (A = %s, B = %s):" % (title, a, b)]
+    for r in rounds:
+        lines.append("  round %d, %s first: A %s | B %s | A/B req/s %.3f, p50 %.3f, p99 %.3f%s"
+                     % (r.index, r.first, r.a.brief(), r.b.brief(), r.ratio("rps"), r.ratio("p50"),
+                        r.ratio("p99"), " [%s]" % r.note if r.note else ""))
+    return lines
+
+
+def _server(o: Options, name: str, worker: str, **kw: Any) -> Server:
+    kw.setdefault("threads", o.threads)
+    return Server(name, worker, o.logdir, cpu=o.server_cpu, **kw)
+
+
+def _start(*servers: Server) -> None:
+    for s in servers:
+        s.start()
+
+
+def _stop(*servers: Server) -> None:
+    for s in servers:
+        s.stop()
+
+
+def _compare(o: Options, a: Load, b: Load, **kw: Any) -> List[PairRound]:
+    o.log("  %s vs %s: %d rounds of %ds, %d connections each" % (a.label, b.label, o.rounds, o.seconds,
+                                                                    o.connections))
+    return compare(a, b, rounds=o.rounds, seconds=o.seconds, connections=o.connections,
+                   client_cpu=o.client_cpu, log=o.log, **kw)
+
+
+# -- 1. hello world ---------------------------------------------------------------
+
+
+def s1_hello(o: Options) -> Outcome:
+    es = _server(o, "s1-edgesync", ES)
+    gt = _server(o, "s1-gthread", "gthread")
+    sy = _server(o, "s1-sync", "sync")
+    out = Outcome()
+    try:
+        _start(es, gt, sy)
+        r = _compare(o, Load("edgesync", es, "/hello"), Load("gthread", gt, "/hello"))
+        out.rows += _pair_rows("1", "hello, edgesync / gthread", r, rps=">= 1.00x",
+                               checks={"rps": lambda v: at_least(v, 1.0)})
+        out.details += _round_details("1. hello world", "edgesync.Worker (default limits)", "gthread", r)
+        r = _compare(o, Load("edgesync", es, "/hello"), Load("sync", sy, "/hello"))
+        out.rows += _pair_rows("1", "hello, edgesync / sync (reference)", r)
+        out.details += _round_details("1. hello world, reference", "edgesync.Worker (default limits)",
+                                      "sync (1 worker, no threads, no keep-alive)", r)
+    finally:
+        _stop(es, gt, sy)
+    return out
+
+
+# -- 2. wait_until in the view -------------------------------------------------------
+
+
+def s2_wait_until(o: Options) -> Outcome:
+    a = _server(o, "s2-task", ES)
+    b = _server(o, "s2-plain", ES)
+    out = Outcome()
+    try:
+        _start(a, b)
+        r = _compare(o, Load("/task", a, "/task"), Load("/plain", b, "/plain"))
+        out.rows += _pair_rows("2", "view + wait_until / same view without", r, p50="<= 1.10x", p99="<= 1.30x",
+                               checks={"p50": lambda v: at_most(v, 1.10), "p99": lambda v: at_most(v, 1.30)})
+        out.details += _round_details("2. wait_until", "GET /task (wait_until of a light task)",
+                                      "GET /plain (the same view without it)", r)
+    finally:
+        _stop(a, b)
+    return out
+
+
+# -- 3. limits monitor on vs off ---------------------------------------------------
+
+
+def s3_limits(o: Options) -> Outcome:
+    on = _server(o, "s3-limits-on", ES)
+    off = _server(o, "s3-limits-off", ES, env=LIMITS_OFF)
+    out = Outcome()
+    try:
+        _start(on, off)
+        r = _compare(o, Load("limits on", on, "/hello"), Load("limits off", off, "/hello"))
+        out.rows += _pair_rows("3", "hello, limits on / all limits 0", r, rps=">= 0.98x",
+                               checks={"rps": lambda v: at_least(v, 0.98)})
+        out.details += _round_details("3. limits monitor", "edgesync, default limits",
+                                      "edgesync, every limit 0", r)
+    finally:
+        _stop(on, off)
+    return out
+
+
+# -- 4. in-process microbenchmarks ----------------------------------------------------
+
+
+def _micro(o: Options, *args: str) -> Dict[str, Any]:
+    cmd = [sys.executable, str(REPO / "bench" / "micro.py"), *args]
+    if o.server_cpu is not None:
+        cmd = ["taskset", "-c", str(o.server_cpu)] + cmd
+    o.log("  " + " ".join(cmd[-len(args) - 1:]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise BenchError("bench/micro.py %s failed:\n%s%s" % (" ".join(args), proc.stdout, proc.stderr))
+    result: Dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def s4_micro(o: Options) -> Outcome:
+    out = Outcome()
+    threads = 8
+    sub = _micro(o, "submit", "--threads", str(threads), "--batch", "1000" if o.quick else "2000",
+                 "--repeats", "5" if o.quick else "15")
+    us = sub["us_per_submit"]
+    ratios = [e / t for e, t in zip(us["edgesync"], us["tpe"], strict=True)]
+    v = median(ratios)
+    out.rows.append(Row("4", "wait_until submit cost / ThreadPoolExecutor.submit (%d threads)" % threads, v, "x",
+                        "<= 1.00x", at_most(v, 1.0), ratios))
+    ratios_ctx = [e / t for e, t in zip(us["edgesync"], us["tpe_ctx"], strict=True)]
+    out.rows.append(Row("4", "wait_until submit cost / TPE.submit(copy_context().run, fn) (reference)",
+                        median(ratios_ctx), "x", values=ratios_ctx))
+    med = sub["median_us"]
+    out.details.append("4. submit cost, us per submit (median of %d repeats of %d submits, pool threads blocked): "
+                       "edgesync %.2f, ThreadPoolExecutor %.2f, TPE + copy_context %.2f"
+                       % (sub["repeats"], sub["batch"], med["edgesync"], med["tpe"], med["tpe_ctx"]))
+    for k in ("edgesync", "tpe", "tpe_ctx"):
+        out.details.append("  %s: %s" % (k, ", ".join("%.2f" % x for x in us[k])))
+    thr = _micro(o, "throughput", "--threads", str(threads), "--tasks", "5000" if o.quick else "20000",
+                 "--repeats", "3" if o.quick else "9")
+    tp = thr["tasks_per_s"]
+    ratios = [e / t for e, t in zip(tp["edgesync"], tp["tpe"], strict=True)]
+    v = median(ratios)
+    out.rows.append(Row("4", "task throughput, wait_until / ThreadPoolExecutor (%d threads)" % threads, v, "x",
+                        ">= 1.00x", at_least(v, 1.0), ratios))
+    out.details.append("4. end-to-end throughput, tasks/s (%d no-op tasks submitted then waited for, %d repeats): "
+                       "edgesync median %.0f, ThreadPoolExecutor median %.0f"
+                       % (thr["tasks"], thr["repeats"], thr["median_tasks_per_s"]["edgesync"],
+                          thr["median_tasks_per_s"]["tpe"]))
+    for k in ("edgesync", "tpe"):
+        out.details.append("  %s: %s" % (k, ", ".join("%.0f" % x for x in tp[k])))
+    return out
+
+
+# -- 5. cost growth -------------------------------------------------------------------
+
+
+def _fill(server: Server, n: int) -> Dict[str, Any]:
+    status, body = server.get("/fill?n=%d" % n, timeout=60)
+    if status != 200:
+        raise BenchError("/fill?n=%d answered %d: %r" % (n, status, body[:300]))
+    data: Dict[str, Any] = json.loads(body)
+    return data
+
+
+def s5_growth(o: Options) -> Outcome:
+    import edgesync
+
+    out = Outcome()
+    full = edgesync.Settings().max_pending_tasks
+    empty = _server(o, "s5-queue-empty", ES)
+    busy = _server(o, "s5-queue-busy", ES)
+    try:
+        _start(empty, busy)
+        queued = 0
+        for n in (100, full):
+            def refill(server: Server, n: int = n) -> None:
+                if server is busy:
+                    _fill(server, n)
+            info = _fill(busy, n - queued)
+            queued = n
+            o.log("  queue of the busy server: %s" % info)
+            if n == full and not info["one_more_refused"]:
+                raise BenchError("the queue should be full at max_pending_tasks=%d: %s" % (full, info))
+            label = "full queue (%d)" % n if n == full else "%d queued" % n
+            r = _compare(o, Load(label, busy, "/hello"), Load("empty queue", empty, "/hello"), on_restart=refill)
+            out.rows += _pair_rows("5", "hello with %s / empty queue" % label, r, rps="0.95-1.05x",
+                                   p50="0.95-1.05x",
+                                   checks={"rps": lambda v: 0.95 <= v <= 1.05, "p50": lambda v: 0.95 <= v <= 1.05})
+            out.details += _round_details("5. latency with %s" % label, "edgesync, %d tasks pending" % n,
+                                          "edgesync, no task pending", r)
+        busy.get("/release")
+    finally:
+        _stop(empty, busy)
+
+    mon = _micro(o, "monitor", "--live", "1", "8", "64", "--seconds", "1" if o.quick else "3")
+    res = {r["live"]: r for r in mon["results"]}
+    one, eight, many = res[1], res[8], res[64]
+    out.rows.append(Row("5", "monitor thread, share of one core with 64 live invocations", many["thread_cpu_pct"],
+                        "%", "< 1%", many["thread_cpu_pct"] < 1.0))
+    growth = many["us_per_sample"] / one["us_per_sample"]
+    out.rows.append(Row("5", "monitor cost per sample, 64 live / 1 live", growth, "x"))
+    # Linear means cost(k) = base + k * per_invocation: predict 8 from 1 and 64.
+    slope = (many["us_per_sample"] - one["us_per_sample"]) / 63
+    predicted8 = one["us_per_sample"] + 7 * slope
+    lin = eight["us_per_sample"] / predicted8
+    out.rows.append(Row("5", "monitor cost at 8 live / linear prediction from 1 and 64", lin, "x",
+                        "0.80-1.20x", 0.8 <= lin <= 1.2))
+    out.details.append("5. monitor cost (interval %.0f ms, default limits, memory checked too):"
+                       % (mon["interval_s"] * 1000))
+    for r in mon["results"]:
+        out.details.append("  %3d live invocations: %d samples, %.1f us per sample (sample() alone), "
+                           "%.1f us per loop (thread CPU clock), %.3f%% of one core"
+                           % (r["live"], r["samples"], r["us_per_sample"], r["thread_us_per_sample"],
+                              r["thread_cpu_pct"]))
+    out.details.append("  marginal cost %.2f us per live invocation per sample; fixed cost %.1f us per sample"
+                       % (slope, one["us_per_sample"] - slope))
+    return out
+
+
+# -- 6. recycling under load ------------------------------------------------------------
+
+
+def s6_recycling(o: Options) -> Outcome:
+    out = Outcome()
+    rec = _server(o, "s6-recycling", ES, workers=2, env={"EDGESYNC_WALL_CLOCK_LIMIT_MS": "4000"})
+    steady = _server(o, "s6-steady", ES, workers=2)
+    try:
+        _start(rec, steady)
+        booted = rec.count(r"Booting worker with pid")
+        loads = [Load("recycling", rec, "/hello"), Load("steady", steady, "/hello")]
+        o.log("  recycling (wall_clock_limit_ms=4000, 2 workers) vs steady (2 workers): %ds at once"
+              % o.recycle_seconds)
+        side_by_side(loads, 1, o.connections, o.client_cpu)  # warm-up
+        a, b = side_by_side(loads, o.recycle_seconds, o.connections, o.client_cpu)
+        time.sleep(0.5)
+        retired = rec.count(r"retiring \(reason=wall_clock\)")
+        replaced = rec.count(r"Booting worker with pid") - booted
+        terminated = rec.count(r"terminating \(reason=")
+        o.log("    recycling: %s; steady: %s; %d retirements, %d workers booted, %d terminations"
+              % (a.brief(), b.brief(), retired, replaced, terminated))
+    finally:
+        _stop(rec, steady)
+    out.rows.append(Row("6", "recycling: failed requests (non-2xx + socket errors)", a.failed, "count", "0",
+                        a.failed == 0, [a.failed]))
+    v = a.p99 / b.p99
+    out.rows.append(Row("6", "recycling / steady: p99 latency", v, "x", "<= 2.00x", at_most(v, 2.0), [v]))
+    out.rows.append(Row("6", "recycling / steady: req/s", a.rps / b.rps, "x", values=[a.rps / b.rps]))
+    out.rows.append(Row("6", "recycling: workers replaced during the run", replaced, "count", ">= 1",
+                        replaced >= 1, [replaced]))
+    out.details.append("6. recycling under load, %ds, 2 workers each, %d connections each:" % (o.recycle_seconds,
+                                                                                              o.connections))
+    out.details.append("  recycling (EDGESYNC_WALL_CLOCK_LIMIT_MS=4000): %s; %d requests; errors %s, non-2xx %d"
+                       % (a.brief(), a.requests, a.errors or "none", a.non2xx))
+    out.details.append("  steady (default limits): %s; %d requests; errors %s, non-2xx %d"
+                       % (b.brief(), b.requests, b.errors or "none", b.non2xx))
+    out.details.append("  recycling server: %d retirements (reason=wall_clock), %d workers booted, "
+                       "%d terminations" % (retired, replaced, terminated))
+    return out
+
+
+# -- 7. detection latency ------------------------------------------------------------
+
+
+def _get_timed(server: Server, path: str, timeout: float) -> tuple[Optional[int], float, str]:
+    """(status or None on a connection error, monotonic time of the answer, body or error)."""
+    try:
+        status, body = server.get(path, timeout=timeout)
+        return status, time.monotonic(), body[:200].decode(errors="replace")
+    except OSError as exc:
+        return None, time.monotonic(), repr(exc)
+
+
+def s7_detection(o: Options) -> Outcome:
+    from edgesync._limits import INTERVAL
+
+    out = Outcome()
+    interval_ms = INTERVAL * 1000
+    limit_ms = 200
+    cpu = _server(o, "s7-cpu", ES, env={"EDGESYNC_CPU_HARD_LIMIT_MS": str(limit_ms),
+                                        "EDGESYNC_CPU_SOFT_LIMIT_MS": "0"})
+    over_cpu: List[float] = []
+    over_wall: List[float] = []
+    try:
+        cpu.start()
+        o.log("  CPU: cpu_hard_limit_ms=%d, %d trials of GET /hog" % (limit_ms, o.trials))
+        for i in range(o.trials):
+            before = cpu.count(r"used \d+ ms of CPU time")
+            t0 = time.monotonic()
+            status, t1, body = _get_timed(cpu, "/hog", 60)
+            if status != 546:
+                raise BenchError("GET /hog answered %s, not 546: %s" % (status, body))
+            wait_for(lambda before=before: cpu.count(r"used \d+ ms of CPU time") > before, 10,
+                     "the cancellation's log line")
+            used = int(re.findall(r"used (\d+) ms of CPU time", cpu.log)[-1])
+            over_cpu.append(used - limit_ms)
+            over_wall.append((t1 - t0) * 1000 - limit_ms)
+            o.log("    trial %d: cancelled at %d ms of CPU (+%d ms), answered 546 after %.0f ms of wall time"
+                  % (i + 1, used, used - limit_ms, (t1 - t0) * 1000))
+    finally:
+        cpu.stop()
+    intervals = [x / interval_ms for x in over_cpu]
+    v = median(intervals)
+    out.rows.append(Row("7", "CPU hog: cancelled past cpu_hard_limit_ms (CPU ms / %.0f ms interval), median"
+                        % interval_ms, v, "intervals", "<= 2", at_most(v, 2.0), intervals))
+    out.rows.append(Row("7", "CPU hog: same, max", max(intervals), "intervals", values=intervals))
+    wall = [x / interval_ms for x in over_wall]
+    out.rows.append(Row("7", "CPU hog: 546 answered past the limit (client wall time), median", median(wall),
+                        "intervals", values=wall))
+    out.details.append("7. CPU detection, cpu_hard_limit_ms=%d, interval %.0f ms: CPU ms past the limit per trial: %s;"
+                       " wall ms from request to 546 minus the limit: %s"
+                       % (limit_ms, interval_ms, ", ".join("%.0f" % x for x in over_cpu),
+                          ", ".join("%.0f" % x for x in over_wall)))
+
+    mem_limit = 64
+    rate = 200.0  # MB/s
+    marks = o.logdir / "s7-marks.jsonl"
+    mem = _server(o, "s7-memory", ES, env={"EDGESYNC_MEMORY_LIMIT_MB": str(mem_limit),
+                                           "BENCH_MARKS_FILE": str(marks)})
+    lat: List[float] = []
+    over_mb: List[float] = []
+    try:
+        mem.start()
+        o.log("  memory: memory_limit_mb=%d, growing %.0f MB/s, %d trials of GET /grow" % (mem_limit, rate, o.trials))
+        for i in range(o.trials):
+            pids = mem.worker_pids()
+            before = mem.count(r"RSS grew [\d.]+ MB above")
+            marks.write_text("")
+            status, t1, body = _get_timed(mem, "/grow?rate=%g&limit_mb=%d" % (rate, mem_limit), 60)
+            wait_for(lambda before=before: mem.count(r"RSS grew [\d.]+ MB above") > before, 10,
+                     "the termination's log line")
+            lines = [json.loads(x) for x in marks.read_text().splitlines() if x.strip()]
+            if not lines:
+                raise BenchError("/grow did not record crossing %d MB (answer %s: %s)" % (mem_limit, status, body))
+            crossed = lines[-1]["crossed"]
+            grew = float(re.findall(r"RSS grew ([\d.]+) MB above", mem.log)[-1])
+            lat.append((t1 - crossed) * 1000)
+            over_mb.append(grew - mem_limit)
+            o.log("    trial %d: answered %s %.0f ms after the growth crossed %d MB; the monitor saw %.1f MB"
+                  % (i + 1, status, lat[-1], mem_limit, grew))
+            wait_for(lambda pids=pids: mem.worker_pids() != pids and len(mem.worker_pids()) == 1 and mem.answers(), 30,
+                     "the replacement worker")
+            mem.pin_all()
+    finally:
+        mem.stop()
+    intervals = [x / interval_ms for x in lat]
+    v = median(intervals)
+    out.rows.append(Row("7", "memory growth: terminated past memory_limit_mb (wall / interval), median", v,
+                        "intervals", "<= 2", at_most(v, 2.0), intervals))
+    out.rows.append(Row("7", "memory growth: same, max", max(intervals), "intervals", values=intervals))
+    mb_int = [x / (rate * INTERVAL) for x in over_mb]
+    out.rows.append(Row("7", "memory growth: MB past the limit when seen / MB grown per interval, median",
+                        median(mb_int), "intervals", values=mb_int))
+    out.details.append("7. memory detection, memory_limit_mb=%d, growth %.0f MB/s (%.0f MB per interval): ms from "
+                       "crossing to the 546 per trial: %s; MB past the limit in the termination log line: %s"
+                       % (mem_limit, rate, rate * INTERVAL, ", ".join("%.0f" % x for x in lat),
+                          ", ".join("%.1f" % x for x in over_mb)))
+    return out
+
+
+# -- 8. memory -------------------------------------------------------------------------
+
+
+def s8_memory(o: Options) -> Outcome:
+    import psutil
+
+    out = Outcome()
+    es = _server(o, "s8-edgesync", ES)
+    gt = _server(o, "s8-gthread", "gthread")
+    readings: Dict[str, List[tuple[float, float]]] = {"edgesync": [], "gthread": []}
+    try:
+        _start(es, gt)
+        loads = [Load("edgesync", es, "/hello"), Load("gthread", gt, "/hello")]
+        side_by_side(loads, 2, o.connections, o.client_cpu)
+        side_by_side([Load("edgesync", es, "/plain"), Load("gthread", gt, "/plain")], 1, o.connections,
+                     o.client_cpu)
+        time.sleep(1.0)
+        for _ in range(3):
+            for name, server in (("edgesync", es), ("gthread", gt)):
+                (pid,) = server.worker_pids()
+                p = psutil.Process(pid)
+                full = p.memory_full_info()
+                readings[name].append((full.rss / 2**20, full.uss / 2**20))
+            time.sleep(0.5)
+    finally:
+        _stop(es, gt)
+    rss = {k: median([r for r, _ in v]) for k, v in readings.items()}
+    uss = {k: median([u for _, u in v]) for k, v in readings.items()}
+    diff = rss["edgesync"] - rss["gthread"]
+    out.rows.append(Row("8", "idle worker RSS, edgesync - gthread", diff, "MB", "<= 5 MB", at_most(diff, 5.0),
+                        [a - b for (a, _), (b, _) in zip(readings["edgesync"], readings["gthread"], strict=True)]))
+    out.rows.append(Row("8", "idle worker RSS, edgesync / gthread", rss["edgesync"] / rss["gthread"], "x"))
+    out.rows.append(Row("8", "idle worker USS, edgesync - gthread", uss["edgesync"] - uss["gthread"], "MB"))
+    out.details.append("8. idle worker memory after %d s of /hello and /plain: RSS edgesync %.1f MB, gthread %.1f MB;"
+                       " USS edgesync %.1f MB, gthread %.1f MB" % (3, rss["edgesync"], rss["gthread"],
+                                                                  uss["edgesync"], uss["gthread"]))
+    return out
+
+
+SCENARIOS: Dict[str, tuple[str, Callable[[Options], Outcome]]] = {
+    "1": ("hello world: edgesync vs gthread (and sync)", s1_hello),
+    "2": ("wait_until in the view vs the same view without it", s2_wait_until),
+    "3": ("limits monitor on vs off", s3_limits),
+    "4": ("wait_until vs ThreadPoolExecutor, in-process", s4_micro),
+    "5": ("cost growth: queue depth, live invocations", s5_growth),
+    "6": ("recycling under load", s6_recycling),
+    "7": ("detection latency: CPU and memory", s7_detection),
+    "8": ("idle worker memory", s8_memory),
+}
+
+NAMES: Dict[str, str] = {
+    "hello": "1", "wait_until": "2", "limits": "3", "micro": "4", "growth": "5", "recycling": "6",
+    "detection": "7", "memory": "8",
+}
+
+
+def resolve(names: Sequence[str]) -> List[str]:
+    """Scenario numbers for ``--only`` values (numbers or names, comma-separated)."""
+    out: List[str] = []
+    for item in names:
+        for part in item.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            key = NAMES.get(part, part)
+            if key not in SCENARIOS:
+                raise BenchError("unknown scenario %r: use a number 1-8 or one of %s" % (part, ", ".join(NAMES)))
+            if key not in out:
+                out.append(key)
+    return sorted(out)
