@@ -1,0 +1,6 @@
+from django.db import models
+
+
+class Row(models.Model):
+    label = models.CharField(max_length=50)
+    thread = models.CharField(max_length=50)
