@@ -97,7 +97,7 @@ def make_pool(gate: Gate) -> Iterator[Callable[..., Harness]]:
     for h in made:
         h.pool.shutdown("the test ended")
     for h in made:
-        wait_for(lambda: not h.threads(), "the threads of %s to exit after shutdown" % h.name)
+        wait_for(lambda h=h: not h.threads(), "the threads of %s to exit after shutdown" % h.name)  # type: ignore[misc]
 
 
 def boom() -> None:
