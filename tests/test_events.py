@@ -323,7 +323,8 @@ def test_closing_a_runtime_stops_its_event_thread() -> None:
     while ({t for t in threading.enumerate() if t.name == EVENTS_THREAD} - before
            and time.monotonic() < deadline):
         time.sleep(0.02)
-    assert not {t for t in threading.enumerate() if t.name == EVENTS_THREAD} - before
+    left = {t for t in threading.enumerate() if t.name == EVENTS_THREAD} - before
+    assert not left, "%d edgesync-events thread(s) still alive after the runtime was closed" % len(left)
 
 
 # -- unhandledrejection ----------------------------------------------------------------------------------------

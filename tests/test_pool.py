@@ -97,7 +97,8 @@ def make_pool(gate: Gate) -> Iterator[Callable[..., Harness]]:
     for h in made:
         h.pool.shutdown("the test ended")
     for h in made:
-        wait_for(lambda h=h: not h.threads(), "the threads of %s to exit after shutdown" % h.name)  # type: ignore[misc]
+        threads = h.threads
+        wait_for(lambda: not threads(), "the threads of %s to exit after shutdown" % h.name)  # noqa: B023
 
 
 def boom() -> None:
