@@ -1,0 +1,136 @@
+"""Every example runs under real gunicorn with the command README.md gives for it.
+
+The commands are read from README.md's "Examples" section, not copied here, so the
+README cannot drift from what is tested. Only the bind address changes (the OS
+picks the port) and ``.venv/bin/python`` becomes this interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import pytest
+
+from .conftest import REPO, Server, wait_for
+
+EXAMPLES = {"flask_app:app", "fetch_and_log:app", "plain_wsgi:app", "django_app.wsgi"}
+
+
+def readme_commands() -> Dict[str, str]:
+    """README.md's example commands, by the app they serve (their last word)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Examples\n", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert match, "README.md's Examples section has no bash block"
+    return {line.split()[-1]: line for line in match.group(1).splitlines() if line.strip()}
+
+
+def run_example(server_factory: Callable[..., Server], app: str, env: Dict[str, str]) -> Server:
+    """Run the README's command for ``app``: its set-up steps, then gunicorn."""
+    *setup, serve = readme_commands()[app].split(" && ")
+    for step in setup:
+        words = shlex.split(step)
+        if words[0] == ".venv/bin/pip":
+            continue  # installs what this venv already has
+        assert words[0] == ".venv/bin/python", step
+        subprocess.run([sys.executable, *words[1:]], cwd=REPO, env={**os.environ, **env},
+                       check=True, timeout=120)
+    words = shlex.split(serve)
+    assert words[:5] == [".venv/bin/gunicorn", "-k", "edgesync.Worker", "-b", "127.0.0.1:8000"], serve
+    args = [str(REPO / w) if prev == "--chdir" else w for prev, w in zip(words[4:-2], words[5:-1], strict=True)]
+    server = server_factory(*args, app=words[-1], env=env, workers_ready=0)
+    server.wait_for_log(r"Booting worker with pid")
+
+    def answers() -> bool:
+        try:
+            server.get("/readiness-probe", timeout=2)
+            return True
+        except OSError:
+            return False
+    wait_for(answers, 20, "the example to answer")
+    return server
+
+
+def call(server: Server, method: str, path: str, form: Optional[Dict[str, str]] = None) -> Tuple[int, Any]:
+    """One HTTP request; the body is decoded as JSON when it is JSON."""
+    data = urllib.parse.urlencode(form).encode() if form is not None else None
+    req = urllib.request.Request("http://127.0.0.1:%d%s" % (server.port, path), data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            status, body, ctype = resp.status, resp.read(), resp.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        status, body, ctype = exc.code, exc.read(), exc.headers.get("Content-Type", "")
+    return status, json.loads(body) if "json" in ctype else body
+
+
+def test_readme_has_one_command_per_example() -> None:
+    assert set(readme_commands()) == EXAMPLES
+    for app in EXAMPLES:
+        module = app.split(":")[0].split(".")[0]
+        assert (REPO / "examples" / (module + ".py")).exists() or (REPO / "examples" / module).is_dir(), app
+
+
+@pytest.mark.slow
+def test_flask_app_long_task_and_progress_saved_at_termination(
+        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    progress_file = tmp_path / "progress.jsonl"
+    server = run_example(server_factory, "flask_app:app", {"PROGRESS_FILE": str(progress_file)})
+    assert server.get("/")[0] == 200
+
+    status, short = call(server, "POST", "/jobs", {"steps": "2"})
+    assert (status, short["steps"]) == (202, 2)
+    wait_for(lambda: call(server, "GET", "/jobs/" + short["job"])[1]["done"] == 2, 15, "the short job")
+    server.wait_for_log(r"job %s: all 2 steps done" % short["job"])
+
+    status, long = call(server, "POST", "/jobs", {"steps": "100"})
+    assert status == 202
+    wait_for(lambda: call(server, "GET", "/jobs/" + long["job"])[1]["done"] >= 1, 15, "the long job to start")
+    assert server.stop() == 0  # SIGTERM: beforeunload (termination), then a drain cut short
+
+    saved = [json.loads(line) for line in progress_file.read_text().splitlines()]
+    assert [s["reason"] for s in saved] == ["termination"]
+    assert saved[0]["progress"][short["job"]] == 2
+    assert 1 <= saved[0]["progress"][long["job"]] < 100
+    assert "abandoned task flask_app.long_running_task (running" in server.log
+
+
+@pytest.mark.slow
+def test_fetch_and_log_fetches_its_own_json_after_answering(server_factory: Callable[..., Server]) -> None:
+    server = run_example(server_factory, "fetch_and_log:app", {})
+    assert server.get("/") == (202, b"Request accepted\n")
+    server.wait_for_log(r"fetched http://127\.0\.0\.1:%d/json: 200 .*Sample Slide Show" % server.port)
+
+
+@pytest.mark.slow
+def test_plain_wsgi_writes_its_audit_line_after_answering(
+        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    audit = tmp_path / "audit.log"
+    server = run_example(server_factory, "plain_wsgi:app", {"AUDIT_FILE": str(audit)})
+    assert server.get("/hello") == (200, b"Hello from a plain WSGI app\n")
+
+    def audited() -> List[Dict[str, Any]]:
+        lines = [json.loads(x) for x in audit.read_text().splitlines()] if audit.exists() else []
+        return [x for x in lines if x["path"] == "/hello"]
+    assert wait_for(audited, 10, "the audit line")[0]["method"] == "GET"
+
+
+@pytest.mark.slow
+def test_django_app_view_hands_an_orm_write_to_a_task(
+        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    server = run_example(server_factory, "django_app.wsgi", {"DJANGO_DB": str(tmp_path / "db.sqlite3")})
+    assert server.get("/") == (202, b"Request accepted\n")
+
+    def recorded() -> Any:
+        visits = call(server, "GET", "/visits")[1]
+        return visits["count"] == 1 and visits
+    assert wait_for(recorded, 10, "the visit row")["latest"][0]["path"] == "/"
