@@ -72,6 +72,9 @@ class Harness:
     def threads(self) -> List[threading.Thread]:
         return [t for t in threading.enumerate() if t.name.startswith(self.name + "-")]
 
+    def gone(self) -> bool:
+        return not self.threads()
+
     def idle(self) -> None:
         assert self.pool.wait_idle(time.monotonic() + WAIT), "the pool did not become idle"
 
@@ -97,8 +100,7 @@ def make_pool(gate: Gate) -> Iterator[Callable[..., Harness]]:
     for h in made:
         h.pool.shutdown("the test ended")
     for h in made:
-        threads = h.threads
-        wait_for(lambda: not threads(), "the threads of %s to exit after shutdown" % h.name)  # noqa: B023
+        wait_for(h.gone, "the threads of %s to exit after shutdown" % h.name)
 
 
 def boom() -> None:
