@@ -256,11 +256,13 @@ def s4_micro(o: Options) -> Outcome:
 # -- 5. cost growth -------------------------------------------------------------------
 
 
-def _fill(server: Server, n: int) -> Dict[str, Any]:
-    status, body = server.get("/fill?n=%d" % n, timeout=60)
+def _fill(server: Server, to: int, probe: bool = False) -> Dict[str, Any]:
+    status, body = server.get("/fill?to=%d%s" % (to, "&probe=1" if probe else ""), timeout=60)
     if status != 200:
-        raise BenchError("/fill?n=%d answered %d: %r" % (n, status, body[:300]))
+        raise BenchError("/fill?to=%d answered %d: %r" % (to, status, body[:300]))
     data: Dict[str, Any] = json.loads(body)
+    if data["pending"] != to:
+        raise BenchError("/fill?to=%d left %d tasks pending" % (to, data["pending"]))
     return data
 
 
@@ -273,15 +275,13 @@ def s5_growth(o: Options) -> Outcome:
     busy = _server(o, "s5-queue-busy", ES)
     try:
         _start(empty, busy)
-        queued = 0
         for n in (100, full):
             def refill(server: Server, n: int = n) -> None:
                 if server is busy:
                     _fill(server, n)
-            info = _fill(busy, n - queued)
-            queued = n
+            info = _fill(busy, n, probe=n == full)
             o.log("  queue of the busy server: %s" % info)
-            if n == full and not info["one_more_refused"]:
+            if n == full and info["one_more_refused"] is not True:
                 raise BenchError("the queue should be full at max_pending_tasks=%d: %s" % (full, info))
             label = "full queue (%d)" % n if n == full else "%d queued" % n
             r = _compare(o, Load(label, busy, "/hello"), Load("empty queue", empty, "/hello"), on_restart=refill)

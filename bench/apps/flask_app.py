@@ -5,9 +5,10 @@ Routes (each is one behaviour a scenario measures):
 - ``/hello``: hello world (scenario 1, 3, 5, 6, 8).
 - ``/plain`` and ``/task``: the same small view; ``/task`` also hands a light task
   to ``edgesync.wait_until`` (scenario 2).
-- ``/fill?n=N``: schedules N background tasks that block until ``/release``, so
-  that N tasks sit in the instance's queue (scenario 5). Answers JSON with the
-  number accepted and whether one more was refused with ``QueueFull``.
+- ``/fill?to=N[&probe=1]``: schedules background tasks that block until
+  ``/release`` until N are pending in the instance (scenario 5). Answers JSON
+  with the number pending and, with probe=1, whether one more was refused with
+  ``QueueFull``.
 - ``/hog``: spins in pure Python until edgesync cancels it (scenario 7, CPU).
 - ``/grow?rate=MB_PER_S&limit_mb=L``: grows the worker's memory by 1 MB steps at
   ``rate`` MB/s, and appends ``{"crossed": <time.monotonic()>}`` to
@@ -68,19 +69,28 @@ def _blocked(gate: threading.Event) -> None:
 
 @app.get("/fill")
 def fill() -> Any:
-    n = int(request.args.get("n", "0"))
+    # Schedule blocked tasks until ``to`` are pending; with probe=1, then try one
+    # more, which a full queue must refuse with QueueFull.
+    to = int(request.args.get("to", "0"))
     gate = _gate
-    for _ in range(n):
+
+    def pending() -> int:
+        tasks = edgesync.runtime_metrics()["tasks"]
+        return int(tasks["queued"] + tasks["running"])
+
+    accepted = 0
+    for _ in range(max(0, to - pending())):
         edgesync.wait_until(_blocked, gate)
-    try:
-        edgesync.wait_until(_blocked, gate)
-    except edgesync.QueueFull:
-        refused = True
-    else:
-        refused = False
-    tasks = edgesync.runtime_metrics()["tasks"]
-    return jsonify({"accepted": n, "one_more_refused": refused,
-                    "pending": tasks["queued"] + tasks["running"]})
+        accepted += 1
+    refused = None
+    if request.args.get("probe"):
+        try:
+            edgesync.wait_until(_blocked, gate)
+        except edgesync.QueueFull:
+            refused = True
+        else:
+            refused = False
+    return jsonify({"accepted": accepted, "pending": pending(), "one_more_refused": refused})
 
 
 @app.get("/release")
