@@ -11,8 +11,8 @@ reconcile: every accepted id is done or abandoned, none unaccounted for.
 Records are JSON lines in ``$EVENTS_FILE`` (one ``os.write`` on an O_APPEND
 descriptor per line, so lines from several processes never interleave).
 
-Routes: ``/ok``; ``/task?lo=&hi=`` (a task sleeping a random time in [lo, hi];
-``QueueFull`` is answered 503 and recorded); ``/fail`` (a task that raises);
+Routes: ``/ok``; ``/task?lo=&hi=&n=`` (n tasks, each sleeping a random time in
+[lo, hi]; ``QueueFull`` is answered 503 and recorded); ``/fail`` (a task that raises);
 ``/ctx?id=`` (isolation: the task checks it sees its own request's context and
 data); ``/stubborn?cpu=0|1`` (a task that swallows every exception, cancellation
 included); ``/sleep?s=``; ``/pid``; ``/metrics``.
@@ -176,6 +176,9 @@ def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         if path == "/task":
             lo, hi = float(q.get("lo", "0.05")), float(q.get("hi", q.get("lo", "0.05")))
             schedule(task_id, sleeper(task_id, random.uniform(lo, hi)))
+            for _ in range(int(q.get("n", "1")) - 1):  # a burst: more tasks from one request
+                more = new_id()
+                schedule(more, sleeper(more, random.uniform(lo, hi)))
             return _text(start_response, "%s %d" % (task_id, os.getpid()))
         if path == "/fail":
             schedule(task_id, failer(task_id))

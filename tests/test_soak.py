@@ -1,0 +1,171 @@
+"""Soak: minutes of mixed traffic with background tasks and recycling; nothing grows.
+
+Two workers serve wrk's mix (plain requests, short tasks, failing tasks, context
+checks) for ``EDGESYNC_SOAK_SECONDS`` (default 120) while they recycle (a 20 s wall
+clock, so a retire at 8-10 s of age, and ``max_requests``). A sampler reads every
+worker's RSS, thread count and file descriptors (client sockets left out: how many
+connections a worker holds at a given moment is the load balancer's business) and
+the master's, every 0.5 s, with psutil.
+
+Workers are compared generation with generation at equal age: the generations born
+in the first third of the run against those born in the last third, each read while
+2-5 s old (serving, not yet retiring). The master is compared with itself, first third
+against last third. Then the usual reconciliation: no failed request, every accepted
+task completed or named as abandoned.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import psutil
+import pytest
+
+from .conftest import Server
+from .test_faults import TASKS, Wrk, check_log, reconcile, start, stop_cleanly
+
+SOAK_SECONDS = int(os.environ.get("EDGESYNC_SOAK_SECONDS", "120"))
+SAMPLE_EVERY = 0.5
+AGE_WINDOW = (2.0, 5.0)
+#: How much a late generation may exceed an early one at equal age. RSS moves with
+#: the allocator's arenas and the noise of a shared machine; a leak of one request's
+#: or one task's worth of memory, over the ~hundred thousand of a soak, exceeds it.
+RSS_TOLERANCE = (0.10, 3 * 2**20)  # (fraction, bytes)
+THREAD_TOLERANCE = 2
+FD_TOLERANCE = 2
+#: Background threads start lazily, up to background_threads (8): a burst of 8 tasks
+#: now and then brings every generation to its full pool early in its life, so the
+#: thread count at equal age does not depend on how busy a worker happened to be.
+BURST = "/task?lo=0.005&hi=0.01&n=8"
+#: No worker ever has more threads than: main, 4 request threads, 8 background
+#: threads, the limits monitor, the beforeunload thread, faulthandler's watchdog.
+THREAD_BOUND = 1 + 4 + 8 + 1 + 1 + 1
+
+
+@dataclass
+class Sample:
+    pid: int
+    born: float  # time.time() the process started
+    at: float
+    rss: int
+    threads: int
+    fds: int  # open descriptors other than TCP connections
+
+
+def sample(proc: psutil.Process, now: float) -> Optional[Sample]:
+    try:
+        with proc.oneshot():
+            born, rss, threads, fds = (proc.create_time(), proc.memory_info().rss, proc.num_threads(),
+                                       proc.num_fds())
+            connections = [c for c in proc.net_connections(kind="tcp") if c.status != psutil.CONN_LISTEN]
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return None  # exited between the listing and the reading
+    return Sample(proc.pid, born, now, rss, threads, fds - len(connections))
+
+
+class Sampler:
+    """Samples the master and its workers on a thread until stopped."""
+
+    def __init__(self, master_pid: int):
+        self.master = psutil.Process(master_pid)
+        self.workers: List[Sample] = []
+        self.masters: List[Sample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="soak-sampler")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_EVERY):
+            now = time.time()
+            got = sample(self.master, now)
+            if got is not None:
+                self.masters.append(got)
+            try:
+                children = self.master.children()
+            except psutil.NoSuchProcess:
+                return
+            for child in children:
+                got = sample(child, now)
+                if got is not None:
+                    self.workers.append(got)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def generations(samples: List[Sample]) -> List[List[Sample]]:
+    """Each worker's samples taken while AGE_WINDOW old, in the order the workers were born."""
+    out: Dict[int, List[Sample]] = {}
+    for s in samples:
+        if AGE_WINDOW[0] <= s.at - s.born < AGE_WINDOW[1]:
+            out.setdefault(s.pid, []).append(s)
+    return sorted(out.values(), key=lambda g: g[0].born)
+
+
+def medians(groups: List[List[Sample]], metric: Callable[[Sample], float]) -> float:
+    """The median over groups of each group's median (one vote per generation)."""
+    return statistics.median(statistics.median(metric(s) for s in g) for g in groups)
+
+
+def compare(name: str, early: float, late: float, fraction: float, absolute: float,
+            scale: float = 1.0) -> Tuple[bool, str]:
+    ok = late <= early * (1 + fraction) + absolute
+    return ok, "  %-22s early %10.1f  late %10.1f  %s" % (name, early / scale, late / scale,
+                                                          "ok" if ok else "GREW")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SOAK_SECONDS + 150)
+def test_soak_nothing_grows(server_factory: Callable[..., Server]) -> None:
+    server = start(server_factory, "--max-requests", "12000", "--max-requests-jitter", "4000",
+                   env={"EDGESYNC_WALL_CLOCK_LIMIT_MS": "20000"})
+    assert server.proc is not None
+    sampler = Sampler(server.proc.pid)
+    began = time.time()
+    try:
+        result = Wrk(server, SOAK_SECONDS, {"/ok": 60, TASKS: 3, "/fail": 3, "/ctx?id={id}": 3,
+                                            BURST: 1}).result()
+    finally:
+        sampler.stop()
+    ended = time.time()
+    retirements = server.log.count("retiring (reason=")
+    stop_cleanly(server)
+    check_log(server)
+    tally = reconcile(server)
+    tally.requests, tally.failed_requests = result.requests, result.failed()
+    tally.show("soak %ds (%d retirements)" % (SOAK_SECONDS, retirements))
+    assert result.failed() == 0, result.output
+    assert tally.unaccounted == set()
+
+    gens = generations(sampler.workers)
+    early, late = gens[:len(gens) // 3], gens[len(gens) - len(gens) // 3:]
+    third = (ended - began) / 3
+    master_early = [s for s in sampler.masters if s.at < began + third]
+    master_late = [s for s in sampler.masters if s.at >= ended - third]
+    print("  worker generations compared at %.0f-%.0fs of age: the first %d of %d against the last %d"
+          % (AGE_WINDOW[0], AGE_WINDOW[1], len(early), len(gens), len(late)))
+    assert len(early) >= 3 and len(late) >= 3, "too few generations to compare: lengthen the soak"
+    checks = [
+        compare("worker RSS (MB)", medians(early, lambda s: s.rss), medians(late, lambda s: s.rss),
+                *RSS_TOLERANCE, scale=2**20),
+        compare("worker threads", medians(early, lambda s: s.threads), medians(late, lambda s: s.threads),
+                0, THREAD_TOLERANCE),
+        compare("worker fds", medians(early, lambda s: s.fds), medians(late, lambda s: s.fds), 0, FD_TOLERANCE),
+        compare("master RSS (MB)", medians([master_early], lambda s: s.rss),
+                medians([master_late], lambda s: s.rss), *RSS_TOLERANCE, scale=2**20),
+        compare("master threads", medians([master_early], lambda s: s.threads),
+                medians([master_late], lambda s: s.threads), 0, 0),
+        compare("master fds", medians([master_early], lambda s: s.fds),
+                medians([master_late], lambda s: s.fds), 0, FD_TOLERANCE),
+    ]
+    most = max(s.threads for s in sampler.workers)
+    checks.append((most <= THREAD_BOUND, "  %-22s most %d, bound %d" % ("worker threads", most, THREAD_BOUND)))
+    print("\n".join(line for _, line in checks))
+    assert retirements >= 6, "the workers did not recycle enough to soak the recycling"
+    assert all(ok for ok, _ in checks), "\n".join(line for _, line in checks)
