@@ -98,7 +98,7 @@ _listeners: Dict[str, List[Listener]] = {t: [] for t in EVENT_TYPES}
 
 
 def _check_type(type: str) -> None:
-    if type not in _listeners:
+    if not isinstance(type, str) or type not in _listeners:
         raise ValueError(
             "unknown event type %r: edgesync dispatches %s" % (type, " and ".join(map(repr, EVENT_TYPES))))
 

@@ -141,9 +141,11 @@ class Pool:
 
         def done(f: "Future[Any]") -> None:
             error = None if f.cancelled() else f.exception()
-            self._finish(task, error is None)
-            if error is not None:
-                self._on_failure(task, error)
+            try:
+                if error is not None:
+                    self._on_failure(task, error)
+            finally:
+                self._finish(task, error is None)
         future.add_done_callback(done)
 
     # -- running work (on the pool's threads) --------------------------------
@@ -182,8 +184,12 @@ class Pool:
             self._finish(task, True)
         else:
             future.set_exception(error)
-            self._finish(task, False, cancelled=inv.verdict is not None)
-            self._on_failure(task, error)
+            # Report before counting the task finished: whoever waits for the pool
+            # to be idle (a drain, a test) also waits for the rejection's listeners.
+            try:
+                self._on_failure(task, error)
+            finally:
+                self._finish(task, False, cancelled=inv.verdict is not None)
         del error
 
     def _finish(self, task: Task, ok: bool, cancelled: bool = False) -> None:

@@ -91,7 +91,7 @@ class Runtime:
         self._on_terminate = on_terminate
         self._lock = threading.Lock()
         self._dispatched: List[str] = []
-        self._events: queue.SimpleQueue[Tuple[BeforeUnloadEvent, threading.Event]] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[Optional[Tuple[BeforeUnloadEvent, threading.Event]]] = queue.SimpleQueue()
         self._event_thread: Optional[threading.Thread] = None
         self._process: Any = None  # psutil.Process, created on first use (after fork)
         self.stats: Optional[StatsSink] = None
@@ -106,19 +106,19 @@ class Runtime:
             self.pool.track(obj, "future %s" % task_name(obj))
             return obj
         if inspect.isawaitable(obj):
-            _no_arguments(obj, args, kwargs)
             if asyncio.isfuture(obj):
+                _no_arguments(obj, args, kwargs)
                 future = _chain_asyncio_future(obj)
                 self.pool.track(future, "asyncio future %r" % (obj,))
                 return future
             try:
-                future = self._submit(run_awaitable, (obj,), {})
+                _no_arguments(obj, args, kwargs)
+                return self._submit(run_awaitable, (obj,), {})
             except BaseException:
                 # The awaitable will never run: close it, or Python warns that a
                 # coroutine was never awaited, far from the real cause.
                 getattr(obj, "close", lambda: None)()
                 raise
-            return future
         if callable(obj):
             return self._submit(obj, args, kwargs)
         raise TypeError(
@@ -207,6 +207,10 @@ class Runtime:
         """-> UNLOADED: refuse new work; abandon what is pending and log each task."""
         with self._lock:
             self.state = UNLOADED
+            if self._event_thread is not None:
+                # After the events already queued, the thread reads this and exits.
+                self._events.put(None)
+                self._event_thread = None
         abandoned = self.pool.abandon(
             "edgesync: this instance is unloading (%s) and accepts no more background work; "
             "run the work inline, or schedule it before the instance unloads" % why)
@@ -303,9 +307,12 @@ def _chain_asyncio_future(afut: asyncio.Future[Any]) -> Future[Any]:
     return future
 
 
-def _dispatch_events(events: queue.SimpleQueue[Tuple[BeforeUnloadEvent, threading.Event]]) -> None:
+def _dispatch_events(events: queue.SimpleQueue[Optional[Tuple[BeforeUnloadEvent, threading.Event]]]) -> None:
     while True:
-        event, done = events.get()
+        item = events.get()
+        if item is None:
+            return
+        event, done = item
         try:
             _events.dispatch(event)
         finally:

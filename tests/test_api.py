@@ -171,9 +171,6 @@ def test_extra_arguments_with_a_coroutine_raise_type_error(edgesync_runtime: Tes
         coro.close()
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: Runtime.wait_until closes a coroutine it refuses with "
-                   "QueueFull/RuntimeError, but not one refused with TypeError for extra arguments: it is "
-                   "then reported as 'never awaited' at garbage collection, far from the call")
 def test_coroutine_refused_for_extra_arguments_is_closed(edgesync_runtime: TestRuntime) -> None:
     coro = double(1)
     try:
@@ -305,9 +302,7 @@ MISUSE: List[Any] = [
     pytest.param(lambda rt: edgesync.add_event_listener("beforeunload", None), TypeError,
                  ["None", "callable"], id="add-non-callable"),
     pytest.param(lambda rt: edgesync.add_event_listener(["beforeunload"], _listener), ValueError,
-                 ["'beforeunload'", "'unhandledrejection'"], id="add-unhashable-type",
-                 marks=pytest.mark.xfail(strict=True, raises=TypeError,
-                                         reason="core bug: escapes as TypeError 'unhashable type: list'")),
+                 ["'beforeunload'", "'unhandledrejection'"], id="add-unhashable-type"),
 ]
 
 

@@ -30,26 +30,6 @@ EVENTS_THREAD = "edgesync-events"
 
 
 @pytest.fixture(autouse=True)
-def no_leaked_threads() -> Iterator[None]:
-    """conftest's thread-leak check, except for the ``edgesync-events`` thread.
-
-    Known core bug: a runtime's ``edgesync-events`` thread never exits, not even when the runtime is
-    closed (``test_closing_a_runtime_stops_its_event_thread``, xfail). Delete this override, so that
-    conftest's check applies again, once that test passes.
-    """
-    before = set(threading.enumerate())
-    yield
-
-    def leaked() -> List[threading.Thread]:
-        return [t for t in threading.enumerate()
-                if t not in before and t.is_alive() and t.name != EVENTS_THREAD]
-    deadline = time.monotonic() + 3.0
-    while leaked() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not leaked(), "threads leaked by the test: %s" % [t.name for t in leaked()]
-
-
-@pytest.fixture(autouse=True)
 def registry_restored() -> Iterator[None]:
     before = {t: list(listeners(t)) for t in EVENT_TYPES}
     yield
@@ -170,8 +150,6 @@ def test_unknown_event_type_raises_value_error_naming_accepted_types(type: Any) 
         assert repr(type) in message and "'beforeunload'" in message and "'unhandledrejection'" in message, message
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: an unhashable event type escapes as 'unhashable type: list' "
-                   "(the registry is a dict looked up with `in`), not as the ValueError naming the accepted types")
 def test_unhashable_event_type_gets_the_same_clear_error() -> None:
     with pytest.raises(ValueError, match="beforeunload"):
         edgesync.add_event_listener(["beforeunload"], print)  # type: ignore[arg-type]
@@ -311,9 +289,6 @@ def test_pending_tasks_lists_unfinished_tasks(listen: Callable[..., None]) -> No
     assert isinstance(pending, tuple), "a snapshot taken at dispatch, not a live view"
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: Runtime starts an 'edgesync-events' thread on the first "
-                   "beforeunload and never stops it; TestRuntime.close (and Runtime.unload) leave it blocked "
-                   "on its queue, one thread per runtime")
 def test_closing_a_runtime_stops_its_event_thread() -> None:
     before = {t for t in threading.enumerate() if t.name == EVENTS_THREAD}
     with testing.runtime() as rt:

@@ -153,8 +153,6 @@ def test_a_users_flask_test_suite_with_the_helpers(tmp_path: Path) -> None:
     assert "3 passed" in result.stdout, result.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="edgesync.testing bug: TestRuntime.close() leaves the runtime's "
-                   "edgesync-events thread blocked forever after fire_beforeunload (one thread per test)")
 def test_helpers_leave_no_thread_behind_after_fire_beforeunload(tmp_path: Path) -> None:
     result = run_user_suite(tmp_path, '''
         import threading, time
