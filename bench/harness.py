@@ -448,3 +448,48 @@ def compare(a: Load, b: Load, *, rounds: int, seconds: float, connections: int, 
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
+
+
+class PidWatcher:
+    """Polls a server's worker pids in a thread: when each worker appeared and went."""
+
+    def __init__(self, server: Server, interval: float = 0.02):
+        import threading
+
+        self.server = server
+        self.interval = interval
+        self.born: Dict[int, float] = {}
+        self.gone: Dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-pid-watcher", daemon=True)
+
+    def __enter__(self) -> PidWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        known: set[int] = set()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            pids = set(self.server.worker_pids())
+            for pid in pids - known:
+                self.born.setdefault(pid, now)
+            for pid in known - pids:
+                self.gone[pid] = now
+            known = pids
+            self._stop.wait(self.interval)
+
+    def stagger(self) -> Tuple[float, float, int]:
+        """(median lifetime, median gap from an exit to the nearest other exit, exits seen).
+
+        Two workers retiring evenly staggered leave half a lifetime between exits;
+        retiring together, almost none.
+        """
+        exits = sorted(self.gone.values())
+        lives = [self.gone[p] - self.born[p] for p in self.gone if p in self.born]
+        gaps = [min(abs(t - u) for j, u in enumerate(exits) if j != i) for i, t in enumerate(exits)]
+        return median(lives), median(gaps), len(exits)
