@@ -8,6 +8,7 @@ left out) shows the leak it prevents.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -39,15 +40,18 @@ def test_tasks_write_rows_and_close_their_connections(
     for i in range(6):
         assert server.get("/write?label=r%d" % i) == (200, b"scheduled")
 
-    def all_written() -> Any:
+    def all_done() -> Any:
+        # "completed" is counted once a task has returned, hook included, so the
+        # connections are in their final state.
         report = server.get_json("/check")
-        return report["rows"] == 6 and report
-    report = wait_for(all_written, 15, "six rows written by background tasks")
+        return report["tasks_completed"] == 6 and report
+    report = wait_for(all_done, 15, "six background tasks to complete")
+    assert report["rows"] == 6
     assert 1 <= report["task_threads"] <= 2
     if hygiene == "on":
         # Every task closed its connection when it ended (CONN_MAX_AGE = 0), so no
         # idle background thread holds one, and each task opened a fresh one.
-        assert report["open_in_task_threads"] == 0, report
+        assert report["open_in_task_threads"] == 0, json.dumps(report)
         assert report["opened_in_tasks"] == 6, report
     else:
         # Without it, each background thread keeps its connection open for ever

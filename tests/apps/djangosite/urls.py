@@ -43,10 +43,14 @@ def write(request: Any) -> HttpResponse:
 
 
 def check(request: Any) -> JsonResponse:
+    # Read the completed count first: a task counts as completed only after it has
+    # returned (edgesync.django's closing included), so the connections read next
+    # are in their final state for those tasks.
+    completed = edgesync.runtime_metrics()["tasks"]["completed"]
     with _lock:
         still_open = sum(1 for w in task_connections if w.connection is not None)
         threads, opened = len(task_connections), len(opened_in_tasks)
-    return JsonResponse({"rows": Row.objects.count(), "task_threads": threads,
+    return JsonResponse({"rows": Row.objects.count(), "task_threads": threads, "tasks_completed": completed,
                          "open_in_task_threads": still_open, "opened_in_tasks": opened})
 
 
