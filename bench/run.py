@@ -148,6 +148,9 @@ def main(argv: List[str]) -> int:
     def on_term(sig: int, frame: Any) -> None:
         raise KeyboardInterrupt("signal %d" % sig)
 
+    # Ctrl-C must stop the run even when SIGINT was ignored by whoever started it
+    # (a background job of a script): the servers are in sessions of their own.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
     rows: List[Row] = []
