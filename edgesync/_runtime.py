@@ -168,7 +168,12 @@ class Runtime:
                  len(pending), "" if left is None else ", %.1fs left" % left)
         self._increment("beforeunload." + reason)
         done = threading.Event()
-        self._events.put((event, done))
+        with self._lock:
+            self._events.put((event, done))
+            if self.state == UNLOADED and self._event_thread is not None:
+                # Nothing will stop this thread later: let it exit after this event.
+                self._events.put(None)
+                self._event_thread = None
         return done
 
     # -- transitions -------------------------------------------------------------

@@ -312,8 +312,6 @@ def new_event_threads(before: set[threading.Thread], timeout: float = 1.0) -> se
         time.sleep(0.02)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: Runtime.unload stops the events thread that exists then, but "
-                   "a beforeunload dispatched after unload starts a new one that nothing stops")
 def test_beforeunload_after_unload_leaves_no_thread() -> None:
     rt = testing.TestRuntime()
     rt.close()
