@@ -5,16 +5,16 @@ object. Each runs in a fresh interpreter so that no thread or runtime of another
 measurement is alive, and the runner pins it to the server core.
 
 - ``submit``: the cost of one ``edgesync.wait_until(fn)`` against one
-  ``ThreadPoolExecutor.submit(fn)`` with the same number of threads. The pool's
+  ``ThreadPoolExecutor.submit(fn)`` with the same number of threads. The pools'
   threads are first all blocked on a gate (one blocker task each), so the timed
-  loop measures the submit path alone, not the tasks competing for the GIL;
-  then the gate opens and everything drains before the next repeat. Repeats
-  alternate which side goes first; the median per-submit time is reported. A
-  third column, ``tpe_ctx``, submits ``copy_context().run`` to the executor:
-  the same work ``wait_until`` does (it runs each task in a copy of the
-  caller's context), for reference.
+  loops measure the submit path alone, not the tasks competing for the GIL;
+  small batches of the sides are interleaved and each side's median batch is
+  kept (see ``bench_submit``); then the gates open and everything drains before
+  the next repeat. A third column, ``tpe_ctx``, submits ``copy_context().run``
+  to the executor: the same work ``wait_until`` does (it runs each task in a
+  copy of the caller's context), for reference.
 - ``throughput``: N tiny tasks submitted and waited for, end to end (submit,
-  hand-off, run, result), tasks per second.
+  hand-off, run, result), tasks per second; short runs, many pairs.
 - ``monitor``: the limits monitor (``edgesync._limits.Monitor``, default
   interval, default limits) running on a runtime with K live invocations
   (threads that each begin one invocation and block); reports the monitor's
@@ -52,69 +52,63 @@ def _blocker(gate: threading.Event, started: threading.Semaphore) -> None:
     gate.wait(60)
 
 
-def _timed_submits(submit: Callable[[], Future[Any]], batch: int) -> tuple[float, List[Future[Any]]]:
-    futures: List[Future[Any]] = []
-    append = futures.append
-    gc.collect()
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        for _ in range(batch):
-            append(submit())
-        elapsed = time.perf_counter() - t0
-    finally:
-        gc.enable()
-    return elapsed, futures
-
-
-def _gated_batch(threads: int, batch: int, block: Callable[[Callable[..., Any], Any, Any], Any],
-                 submit: Callable[[], Future[Any]]) -> float:
-    """Block every pool thread, time ``batch`` submits, release and drain. Seconds per submit."""
-    gate = threading.Event()
+def _block_all(threads: int, block: Callable[..., Any], gate: threading.Event) -> List[Any]:
+    """Occupy every pool thread with a task that waits for ``gate``."""
     started = threading.Semaphore(0)
     blockers = [block(_blocker, gate, started) for _ in range(threads)]
     for _ in range(threads):
         if not started.acquire(timeout=30):
             raise RuntimeError("the pool's threads did not all start")
-    elapsed, futures = _timed_submits(submit, batch)
-    gate.set()
-    wait(futures + blockers, timeout=120)
-    return elapsed / batch
+    return blockers
 
 
-def bench_submit(threads: int, batch: int, repeats: int) -> Dict[str, Any]:
-    out: Dict[str, List[float]] = {"edgesync": [], "tpe": [], "tpe_ctx": []}
+def bench_submit(threads: int, batch: int, batches: int, repeats: int) -> Dict[str, Any]:
+    """Per repeat: block every thread of both pools, then time ``batches`` small batches of
+    ``batch`` submits per side, interleaved (the order alternates), and take each side's
+    median per-submit time. A small batch that another process preempted is an outlier
+    the median ignores; a long one would include a preemption nearly every time.
+    """
+    names = ["edgesync", "tpe", "tpe_ctx"]
+    out: Dict[str, List[float]] = {k: [] for k in names}
     with testing.runtime(background_threads=threads, max_pending_tasks=BIG) as _rt, \
             ThreadPoolExecutor(max_workers=threads) as ex:
         wait_until = edgesync.wait_until
-
-        def es_block(fn: Callable[..., Any], *a: Any) -> Any:
-            return wait_until(fn, *a)
-
-        def tpe_block(fn: Callable[..., Any], *a: Any) -> Any:
-            return ex.submit(fn, *a)
-
-        sides = {
-            "edgesync": (es_block, lambda: wait_until(_noop)),
-            "tpe": (tpe_block, lambda: ex.submit(_noop)),
-            "tpe_ctx": (tpe_block, lambda: ex.submit(copy_context().run, _noop)),
+        submits: Dict[str, Callable[[], Future[Any]]] = {
+            "edgesync": lambda: wait_until(_noop),
+            "tpe": lambda: ex.submit(_noop),
+            "tpe_ctx": lambda: ex.submit(copy_context().run, _noop),
         }
-        # Warm-up: start every thread, fill the allocator's free lists.
-        for block, submit in sides.values():
-            _gated_batch(threads, batch, block, submit)
-        names = list(sides)
-        for r in range(repeats):
-            order = names[r % len(names):] + names[:r % len(names)]
-            for name in order:
-                block, submit = sides[name]
-                out[name].append(_gated_batch(threads, batch, block, submit))
-    return {"threads": threads, "batch": batch, "repeats": repeats,
+        perf = time.perf_counter
+        for r in range(repeats + 1):  # the first repeat warms up and is not counted
+            gates = (threading.Event(), threading.Event())
+            futures: List[Any] = _block_all(threads, lambda fn, *a: wait_until(fn, *a), gates[0])
+            futures += _block_all(threads, ex.submit, gates[1])
+            times: Dict[str, List[float]] = {k: [] for k in names}
+            gc.collect()
+            gc.disable()
+            try:
+                for i in range(batches):
+                    k = (i + r) % len(names)
+                    for name in names[k:] + names[:k]:
+                        submit = submits[name]
+                        t0 = perf()
+                        for _ in range(batch):
+                            futures.append(submit())
+                        times[name].append((perf() - t0) / batch)
+            finally:
+                gc.enable()
+            for g in gates:
+                g.set()
+            wait(futures, timeout=300)
+            if r:
+                for name in names:
+                    out[name].append(statistics.median(times[name]))
+    return {"threads": threads, "batch": batch, "batches": batches, "repeats": repeats,
             "us_per_submit": {k: [v * 1e6 for v in vs] for k, vs in out.items()},
             "median_us": {k: statistics.median(vs) * 1e6 for k, vs in out.items()}}
 
 
 def _drain(submit: Callable[[], Future[Any]], n: int) -> float:
-    gc.collect()
     t0 = time.perf_counter()
     futures = [submit() for _ in range(n)]
     wait(futures, timeout=300)
@@ -125,6 +119,7 @@ def _drain(submit: Callable[[], Future[Any]], n: int) -> float:
 
 
 def bench_throughput(threads: int, tasks: int, repeats: int) -> Dict[str, Any]:
+    """``repeats`` pairs of runs of ``tasks`` no-op tasks each, alternating which side goes first."""
     out: Dict[str, List[float]] = {"edgesync": [], "tpe": []}
     with testing.runtime(background_threads=threads, max_pending_tasks=BIG) as _rt, \
             ThreadPoolExecutor(max_workers=threads) as ex:
@@ -134,7 +129,8 @@ def bench_throughput(threads: int, tasks: int, repeats: int) -> Dict[str, Any]:
             "tpe": lambda: ex.submit(_noop),
         }
         for submit in sides.values():
-            _drain(submit, min(tasks, 2000))  # warm-up
+            _drain(submit, tasks)  # warm-up: every thread started
+        gc.collect()
         for r in range(repeats):
             order = ["edgesync", "tpe"] if r % 2 == 0 else ["tpe", "edgesync"]
             for name in order:
@@ -197,18 +193,19 @@ def main(argv: List[str]) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("submit")
     s.add_argument("--threads", type=int, default=8)
-    s.add_argument("--batch", type=int, default=2000)
-    s.add_argument("--repeats", type=int, default=15)
+    s.add_argument("--batch", type=int, default=50)
+    s.add_argument("--batches", type=int, default=100)
+    s.add_argument("--repeats", type=int, default=9)
     t = sub.add_parser("throughput")
     t.add_argument("--threads", type=int, default=8)
-    t.add_argument("--tasks", type=int, default=20000)
-    t.add_argument("--repeats", type=int, default=7)
+    t.add_argument("--tasks", type=int, default=2000)
+    t.add_argument("--repeats", type=int, default=30)
     m = sub.add_parser("monitor")
     m.add_argument("--live", type=int, nargs="+", default=[1, 8, 64])
     m.add_argument("--seconds", type=float, default=3.0)
     a = p.parse_args(argv)
     if a.what == "submit":
-        result = bench_submit(a.threads, a.batch, a.repeats)
+        result = bench_submit(a.threads, a.batch, a.batches, a.repeats)
     elif a.what == "throughput":
         result = bench_throughput(a.threads, a.tasks, a.repeats)
     else:

@@ -4,18 +4,21 @@ Routes (each is one behaviour a scenario measures):
 
 - ``/hello``: hello world (scenario 1, 3, 5, 6, 8).
 - ``/plain`` and ``/task``: the same small view; ``/task`` also hands a light task
-  to ``edgesync.wait_until`` (scenario 2).
+  to ``edgesync.wait_until`` (scenario 2); ``/task_tpe`` hands it to a plain
+  ``ThreadPoolExecutor`` with as many threads (8) instead, for reference.
 - ``/fill?to=N[&probe=1]``: schedules background tasks that block until
   ``/release`` until N are pending in the instance (scenario 5). Answers JSON
   with the number pending and, with probe=1, whether one more was refused with
   ``QueueFull``.
 - ``/hog``: spins in pure Python until edgesync cancels it (scenario 7, CPU).
 - ``/grow?rate=MB_PER_S&limit_mb=L``: grows the worker's memory by 1 MB steps at
-  ``rate`` MB/s, and appends ``{"crossed": <time.monotonic()>}`` to
-  ``$BENCH_MARKS_FILE`` when its RSS growth above the ready baseline first
-  reaches ``limit_mb`` (scenario 7, memory). ``time.monotonic`` is
-  CLOCK_MONOTONIC, the same clock in every process of the machine, so the client
-  can subtract it from the moment it was answered.
+  ``rate`` MB/s (scenario 7, memory). It appends to ``$BENCH_MARKS_FILE``
+  ``{"before": t}`` before each step while its RSS growth above the ready
+  baseline is under ``limit_mb``, and ``{"crossed": t}`` once it is over;
+  ``t`` is ``time.monotonic()``, CLOCK_MONOTONIC, the same clock in every
+  process of the machine, so the client can subtract it from the moment it was
+  answered. When the monitor acts before the thread can note the crossing, the
+  last "before" mark is when the crossing step began.
 - ``/pid``: the worker's pid.
 """
 
@@ -25,6 +28,7 @@ import json
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, List
 
 from flask import Flask, jsonify, request
@@ -60,6 +64,16 @@ def plain() -> Any:
 @app.get("/task")
 def task() -> Any:
     edgesync.wait_until(_light_task, 50)
+    return jsonify(_payload())
+
+
+_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="bench-tpe")
+
+
+@app.get("/task_tpe")
+def task_tpe() -> Any:
+    # The plain-Python way to do what /task does, for reference.
+    _executor.submit(_light_task, 50)
     return jsonify(_payload())
 
 
@@ -132,13 +146,17 @@ def grow() -> str:
     proc = psutil.Process()
     step = 2**20
     start = time.monotonic()
-    crossed = False
+    growth = proc.memory_info().rss - baseline
     for i in range(1, 4096):
+        if growth < limit:
+            # Noted *before* the allocation: if the monitor acts on the step that
+            # crosses the limit before this thread can look, the mark is there.
+            _mark(before=time.monotonic(), growth_mb=growth / 2**20)
         _hoard.append(b"\x01" * step)  # bytes(n) may map zero pages lazily; this touches them
         growth = proc.memory_info().rss - baseline
-        if not crossed and growth >= limit:
-            crossed = True
-            _mark(crossed=time.monotonic(), growth_mb=growth / 2**20, pid=os.getpid())
+        if growth >= limit:
+            _mark(crossed=time.monotonic(), growth_mb=growth / 2**20)
+            limit = float("inf")  # once
         delay = start + i / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
