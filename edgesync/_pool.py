@@ -99,6 +99,7 @@ class Pool:
         self._threads: List[threading.Thread] = []
         self._tasks: Set[Task] = set()
         self._closed: Optional[str] = None  # why submit is refused, once closed
+        self._tracked = 0  # tracked futures among self._tasks
         self.completed = 0
         self.failed = 0
         self.cancelled = 0  # by a hard limit
@@ -123,7 +124,10 @@ class Pool:
         task = Task(Future(), fn, args, kwargs, context, name)
         with self._lock:
             self._accept(task)
-            start_thread = len(self._tasks) > len(self._threads) and len(self._threads) < self.max_threads
+            # One thread per task that could be running now (tracked futures run
+            # elsewhere), up to max_threads.
+            start_thread = (len(self._tasks) - self._tracked > len(self._threads)
+                            and len(self._threads) < self.max_threads)
             if start_thread:
                 t = threading.Thread(target=_work, args=(self, self._queue, self._tracker),
                                      name="%s-%d" % (self._name, len(self._threads)), daemon=True)
@@ -138,6 +142,7 @@ class Pool:
         task = Task(future, None, (), {}, None, name, tracked=True)
         with self._lock:
             self._accept(task)
+            self._tracked += 1
 
         def done(f: "Future[Any]") -> None:
             error = None if f.cancelled() else f.exception()
@@ -153,7 +158,7 @@ class Pool:
     def _run(self, task: Task, slot: Slot) -> None:
         future = task.future
         if not future.set_running_or_notify_cancel():
-            self._finish(task, True)
+            self._finish(task, None)  # its caller cancelled it before it started
             return
         task.started = time.monotonic()
         task.thread = slot.thread_name
@@ -192,13 +197,17 @@ class Pool:
                 self._finish(task, False, cancelled=inv.verdict is not None)
         del error
 
-    def _finish(self, task: Task, ok: bool, cancelled: bool = False) -> None:
+    def _finish(self, task: Task, ok: Optional[bool], cancelled: bool = False) -> None:
+        """Count ``task`` out: ``ok`` True completed, False failed, None cancelled by its caller."""
         with self._lock:
             if task not in self._tasks:
                 return  # abandoned at shutdown and counted there
             self._tasks.discard(task)
+            self._tracked -= task.tracked
             if ok:
                 self.completed += 1
+            elif ok is None:
+                pass
             else:
                 self.failed += 1
                 self.cancelled += cancelled
@@ -268,6 +277,7 @@ class Pool:
                 self._closed = reason
             tasks = sorted(self._tasks, key=lambda t: t.accepted)
             self._tasks.clear()
+            self._tracked = 0
             self.abandoned += len(tasks)
             self._idle.notify_all()
         for t in tasks:
