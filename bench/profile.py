@@ -2,6 +2,7 @@
 
     python bench/profile.py [--seconds 10] [--path /hello] [--rate 250]    # py-spy sampling
     python bench/profile.py --cprofile [--seconds 10]                     # cProfile: call counts
+    python bench/profile.py --syscalls [--seconds 10]                     # strace -c: system calls
 
 Starts one edgesync and one gthread server (same app, same --threads), pinned to
 the server core, loads both at once with wrk pinned to the client core (as
@@ -311,6 +312,80 @@ def measure_cprofile(seconds: float, path: str, threads: int, connections: int, 
     return "\n".join(lines) + "\n"
 
 
+# -- strace: system calls per request ---------------------------------------------------
+
+
+def _strace_counts(path: Path) -> Dict[str, int]:
+    counts: Dict[str, int] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        parts = line.split()
+        # "% time  seconds  usecs/call  calls  errors  syscall" (errors may be blank)
+        if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] not in ("total",) and parts[3].isdigit():
+            counts[parts[-1]] = int(parts[3])
+    return counts
+
+
+def measure_syscalls(seconds: float, path: str, threads: int, connections: int, outdir: Path,
+                     server_cpu: int, client_cpu: int) -> str:
+    """``strace -c -f`` on both workers while both are loaded: system calls per request."""
+    import psutil
+
+    if not shutil.which("strace"):
+        raise harness.BenchError("strace is missing: apt-get install -y strace")
+    servers = {"edgesync": Server("edgesync", "edgesync.Worker", outdir, threads=threads, cpu=server_cpu),
+               "gthread": Server("gthread", "gthread", outdir, threads=threads, cpu=server_cpu)}
+    try:
+        for s in servers.values():
+            s.start()
+        loads = [Load(k, s, path) for k, s in servers.items()]
+        harness.side_by_side(loads, 2, connections, client_cpu)  # warm-up
+        wrks = {ld.label: start_wrk(ld, seconds + 3, connections, client_cpu) for ld in loads}
+        time.sleep(1.0)
+        traces = {}
+        for k, s in servers.items():
+            pid = s.worker_pids()[0]
+            tids = [t.id for t in psutil.Process(pid).threads()]
+            cmd = ["taskset", "-c", str(client_cpu), "strace", "-c", "-o", str(outdir / ("%s.strace" % k))]
+            for tid in tids:
+                cmd += ["-p", str(tid)]
+            traces[k] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        for tr in traces.values():
+            tr.send_signal(2)  # strace prints its summary on SIGINT
+        for tr in traces.values():
+            tr.wait(30)
+        window = time.monotonic() - t0
+        results = {k: finish_wrk(w, seconds + 40) for k, w in wrks.items()}
+    finally:
+        for s in servers.values():
+            s.stop()
+        harness.cleanup()
+    counts = {k: _strace_counts(outdir / ("%s.strace" % k)) for k in servers}
+    # strace slows a worker several times over, so wrk's rate over the whole run does not
+    # count the requests of the traced window; a small keep-alive GET is read with one
+    # recvfrom, so that count is the number of requests served while traced.
+    nreq = {k: float(counts[k].get("recvfrom", 0)) or results[k].rps * window for k in servers}
+    lines = ["# System calls per request, GET %s, %gs side by side (strace -c on every worker thread)" % (
+        path, seconds), "", "strace slows both workers alike; the counts are what matter. Requests while traced "
+             "(one recvfrom each): edgesync %.0f, gthread %.0f. futex counts are GIL and lock hand-offs, and "
+             "depend on timing more than on code." % (nreq["edgesync"], nreq["gthread"]), "",
+             "| system call | edgesync /req | gthread /req | difference |", "|---|---|---|---|"]
+    names = sorted(set(counts["edgesync"]) | set(counts["gthread"]),
+                   key=lambda n: -(counts["edgesync"].get(n, 0) / nreq["edgesync"]
+                                   + counts["gthread"].get(n, 0) / nreq["gthread"]))
+    tot = {k: sum(counts[k].values()) / nreq[k] for k in counts}
+    for n in names:
+        a = counts["edgesync"].get(n, 0) / nreq["edgesync"]
+        b = counts["gthread"].get(n, 0) / nreq["gthread"]
+        if a >= 0.01 or b >= 0.01:
+            lines.append("| %s | %.2f | %.2f | %+.2f |" % (n, a, b, a - b))
+    lines.append("| **total** | %.2f | %.2f | %+.2f |" % (tot["edgesync"], tot["gthread"],
+                                                         tot["edgesync"] - tot["gthread"]))
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="python bench/profile.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -325,6 +400,8 @@ def main(argv: List[str]) -> int:
     p.add_argument("--cprofile", action="store_true",
                    help="a deterministic cProfile of every worker thread instead of py-spy: call counts per "
                         "request, and what each worker calls that the other does not")
+    p.add_argument("--syscalls", action="store_true",
+                   help="count system calls per request with strace -c instead (both workers, side by side)")
     p.add_argument("--alone", action="store_true",
                    help="profile one server after the other, each alone on its core (default: both at once, "
                         "side by side, which on a shared machine is the only fair comparison)")
@@ -333,6 +410,12 @@ def main(argv: List[str]) -> int:
     outdir.mkdir(parents=True, exist_ok=True)
     try:
         harness.ensure_wrk()
+        if a.syscalls:
+            text = measure_syscalls(a.seconds, a.path, a.threads, a.connections, outdir, a.server_cpu,
+                                    a.client_cpu)
+            (outdir / "syscalls.md").write_text(text)
+            print(text)
+            return 0
         if a.cprofile:
             text = measure_cprofile(a.seconds, a.path, a.threads, a.connections, outdir, a.server_cpu,
                                     a.client_cpu)
