@@ -37,6 +37,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                    help="smoke run: 2 rounds x 2 s, short recycling run, 3 trials; RESULTS.md is left alone")
     p.add_argument("--rounds", type=int, help="side-by-side rounds per comparison (default 5; quick 2)")
     p.add_argument("--seconds", type=float, help="seconds of load per round (default 10; quick 2)")
+    p.add_argument("--reference-rounds", type=int,
+                   help="rounds of the reference comparisons, which have no target (default: --rounds minus 2, "
+                        "at least 2)")
     p.add_argument("--only", action="append", default=[], metavar="SCENARIO",
                    help="run only these scenarios: numbers or names (%s), comma-separated or repeated"
                    % ", ".join("%s=%s" % (n, name) for name, n in sorted(NAMES.items(), key=lambda x: x[1])))
@@ -53,6 +56,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.rounds = a.rounds or (2 if a.quick else 5)
     a.seconds = a.seconds or (2.0 if a.quick else 10.0)
+    a.reference_rounds = a.reference_rounds or max(2, a.rounds - 2)
     a.recycle_seconds = a.recycle_seconds or (6.0 if a.quick else 30.0)
     a.trials = a.trials or (3 if a.quick else 9)
     if a.rounds < 1 or a.seconds < 1 or a.trials < 1:
@@ -165,7 +169,8 @@ def main(argv: List[str]) -> int:
         for k, v in before.items():
             print("  %s: %s" % (k, v))
         print("  logs: %s" % logdir)
-        opts = Options(rounds=a.rounds, seconds=a.seconds, connections=a.connections, threads=a.threads,
+        opts = Options(rounds=a.rounds, seconds=a.seconds, reference_rounds=a.reference_rounds,
+                       connections=a.connections, threads=a.threads,
                        server_cpu=a.server_cpu, client_cpu=a.client_cpu, quick=a.quick,
                        recycle_seconds=a.recycle_seconds, trials=a.trials, logdir=logdir,
                        log=lambda s: print(s, flush=True))

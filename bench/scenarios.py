@@ -45,6 +45,7 @@ ES = "edgesync.Worker"
 class Options:
     rounds: int
     seconds: float
+    reference_rounds: int  # rounds of the comparisons that have no target
     connections: int
     threads: int
     server_cpu: Optional[int]
@@ -136,10 +137,11 @@ def _stop(*servers: Server) -> None:
         s.stop()
 
 
-def _compare(o: Options, a: Load, b: Load, **kw: Any) -> List[PairRound]:
-    o.log("  %s vs %s: %d rounds of %ds, %d connections each" % (a.label, b.label, o.rounds, o.seconds,
+def _compare(o: Options, a: Load, b: Load, rounds: Optional[int] = None, **kw: Any) -> List[PairRound]:
+    rounds = rounds or o.rounds
+    o.log("  %s vs %s: %d rounds of %ds, %d connections each" % (a.label, b.label, rounds, o.seconds,
                                                                     o.connections))
-    return compare(a, b, rounds=o.rounds, seconds=o.seconds, connections=o.connections,
+    return compare(a, b, rounds=rounds, seconds=o.seconds, connections=o.connections,
                    client_cpu=o.client_cpu, log=o.log, **kw)
 
 
@@ -157,7 +159,7 @@ def s1_hello(o: Options) -> Outcome:
         out.rows += _pair_rows("1", "hello, edgesync / gthread", r, rps=">= 1.00x",
                                checks={"rps": lambda v: at_least(v, 1.0)})
         out.details += _round_details("1. hello world", "edgesync.Worker (default limits)", "gthread", r)
-        r = _compare(o, Load("edgesync", es, "/hello"), Load("sync", sy, "/hello"))
+        r = _compare(o, Load("edgesync", es, "/hello"), Load("sync", sy, "/hello"), rounds=o.reference_rounds)
         out.rows += _pair_rows("1", "hello, edgesync / sync (reference)", r)
         out.details += _round_details("1. hello world, reference", "edgesync.Worker (default limits)",
                                       "sync (1 worker, no threads, no keep-alive)", r)
@@ -180,7 +182,7 @@ def s2_wait_until(o: Options) -> Outcome:
                                checks={"p50": lambda v: at_most(v, 1.10), "p99": lambda v: at_most(v, 1.30)})
         out.details += _round_details("2. wait_until", "GET /task (wait_until of a light task)",
                                       "GET /plain (the same view without it)", r)
-        r = _compare(o, Load("/task", a, "/task"), Load("/task_tpe", b, "/task_tpe"))
+        r = _compare(o, Load("/task", a, "/task"), Load("/task_tpe", b, "/task_tpe"), rounds=o.reference_rounds)
         out.rows += _pair_rows("2", "view + wait_until / view + ThreadPoolExecutor.submit (reference)", r)
         out.details += _round_details("2. wait_until against a plain executor", "GET /task (wait_until)",
                                       "GET /task_tpe (the same task to a ThreadPoolExecutor of 8 threads)", r)
@@ -205,6 +207,19 @@ def s3_limits(o: Options) -> Outcome:
                                       "edgesync, every limit 0", r)
     finally:
         _stop(on, off)
+    # Reference: with every limit 0 the monitor thread still wakes every interval and
+    # takes the GIL; a worker whose monitor never starts shows that cost too.
+    on = _server(o, "s3-monitor", ES)
+    none = _server(o, "s3-no-monitor", ES, args=["-c", str(REPO / "bench" / "apps" / "no_monitor_conf.py")])
+    try:
+        _start(on, none)
+        r = _compare(o, Load("monitor", on, "/hello"), Load("no monitor", none, "/hello"),
+                     rounds=o.reference_rounds)
+        out.rows += _pair_rows("3", "hello, default limits / monitor thread never started (reference)", r)
+        out.details += _round_details("3. monitor thread, reference", "edgesync, default limits",
+                                      "edgesync whose monitor never starts (bench/apps/no_monitor_conf.py)", r)
+    finally:
+        _stop(on, none)
     return out
 
 
