@@ -109,13 +109,14 @@ class Wrk:
     """wrk running in the background against ``server`` with a path mix."""
 
     def __init__(self, server: Server, seconds: float, mix: Dict[str, int], connections: int = 8,
-                 threads: int = 2):
+                 threads: int = 2, headers: Tuple[str, ...] = ()):
         script = server.workdir / "mix.lua"
         script.write_text(WRK_LUA)
         self.threads = threads
         self.connections = connections
         cmd = [require_wrk(), "-t", str(threads), "-c", str(connections), "-d", "%ds" % math.ceil(seconds),
-               "--timeout", "15s", "-s", str(script), "http://127.0.0.1:%d" % server.port,
+               "--timeout", "15s", "-s", str(script), *[a for h in headers for a in ("-H", h)],
+               "http://127.0.0.1:%d" % server.port,
                "--", *["%s:%d" % (path, weight) for path, weight in mix.items()]]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.started = time.monotonic()
@@ -184,9 +185,9 @@ def reconcile(server: Server) -> Tally:
 
 
 def start(server_factory: Callable[..., Server], *args: str, workers: int = 2, threads: int = 4,
-          env: Optional[Dict[str, str]] = None) -> Server:
+          env: Optional[Dict[str, str]] = None, app: str = APP) -> Server:
     require_wrk()
-    return server_factory("--workers", str(workers), "--threads", str(threads), *args, app=APP,
+    return server_factory("--workers", str(workers), "--threads", str(threads), *args, app=app,
                           env=env, workers_ready=workers)
 
 
@@ -210,6 +211,14 @@ def check_log(server: Server) -> None:
     assert "Reason:" not in log, "the master halted:\n" + log
     tracebacks = log.count("Traceback (most recent call last)")
     assert tracebacks == len(DELIBERATE_ERRORS.findall(log)), "unexpected traceback:\n" + log
+
+
+def stop_durations(server: Server) -> Dict[int, float]:
+    """For each worker stopped by SIGTERM: seconds from its termination beforeunload to its exit."""
+    began = {e["pid"]: e["t"] for e in server.events("beforeunload") if e["reason"] == "termination"}
+    ended = {e["pid"]: e["t"] for e in server.events("worker_exit")}
+    assert set(began) <= set(ended), "a worker that got SIGTERM never exited by itself:\n" + server.log
+    return {pid: ended[pid] - began[pid] for pid in began}
 
 
 def background(fn: Callable[[], object]) -> Tuple[threading.Thread, List[object]]:
@@ -254,8 +263,13 @@ def test_sigterm_under_load_with_tasks_in_flight(server_factory: Callable[..., S
     stopping = during.result()
     for t, out in sleepers:
         t.join(10)
-        assert out and out[0] == (200, out[0][1]), out  # type: ignore[index]
-    assert took < 5 + 2, "the stop took %.1fs, graceful_timeout is 5s" % took
+        assert len(out) == 1 and isinstance(out[0], tuple) and out[0][0] == 200, out
+    # Each worker exits by itself within graceful_timeout (5 s): the arbiter never
+    # has to SIGKILL one. The master's own exit adds its reaping loop and noise.
+    durations = stop_durations(server)
+    assert len(durations) == 2 and max(durations.values()) < 5, durations
+    assert "was sent SIGKILL" not in server.log
+    assert took < 5 + 5, "the stop took %.1fs, graceful_timeout is 5s" % took
     check_log(server)
     # After the signal the listening socket is closed: wrk's connection errors from
     # then on are expected; a response it did get must still be a 200.
@@ -263,8 +277,9 @@ def test_sigterm_under_load_with_tasks_in_flight(server_factory: Callable[..., S
     tally = reconcile(server)
     tally.requests = serving.requests + stopping.requests + 14
     tally.failed_requests = serving.failed()
-    tally.show("SIGTERM under load (wrk socket errors after the stop signal: %d, expected)"
-               % sum(stopping.socket_errors.values()))
+    tally.show("SIGTERM under load (workers exited %s s after the signal; wrk socket errors after the "
+               "stop signal: %d, expected)" % ("/".join("%.2f" % d for d in durations.values()),
+                                               sum(stopping.socket_errors.values())))
     assert len(server.log.split("beforeunload (reason=termination")) - 1 == 2
     assert tally.unaccounted == set()
     assert len(tally.abandoned) >= 4  # the 30 s tasks cannot fit
@@ -428,10 +443,16 @@ def test_misbehaving_beforeunload_listener(server_factory: Callable[..., Server]
     check_log(server)
     tally = reconcile(server)
     tally.requests, tally.failed_requests = result.requests + 6, result.failed()
-    tally.show("beforeunload listener that %s (stop took %.1fs, graceful_timeout 5s)" % (misbehaviour, took))
+    durations = stop_durations(server)
+    tally.show("beforeunload listener that %s (workers exited %s s after the signal, graceful_timeout 5s; "
+               "master stopped in %.1fs)" % (misbehaviour, "/".join("%.2f" % d for d in durations.values()),
+                                             took))
     assert result.failed() == 0, result.output
-    assert took < 5 + 1.5, "the shutdown overran graceful_timeout"
+    # The shutdown completes within graceful_timeout: each worker exits by itself
+    # before the arbiter's SIGKILL deadline.
+    assert len(durations) == 2 and max(durations.values()) < 5, durations
     assert "was sent SIGKILL" not in server.log, "the arbiter had to kill a worker"
+    assert took < 5 + 5, "the master took %.1fs to stop" % took
     assert len(re.findall(r"worker \d+: unloaded \(termination", server.log)) == 2
     assert tally.unaccounted == set()
     assert len(tally.abandoned) >= 2
@@ -447,17 +468,21 @@ def test_misbehaving_beforeunload_listener(server_factory: Callable[..., Server]
 # -- isolation -----------------------------------------------------------------------------------------
 
 
-def test_context_and_request_data_never_cross_under_concurrency(server_factory: Callable[..., Server]) -> None:
-    server = start(server_factory, threads=8, env={"EDGESYNC_BACKGROUND_THREADS": "16"})
+@pytest.mark.parametrize("app", [APP, "tests.apps.flaskfaults:app"], ids=["wsgi", "flask"])
+def test_context_and_request_data_never_cross_under_concurrency(server_factory: Callable[..., Server],
+                                                                app: str) -> None:
+    server = start(server_factory, threads=8, env={"EDGESYNC_BACKGROUND_THREADS": "16"}, app=app)
     # 200 concurrent connections, each request with its own id: its task checks that
     # it sees that id in its contextvar and in its request's data, and not the values
-    # the request set after wait_until returned.
+    # the request set after wait_until returned. With Flask, also that its ``g`` starts
+    # empty and stays its own.
     result = Wrk(server, 4, {"/ctx?id={id}": 1}, connections=200).result()
     stop_cleanly(server)
     check_log(server)
     tally = reconcile(server)
     tally.requests, tally.failed_requests = result.requests, result.failed()
-    tally.show("isolation: contextvars and request data under 200 concurrent connections")
+    tally.show("isolation (%s): contextvars, %srequest data under 200 concurrent connections"
+               % (app, "Flask g, " if "flask" in app else ""))
     checks = [e for e in server.events("task_done") if "ctx" in e]
     crossed = [e for e in checks if not e["ok"]]
     print("  tasks that saw their own request's context and data: %d of %d" % (len(checks) - len(crossed),
@@ -503,7 +528,7 @@ def test_task_ignoring_cancellation_cannot_outlive_the_hard_limit(server_factory
     tally.requests = 2
     tally.show("stubborn task vs the %s hard limit (worker replaced %.1fs after the limit's start, limit %.1fs)"
                % (limit, took, hard))
-    bound = 4.0  # unwind grace, listener budget, exit, and the replacement's boot
+    bound = 5.0  # unwind grace, listener budget, exit, and the replacement's boot (on a busy machine)
     assert took < hard + bound, "the stubborn task kept the worker %.1fs past its limit" % (took - hard)
     assert re.search(r"worker %s: terminating \(reason=%s\)" % (pid, limit), server.log)
     assert tally.abandoned == {task_id} and tally.unaccounted == set()

@@ -26,6 +26,7 @@ storm of thousands does not write thousands of tracebacks).
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import itertools
 import json
@@ -96,6 +97,9 @@ def on_rejection(event: edgesync.UnhandledRejectionEvent) -> None:
 
 edgesync.add_event_listener("beforeunload", on_beforeunload)
 edgesync.add_event_listener("unhandledrejection", on_rejection)
+# When the worker process ends (gunicorn's worker exits through SystemExit, so atexit
+# handlers run): a test compares it with the termination beforeunload's time.
+atexit.register(lambda: record(type="worker_exit"))
 
 if os.environ.get("LISTENER_RAISES"):
     def raising_listener(event: Any) -> None:
