@@ -144,7 +144,7 @@ class Pool:
             self._accept(task)
             self._tracked += 1
 
-        def done(f: "Future[Any]") -> None:
+        def done(f: Future[Any]) -> None:
             error = None if f.cancelled() else f.exception()
             try:
                 if error is not None:

@@ -36,7 +36,8 @@ MAX_SAFETY_MARGIN = 1.0
 #: How long ``beforeunload`` listeners may run on SIGINT/SIGQUIT (a quick shutdown:
 #: the arbiter allows 2 s after a SIGQUIT that follows a SIGTERM).
 QUICK_LISTENER_BUDGET = 1.0
-#: How long listeners may run when a hard limit terminates the instance.
+#: How long listeners, and responses already under way, have when a hard limit
+#: terminates the instance.
 TERMINATE_LISTENER_BUDGET = 1.0
 #: How often the drain loops look at the pool and the heartbeat.
 DRAIN_TICK = 0.05
@@ -336,6 +337,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         assert self._terminating is not None
         reason, message = self._terminating
         rt = self.runtime
+        deadline = time.monotonic() + TERMINATE_LISTENER_BUDGET
         # Answer first: the clients have waited, and listeners may be slow.
         for slot, inv in rt.tracker.live():
             if inv.kind == REQUEST and slot.answer_from_outside(
@@ -345,7 +347,13 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
                  "cpu": self.settings.beforeunload_cpu_ratio,
                  "memory": self.settings.beforeunload_memory_ratio}.get(reason, 0)
         if ratio:
-            self._fire(reason, time.monotonic() + TERMINATE_LISTENER_BUDGET)
+            self._fire(reason, deadline)
+        # A response already under way cannot be replaced by a 546: give it the
+        # listeners' short window to finish, instead of cutting it off mid-body.
+        while time.monotonic() < deadline and any(
+                inv.kind == REQUEST and not inv.answered for _, inv in rt.tracker.live()):
+            self.notify()
+            self.wait_for_and_dispatch_events(timeout=DRAIN_TICK)
         self._wait_for_listeners()
         self._finish(reason)
         raise SystemExit(EXIT_TERMINATED)
