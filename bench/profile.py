@@ -27,9 +27,10 @@ preempted while it held the GIL. ``time.thread_time()`` (a real system call,
 ``clock_gettime(CLOCK_THREAD_CPUTIME_ID)``, made with the GIL held by
 ``Slot.begin``) is where the kernel notices a used-up time slice, so
 ``Slot.begin`` collects those samples: hundreds of us per request that are not
-CPU (the /proc CPU time per request and the A/B throughput do not move when
-the call is removed). ``--cprofile`` shows the same effect in wall time; its call
-counts are exact.
+CPU (compare the /proc CPU time per request). The preemption there is not free
+either (the worker's other threads then wait for the GIL): see bench/PROFILE.md
+for the A/B that measures it. ``--cprofile`` shows the same effect in wall time;
+its call counts are exact.
 """
 
 from __future__ import annotations
