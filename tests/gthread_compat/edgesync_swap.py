@@ -31,7 +31,7 @@ from edgesync import _runtime
 ORIGINAL_THREAD_WORKER = gthread.ThreadWorker
 
 
-class CompatWorker(edgesync.Worker):  # type: ignore[misc]
+class CompatWorker(edgesync.Worker):
     """``edgesync.Worker`` with its runtime created as ``init_process`` would create it."""
 
     #: How many workers the tests built: reported to the driver (see pytest_sessionfinish).
