@@ -61,13 +61,14 @@ class Invocation:
     __slots__ = ("kind", "label", "started", "cpu_start", "response_started", "answered",
                  "verdict", "sock", "task", "retire_sent", "warned", "slot", "start_response")
 
-    def __init__(self, slot: Slot, kind: str, label: Any, cpu_start: float, sock: Any = None,
-                 task: Any = None):
+    def __init__(self, slot: Slot, kind: str, label: Any, sock: Any = None, task: Any = None):
         self.slot = slot
         self.kind = kind
         self.label = label  # a request's "GET /path" or a task's name
         self.started = time.monotonic()
-        self.cpu_start = cpu_start
+        # Set by the first CPU reading (see Slot.cpu_seconds): reading the clock here,
+        # on the request's own thread, costs a system call on every request.
+        self.cpu_start: Optional[float] = None
         self.response_started = False
         self.answered = False  # a response was written for it from outside its thread
         self.verdict: Optional[Verdict] = None
@@ -102,7 +103,7 @@ class Slot:
         self.cancelled = 0
 
     def begin(self, kind: str, label: Any, sock: Any = None, task: Any = None) -> Invocation:
-        inv = Invocation(self, kind, label, time.thread_time(), sock, task)
+        inv = Invocation(self, kind, label, sock, task)
         self.current = inv
         return inv
 
@@ -126,11 +127,21 @@ class Slot:
                 continue
 
     def cpu_seconds(self, inv: Invocation) -> Optional[float]:
-        """CPU time ``inv`` has used so far, read from another thread; None if the thread is gone."""
+        """CPU time ``inv`` has used so far, read from another thread; None if the thread is gone.
+
+        The first reading counts the wall time since ``inv`` began as CPU time (an
+        upper bound: a thread cannot burn more CPU than wall time). The monitor takes
+        that reading within one sampling interval of the start, so the estimate is
+        high by at most one interval, and requests shorter than an interval never
+        pay for a clock read at all.
+        """
         try:
-            return time.clock_gettime(self.clock_id) - inv.cpu_start
+            cpu = time.clock_gettime(self.clock_id)
         except OSError:
             return None
+        if inv.cpu_start is None:
+            inv.cpu_start = cpu - (time.monotonic() - inv.started)
+        return cpu - inv.cpu_start
 
     def cancel(self, inv: Invocation, verdict: Verdict) -> bool:
         """Raise ``InvocationCancelled`` in this thread if ``inv`` still runs there."""

@@ -43,17 +43,22 @@ TERMINATE_FALLBACK = 5.0
 STATS_INTERVAL = 1.0
 #: Exit status of a terminated instance (not 3 or 4, which halt gunicorn's master).
 EXIT_TERMINATED = 1
-#: The wall-clock soft limit retires at a random point in [40%, 50%] of the limit,
-#: so that workers started together do not retire together.
+#: The wall-clock soft limit retires each worker at its own point between 20% and
+#: 50% of the limit, so that workers started together do not retire together:
+#: ``stagger`` (the worker's place among its siblings, in [0, 1)) spreads them over
+#: WALL_CLOCK_SPREAD of the limit, and a random jitter of up to WALL_CLOCK_JITTER
+#: separates workers that share a place.
 WALL_CLOCK_SOFT = 0.5
-WALL_CLOCK_JITTER = 0.1
+WALL_CLOCK_SPREAD = 0.25
+WALL_CLOCK_JITTER = 0.05
 MEMORY_SOFT = 0.5
 
 
 class Monitor:
     """Samples one runtime's instance and enforces its limits (see the module doc)."""
 
-    def __init__(self, runtime: Runtime, *, interval: float = INTERVAL, watchdog_file: Any = None):
+    def __init__(self, runtime: Runtime, *, interval: float = INTERVAL, watchdog_file: Any = None,
+                 stagger: Optional[float] = None):
         self.rt = runtime
         s = runtime.settings
         self.interval = interval
@@ -67,7 +72,10 @@ class Monitor:
         self.sample_seconds = 0.0  # CPU time the monitor spent sampling (its own cost)
 
         self.wall_limit = s.wall_clock_limit_ms / 1000.0
-        self.wall_soft = self.wall_limit * (WALL_CLOCK_SOFT - WALL_CLOCK_JITTER * random.random())
+        if stagger is None:
+            stagger = random.random()
+        self.wall_soft = self.wall_limit * (WALL_CLOCK_SOFT - WALL_CLOCK_SPREAD * stagger
+                                            - WALL_CLOCK_JITTER * random.random())
         self.wall_warn = self.wall_limit * s.beforeunload_wall_clock_ratio / 100.0
         self.mem_limit = s.memory_limit_mb * 1024 * 1024
         self.mem_soft = self.mem_limit * MEMORY_SOFT
@@ -79,6 +87,12 @@ class Monitor:
         # A C call holding the GIL for longer than this cannot be a request within
         # its CPU limit: the watchdog then ends the instance.
         self.watchdog = max(2.0 * self.cpu_hard, self.cpu_hard + 2.0) if self.cpu_hard else 0.0
+
+    @property
+    def needed(self) -> bool:
+        """Whether there is anything to sample: a limit, or statsd to feed."""
+        return bool(self.wall_limit or self.mem_limit or self.cpu_hard or self.cpu_soft
+                    or self.idle_timeout or self.rt.stats is not None)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -208,6 +222,8 @@ class Monitor:
 def describe(inv: Invocation) -> str:
     """``request GET /path`` or ``task module.fn``, for log lines."""
     label = inv.label
+    if isinstance(getattr(label, "name", None), str):  # a pool Task
+        return "%s %s" % (inv.kind, label.name)
     if inv.kind == REQUEST:
         method = getattr(label, "method", None)
         path = getattr(label, "path", None)

@@ -35,21 +35,31 @@ class QueueFull(RuntimeError):
 class Task:
     """One unit of background work and its bookkeeping."""
 
-    __slots__ = ("future", "fn", "args", "kwargs", "context", "name", "accepted", "started",
+    __slots__ = ("future", "fn", "args", "kwargs", "context", "_name", "_named", "accepted", "started",
                  "thread", "tracked")
 
     def __init__(self, future: Future[Any], fn: Optional[Callable[..., Any]], args: Any,
-                 kwargs: Any, context: Optional[Context], name: str, tracked: bool = False):
+                 kwargs: Any, context: Optional[Context], named: Any, tracked: bool = False):
         self.future = future
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
         self.context = context
-        self.name = name
+        # The name is formatted only when something reports the task (most never are).
+        self._named = named
+        self._name: Optional[str] = named if isinstance(named, str) else None
         self.accepted = time.monotonic()
         self.started: Optional[float] = None
         self.thread: Optional[str] = None
         self.tracked = tracked
+
+    @property
+    def name(self) -> str:
+        """``module.qualname`` of what the task runs (or a description of a tracked future)."""
+        if self._name is None:
+            self._name = task_name(self._named)
+            self._named = None
+        return self._name
 
     def info(self, now: float) -> TaskInfo:
         if self.tracked:
@@ -119,9 +129,13 @@ class Pool:
         self._tasks.add(task)
 
     def submit(self, fn: Callable[..., Any], args: Any, kwargs: Any, context: Context,
-               name: str) -> Future[Any]:
-        """Schedule ``fn(*args, **kwargs)`` inside ``context``; never blocks."""
-        task = Task(Future(), fn, args, kwargs, context, name)
+               named: Any = None) -> Future[Any]:
+        """Schedule ``fn(*args, **kwargs)`` inside ``context``; never blocks.
+
+        ``named`` is what the task is named after in reports (a string, or an object
+        whose ``module.qualname`` is used); by default ``fn``.
+        """
+        task = Task(Future(), fn, args, kwargs, context, fn if named is None else named)
         with self._lock:
             self._accept(task)
             # One thread per task that could be running now (tracked futures run
@@ -162,7 +176,7 @@ class Pool:
             return
         task.started = time.monotonic()
         task.thread = slot.thread_name
-        inv = slot.begin(TASK, task.name, task=task)
+        inv = slot.begin(TASK, task, task=task)
         error: Optional[BaseException] = None
         result: Any = None
         try:
@@ -183,7 +197,10 @@ class Pool:
             slot.end_surely(inv)
         if isinstance(error, InvocationCancelled) and inv.verdict is not None:
             error = InvocationCancelled(inv.verdict.message)
+        if error is not None:
+            task.name  # noqa: B018  (format the name while what it names is still referenced)
         task.fn = task.args = task.kwargs = task.context = None  # drop references early
+        task._named = None
         if error is None:
             future.set_result(result)
             self._finish(task, True)

@@ -93,7 +93,7 @@ class Runtime:
         self._dispatched: List[str] = []
         self._events: queue.SimpleQueue[Optional[Tuple[BeforeUnloadEvent, threading.Event]]] = queue.SimpleQueue()
         self._event_thread: Optional[threading.Thread] = None
-        self._process: Any = None  # psutil.Process, created on first use (after fork)
+        self._process: Optional[_RssReader] = None  # created on first use (after fork)
         self.stats: Optional[StatsSink] = None
         self._stats_sent: Dict[str, int] = {}
 
@@ -105,6 +105,8 @@ class Runtime:
             _no_arguments(obj, args, kwargs)
             self.pool.track(obj, "future %s" % task_name(obj))
             return obj
+        if callable(obj):
+            return self._submit(obj, args, kwargs)
         if inspect.isawaitable(obj):
             if asyncio.isfuture(obj):
                 _no_arguments(obj, args, kwargs)
@@ -119,8 +121,6 @@ class Runtime:
                 # coroutine was never awaited, far from the real cause.
                 getattr(obj, "close", lambda: None)()
                 raise
-        if callable(obj):
-            return self._submit(obj, args, kwargs)
         raise TypeError(
             "wait_until() takes a callable (followed by its arguments), a "
             "concurrent.futures.Future or an awaitable such as a coroutine; got %r (%s)"
@@ -128,10 +128,10 @@ class Runtime:
 
     def _submit(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Future[Any]:
         context = copy_context()
-        name = task_name(args[0] if fn is run_awaitable else fn)
+        named = args[0] if fn is run_awaitable else fn
         for hook in _task_hooks:
             fn, context = hook(fn, context)
-        return self.pool.submit(fn, args, kwargs, context, name)
+        return self.pool.submit(fn, args, kwargs, context, named)
 
     def _task_failed(self, task: Task, exc: BaseException) -> None:
         event = UnhandledRejectionEvent(exc, task.future, task.name)
@@ -257,12 +257,15 @@ class Runtime:
             log.debug("statsd flush failed", exc_info=True)
 
     def rss(self) -> Optional[int]:
-        """This process's resident set size in bytes (None if it cannot be read)."""
+        """This process's resident set size in bytes (None if it cannot be read).
+
+        On Linux it is one ``pread`` of ``/proc/self/statm``, kept open (2-3 us; the
+        monitor reads it 20 times a second); elsewhere psutil's ``memory_info``.
+        """
         try:
             if self._process is None:
-                import psutil
-                self._process = psutil.Process()
-            rss: int = self._process.memory_info().rss
+                self._process = _RssReader()
+            rss: int = self._process.read()
             return rss
         except Exception:  # psutil raises its own errors for vanished /proc entries
             return None
@@ -287,6 +290,26 @@ class Runtime:
             "terminate_reason": self.terminate_reason,
             "beforeunload_dispatched": self.dispatched(),
         }
+
+
+class _RssReader:
+    """Reads this process's RSS; opened after fork, so ``/proc/self`` is this process."""
+
+    def __init__(self) -> None:
+        self._fd: Optional[int] = None
+        self._process: Any = None
+        try:
+            self._fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+            self._page = os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            import psutil
+            self._process = psutil.Process()
+
+    def read(self) -> int:
+        if self._fd is not None:
+            return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
+        rss: int = self._process.memory_info().rss
+        return rss
 
 
 def _no_arguments(obj: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:

@@ -265,8 +265,11 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         rt = self.runtime
         # Memory is counted from here: the app is loaded and the worker is ready.
         rt.rss_baseline = rt.rss()
-        self.monitor = Monitor(rt)
-        self.monitor.start()
+        # Workers booted together take different places in the retire window.
+        workers = max(1, int(self.cfg.workers))
+        self.monitor = Monitor(rt, stagger=(self.age % workers) / workers)
+        if self.monitor.needed:
+            self.monitor.start()
         self._in_run = True
         try:
             self._serve()

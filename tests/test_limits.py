@@ -181,11 +181,16 @@ def test_limits_at_zero_are_disabled(server_factory: Callable[..., Server]) -> N
     assert "cancelled" not in server.log
 
 
-def test_wall_clock_soft_limits_are_jittered() -> None:
+def test_wall_clock_soft_limits_are_spread_over_the_workers() -> None:
     with testing.runtime(wall_clock_limit_ms=10_000) as rt:
-        soft = {_limits.Monitor(rt.runtime).wall_soft for _ in range(20)}
-    assert len(soft) > 1
-    assert all(4.0 <= s <= 5.0 for s in soft)
+        # Two workers booted together: their retire points are far apart.
+        first = [_limits.Monitor(rt.runtime, stagger=0.0).wall_soft for _ in range(20)]
+        second = [_limits.Monitor(rt.runtime, stagger=0.5).wall_soft for _ in range(20)]
+        jittered = {_limits.Monitor(rt.runtime).wall_soft for _ in range(20)}
+    assert all(4.5 <= s <= 5.0 for s in first)
+    assert all(3.25 <= s <= 3.75 for s in second)
+    assert min(first) - max(second) >= 0.75  # 7.5% of the limit between them, at least
+    assert len(jittered) > 1 and all(2.0 <= s <= 5.0 for s in jittered)
 
 
 def wrk_or_skip() -> str:

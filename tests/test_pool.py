@@ -601,7 +601,7 @@ def test_pool_task_cancelled_by_a_verdict(make_pool: Callable[..., Harness]) -> 
     fut = h.submit(hog)
     assert started.wait(WAIT)
     [(slot, inv)] = wait_for(h.tracker.live, "the task's invocation")
-    assert inv.kind == TASK and inv.label == task_name(hog) and inv.task is not None
+    assert inv.kind == TASK and inv.label.name == task_name(hog) and inv.task is not None
     assert slot.cancel(inv, verdict("hog used 2000 ms of CPU (cpu_hard_limit_ms)"))
 
     exc = fut.exception(WAIT)
