@@ -21,6 +21,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import Any, Awaitable, Callable, Dict, ParamSpec, TypeVar, Union, overload
 
+from . import _runtime
 from ._config import ConfigError, Settings, load_settings
 from ._events import (
     BeforeUnloadEvent,
@@ -82,7 +83,7 @@ def wait_until(fn: Union[Callable[..., Any], Future[Any], Awaitable[Any]], /,
     instance is unloading and accepts no more background work. A task that raises
     dispatches an ``unhandledrejection`` event and never affects other tasks.
     """
-    return _current_runtime().wait_until(fn, args, kwargs)
+    return (_runtime._current or _current_runtime()).wait_until(fn, args, kwargs)
 
 
 def runtime_metrics() -> Dict[str, Any]:

@@ -23,7 +23,7 @@ from contextvars import Context
 from typing import Any, Callable, Dict, List, Optional, Set
 
 from ._events import TaskInfo
-from ._invocation import TASK, InvocationCancelled, Slot, Tracker
+from ._invocation import TASK, Invocation, InvocationCancelled, Slot, Tracker
 
 log = logging.getLogger("edgesync")
 
@@ -136,12 +136,15 @@ class Pool:
         whose ``module.qualname`` is used); by default ``fn``.
         """
         task = Task(Future(), fn, args, kwargs, context, fn if named is None else named)
+        tasks = self._tasks
         with self._lock:
-            self._accept(task)
+            if self._closed is not None or len(tasks) >= self.max_pending:
+                self._accept(task)  # raises the error that says why
+            tasks.add(task)
             # One thread per task that could be running now (tracked futures run
             # elsewhere), up to max_threads.
-            start_thread = (len(self._tasks) - self._tracked > len(self._threads)
-                            and len(self._threads) < self.max_threads)
+            nthreads = len(self._threads)
+            start_thread = nthreads < self.max_threads and len(tasks) - self._tracked > nthreads
             if start_thread:
                 t = threading.Thread(target=_work, args=(self, self._queue, self._tracker),
                                      name="%s-%d" % (self._name, len(self._threads)), daemon=True)
@@ -176,15 +179,14 @@ class Pool:
             return
         task.started = time.monotonic()
         task.thread = slot.thread_name
-        inv = slot.begin(TASK, task, task=task)
+        inv = slot.current = Invocation(slot, TASK, task, None, task)
         error: Optional[BaseException] = None
         result: Any = None
         try:
             try:
-                assert task.context is not None and task.fn is not None
-                result = task.context.run(task.fn, *task.args, **task.kwargs)
-                if inspect.isawaitable(result):
-                    result = task.context.run(run_awaitable, result)
+                result = task.context.run(task.fn, *task.args, **task.kwargs)  # type: ignore[union-attr, arg-type]
+                if result is not None and inspect.isawaitable(result):
+                    result = task.context.run(run_awaitable, result)  # type: ignore[union-attr]
             # why BaseException: whatever the task raises belongs to its future and its
             # unhandledrejection event; it must not end this thread or reach other tasks.
             except BaseException as exc:
@@ -195,23 +197,22 @@ class Pool:
             error = exc
         finally:
             slot.end_surely(inv)
-        if isinstance(error, InvocationCancelled) and inv.verdict is not None:
-            error = InvocationCancelled(inv.verdict.message)
-        if error is not None:
-            task.name  # noqa: B018  (format the name while what it names is still referenced)
         task.fn = task.args = task.kwargs = task.context = None  # drop references early
-        task._named = None
         if error is None:
+            task._named = None
             future.set_result(result)
             self._finish(task, True)
-        else:
-            future.set_exception(error)
-            # Report before counting the task finished: whoever waits for the pool
-            # to be idle (a drain, a test) also waits for the rejection's listeners.
-            try:
-                self._on_failure(task, error)
-            finally:
-                self._finish(task, False, cancelled=inv.verdict is not None)
+            return
+        if isinstance(error, InvocationCancelled) and inv.verdict is not None:
+            error = InvocationCancelled(inv.verdict.message)
+        task.name  # noqa: B018  (format the name before what it names is dropped)
+        future.set_exception(error)
+        # Report before counting the task finished: whoever waits for the pool
+        # to be idle (a drain, a test) also waits for the rejection's listeners.
+        try:
+            self._on_failure(task, error)
+        finally:
+            self._finish(task, False, cancelled=inv.verdict is not None)
         del error
 
     def _finish(self, task: Task, ok: Optional[bool], cancelled: bool = False) -> None:

@@ -129,8 +129,9 @@ class Runtime:
     def _submit(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Future[Any]:
         context = copy_context()
         named = args[0] if fn is run_awaitable else fn
-        for hook in _task_hooks:
-            fn, context = hook(fn, context)
+        if _task_hooks:
+            for hook in _task_hooks:
+                fn, context = hook(fn, context)
         return self.pool.submit(fn, args, kwargs, context, named)
 
     def _task_failed(self, task: Task, exc: BaseException) -> None:
