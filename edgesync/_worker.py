@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Any, Callable, ClassVar, Iterable, List, Optional, Tuple
 
+from gunicorn.http.body import LengthReader
 from gunicorn.workers import gthread
 
 from . import _runtime
@@ -233,6 +234,19 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         finally:
             slot.end_surely(inv)
 
+    def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
+        # gthread drains an unread body before reusing the connection, under a
+        # socket timeout (two ioctl calls) even when there is nothing to drain.
+        # A Content-Length body read to its end (a GET has length 0) leaves no
+        # byte of this message on the socket: skip the drain.
+        if keepalive:
+            body = getattr(conn.parser.mesg, "body", None)
+            reader = getattr(body, "reader", None)
+            if type(reader) is LengthReader and reader.length == 0 and not body.failed:  # type: ignore[union-attr]
+                return True
+        result: bool = super()._keepalive_after(conn, keepalive)
+        return result
+
     # -- signals and wake-ups ---------------------------------------------------
 
     def handle_exit(self, sig: int, frame: Any) -> None:
@@ -278,17 +292,27 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
             self._quick_shutdown()
 
     def _serve(self) -> None:
-        # gthread's loop, except that a retiring worker does not take connections.
+        # gthread's loop, except that a retiring worker does not take connections,
+        # and the heartbeat and the parent check run about once per `beat` seconds
+        # instead of on every turn (every finished request wakes this loop; each
+        # of them is a system call gthread makes per request).
         self.poller.register(self.method_queue.fileno(), gthread.selectors.EVENT_READ,
                              self.method_queue.run_callbacks)
         self.set_accept_enabled(True)
+        # The arbiter kills a worker silent for cfg.timeout (= 2 * self.timeout).
+        beat = min(0.5, self.timeout / 2) if self.timeout else 0.5
+        next_beat = 0.0
         while self.alive:
-            self.notify()
+            now = time.monotonic()
+            beat_due = now >= next_beat
+            if beat_due:
+                self.notify()
+                next_beat = now + beat
             can_accept = self.nr_conns < self.worker_connections and self.runtime.state == SERVING
             if can_accept != self._accepting:
                 self.set_accept_enabled(can_accept)
-            self.wait_for_and_dispatch_events(timeout=1.0)
-            if not self.is_parent_alive():
+            self.wait_for_and_dispatch_events(timeout=beat)
+            if beat_due and not self.is_parent_alive():
                 break
             self.murder_keepalived()
             self.murder_pending()
