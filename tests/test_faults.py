@@ -354,12 +354,13 @@ def test_sigkill_of_one_worker(server_factory: Callable[..., Server]) -> None:
     victim, survivor = pids
     # A task that is surely in flight on the victim when it dies.
     planted: List[str] = []
+
     def plant() -> bool:
-        body = server.get("/task?lo=60")[1].decode().split()
-        if int(body[1]) == victim:
-            planted.append(body[0])
+        status, body = server.get("/task?lo=60&only=%d" % victim)
+        if status == 200:
+            planted.append(body.decode().split()[0])
         return bool(planted)
-    wait_for(plant, 10, "a long task to land on worker %d" % victim, interval=0)
+    wait_for(plant, 10, "a long task to land on worker %d" % victim)
     load = Wrk(server, 6, {"/ok": 9, TASKS: 1})
     wait_for(lambda: time.monotonic() - load.started > 2, 5, "wrk to be under way")
     killed_at = time.time()

@@ -11,8 +11,9 @@ reconcile: every accepted id is done or abandoned, none unaccounted for.
 Records are JSON lines in ``$EVENTS_FILE`` (one ``os.write`` on an O_APPEND
 descriptor per line, so lines from several processes never interleave).
 
-Routes: ``/ok``; ``/task?lo=&hi=&n=`` (n tasks, each sleeping a random time in
-[lo, hi]; ``QueueFull`` is answered 503 and recorded); ``/fail`` (a task that raises);
+Routes: ``/ok``; ``/task?lo=&hi=&n=&only=`` (n tasks, each sleeping a random time in
+[lo, hi]; ``QueueFull`` is answered 503 and recorded; with ``only=<pid>``, another
+worker answers 409 and schedules nothing); ``/fail`` (a task that raises);
 ``/ctx?id=`` (isolation: the task checks it sees its own request's context and
 data); ``/stubborn?cpu=0|1`` (a task that swallows every exception, cancellation
 included); ``/sleep?s=``; ``/pid``; ``/metrics``.
@@ -178,6 +179,9 @@ def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable
     task_id = new_id()
     try:
         if path == "/task":
+            if q.get("only", str(os.getpid())) != str(os.getpid()):
+                # Meant for another worker (a test aiming at one process): schedule nothing.
+                return _text(start_response, "not worker %s" % q["only"], "409 Conflict")
             lo, hi = float(q.get("lo", "0.05")), float(q.get("hi", q.get("lo", "0.05")))
             schedule(task_id, sleeper(task_id, random.uniform(lo, hi)))
             for _ in range(int(q.get("n", "1")) - 1):  # a burst: more tasks from one request
