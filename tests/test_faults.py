@@ -9,7 +9,7 @@ completed, abandoned, unaccounted.
 
 Load comes from wrk with a Lua script (tests/.. ``WRK_LUA`` below) that mixes paths
 and counts every response status, so a deliberate 503 (QueueFull) is told apart
-from a failure. Without wrk these tests skip, unless ``EDGESYNC_REQUIRE_WRK=1``.
+from a failure. Without wrk these tests skip, unless ``ESTEST_REQUIRE_WRK=1``.
 """
 
 from __future__ import annotations
@@ -83,9 +83,9 @@ end
 def require_wrk() -> str:
     path = shutil.which("wrk")
     if path is None:
-        if os.environ.get("EDGESYNC_REQUIRE_WRK") == "1":
-            pytest.fail("wrk is not installed and EDGESYNC_REQUIRE_WRK=1: install wrk (apt-get install wrk)")
-        pytest.skip("wrk is not installed (the load generator of these tests); set EDGESYNC_REQUIRE_WRK=1 "
+        if os.environ.get("ESTEST_REQUIRE_WRK") == "1":
+            pytest.fail("wrk is not installed and ESTEST_REQUIRE_WRK=1: install wrk (apt-get install wrk)")
+        pytest.skip("wrk is not installed (the load generator of these tests); set ESTEST_REQUIRE_WRK=1 "
                     "to make this a failure")
     return path
 

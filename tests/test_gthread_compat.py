@@ -12,7 +12,7 @@ Every test that passes for gthread must pass for edgesync, except the ones in
 ``EXPECTED_DIFFERENCES``, each with the reason, and each must still fail for that
 reason (so the list cannot hide a new failure in the same test).
 
-PyPI must be reachable: without it the test fails, unless ``EDGESYNC_OFFLINE=1``.
+PyPI must be reachable: without it the test fails, unless ``ESTEST_OFFLINE=1``.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ EXPECTED_DIFFERENCES: Dict[str, Tuple[str, str]] = {
 @pytest.fixture(scope="session")
 def gunicorn_tests(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """gunicorn's sdist ``tests/`` for the installed version, downloaded once per run."""
-    if os.environ.get("EDGESYNC_OFFLINE") == "1":
-        pytest.skip("EDGESYNC_OFFLINE=1: not downloading gunicorn's sdist from PyPI")
+    if os.environ.get("ESTEST_OFFLINE") == "1":
+        pytest.skip("ESTEST_OFFLINE=1: not downloading gunicorn's sdist from PyPI")
     pinned = version("gunicorn")
     download = tmp_path_factory.mktemp("gunicorn-sdist")
     proc = subprocess.run(
@@ -75,7 +75,7 @@ def gunicorn_tests(tmp_path_factory: pytest.TempPathFactory) -> Path:
          "--disable-pip-version-check", "gunicorn==%s" % pinned, "-d", str(download)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (
-        "could not download gunicorn %s's sdist from PyPI (set EDGESYNC_OFFLINE=1 to skip this "
+        "could not download gunicorn %s's sdist from PyPI (set ESTEST_OFFLINE=1 to skip this "
         "test on a machine without network):\n%s%s" % (pinned, proc.stdout, proc.stderr))
     archives = list(download.glob("gunicorn-*.tar.gz"))
     assert len(archives) == 1, list(download.iterdir())
@@ -96,7 +96,7 @@ def gunicorn_tests(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_gthread_tests(top: Path, name: str, *extra: str) -> Tuple[Dict[str, str], Dict[str, str], str]:
     """Run gunicorn's test_gthread.py in a subprocess -> (outcomes, failure texts, output)."""
     report = top / ("%s.xml" % name)
-    # EDGESYNC_* variables of this run (EDGESYNC_REQUIRE_WRK, ...) are not settings:
+    # EDGESYNC_* variables of the environment would be read as settings:
     # edgesync.Worker would refuse them as unknown keys.
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESYNC_")}
     env["PYTHONPATH"] = os.pathsep.join([str(PLUGIN_DIR), str(REPO)])

@@ -196,8 +196,8 @@ def test_wall_clock_soft_limits_are_spread_over_the_workers() -> None:
 def wrk_or_skip() -> str:
     wrk = shutil.which("wrk")
     if wrk is None:
-        if os.environ.get("EDGESYNC_REQUIRE_WRK"):
-            pytest.fail("wrk is required (EDGESYNC_REQUIRE_WRK is set) but not installed")
+        if os.environ.get("ESTEST_REQUIRE_WRK"):
+            pytest.fail("wrk is required (ESTEST_REQUIRE_WRK is set) but not installed")
         pytest.skip("wrk is not installed (apt-get install -y wrk)")
     return wrk
 

@@ -3,7 +3,7 @@
 Two workers serve wrk's mix (plain requests, short tasks, failing tasks, context
 checks; one connection per request, so that both workers get a share of the
 traffic from their first second and every request opens and closes a socket) for
-``EDGESYNC_SOAK_SECONDS`` (default 120) while they recycle (a 20 s wall clock, so a
+``ESTEST_SOAK_SECONDS`` (default 120) while they recycle (a 20 s wall clock, so a
 retire at 8-10 s of age, and ``max_requests``). A sampler reads every worker's RSS
 and thread count (psutil) and its file descriptors (/proc: sockets apart from the
 rest, since how many client connections a worker holds at a moment is the accept
@@ -31,7 +31,7 @@ import pytest
 from .conftest import Server
 from .test_faults import TASKS, Wrk, check_log, reconcile, start, stop_cleanly
 
-SOAK_SECONDS = int(os.environ.get("EDGESYNC_SOAK_SECONDS", "120"))
+SOAK_SECONDS = int(os.environ.get("ESTEST_SOAK_SECONDS", "120"))
 SAMPLE_EVERY = 0.5
 AGE_WINDOW = (2.0, 5.0)
 #: How much a late generation may exceed an early one at equal age. RSS moves with
