@@ -21,6 +21,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
+from edgesync._events import EVENT_TYPES, listeners
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -213,6 +215,22 @@ def server_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[C
 def server(server_factory: Callable[..., Server]) -> Server:
     """One gunicorn master with one edgesync worker and four threads, default settings."""
     return server_factory("--threads", "4")
+
+
+@pytest.fixture
+def registry_restored() -> Iterator[None]:
+    """Fail a test that leaves event listeners registered (use it where tests register them)."""
+    before = {t: list(listeners(t)) for t in EVENT_TYPES}
+    yield
+    assert {t: list(listeners(t)) for t in EVENT_TYPES} == before, "the test left listeners registered"
+
+
+@pytest.fixture
+def release() -> Iterator[threading.Event]:
+    """Set it to let blocked tasks finish; set at teardown in any case."""
+    event = threading.Event()
+    yield event
+    event.set()
 
 
 @pytest.fixture(autouse=True)

@@ -22,26 +22,14 @@ import pytest
 
 import edgesync
 from edgesync import BeforeUnloadEvent, QueueFull, testing
-from edgesync._events import EVENT_TYPES, dispatch, listeners
+from edgesync._events import dispatch, listeners
 from edgesync.testing import TestRuntime
 
 WAIT = 10.0
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("REQUEST_ID", default="none")
 
 
-@pytest.fixture(autouse=True)
-def registry_restored() -> Iterator[None]:
-    before = {t: list(listeners(t)) for t in EVENT_TYPES}
-    yield
-    assert {t: list(listeners(t)) for t in EVENT_TYPES} == before, "the test left listeners registered"
-
-
-@pytest.fixture
-def release() -> Iterator[threading.Event]:
-    """Set it to let blocked tasks finish; set at teardown in any case."""
-    event = threading.Event()
-    yield event
-    event.set()
+pytestmark = pytest.mark.usefixtures("registry_restored")
 
 
 async def double(x: int) -> int:

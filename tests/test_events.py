@@ -29,11 +29,7 @@ DESIGN_REASONS = ("wall_clock", "cpu", "memory", "early_drop", "termination")
 EVENTS_THREAD = "edgesync-events"
 
 
-@pytest.fixture(autouse=True)
-def registry_restored() -> Iterator[None]:
-    before = {t: list(listeners(t)) for t in EVENT_TYPES}
-    yield
-    assert {t: list(listeners(t)) for t in EVENT_TYPES} == before, "the test left listeners registered"
+pytestmark = pytest.mark.usefixtures("registry_restored")
 
 
 @pytest.fixture

@@ -6,13 +6,13 @@ import dataclasses
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import pytest
 
 import edgesync
 from edgesync import ConfigError, Settings, TaskInfo, testing
-from edgesync._events import EVENT_TYPES, listeners
+from edgesync._events import listeners
 from edgesync._pool import task_name
 from edgesync._runtime import peek
 from edgesync.testing import TaskTimeout, TestRuntime
@@ -20,18 +20,7 @@ from edgesync.testing import TaskTimeout, TestRuntime
 WAIT = 10.0
 
 
-@pytest.fixture(autouse=True)
-def registry_restored() -> Iterator[None]:
-    before = {t: list(listeners(t)) for t in EVENT_TYPES}
-    yield
-    assert {t: list(listeners(t)) for t in EVENT_TYPES} == before, "the test left listeners registered"
-
-
-@pytest.fixture
-def release() -> Iterator[threading.Event]:
-    event = threading.Event()
-    yield event
-    event.set()
+pytestmark = pytest.mark.usefixtures("registry_restored")
 
 
 def slow_upload(release: threading.Event) -> str:
