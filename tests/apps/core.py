@@ -17,21 +17,13 @@ from urllib.parse import parse_qs
 
 import edgesync
 
+from ._util import record
+from ._util import text as _text
+
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _hoard: List[bytes] = []
 
 
-def record(**fields: Any) -> None:
-    path = os.environ.get("EVENTS_FILE")
-    if not path:
-        return
-    fields.setdefault("pid", os.getpid())
-    fields.setdefault("t", time.time())
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(fields) + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 def on_beforeunload(event: edgesync.BeforeUnloadEvent) -> None:
@@ -99,10 +91,6 @@ async def async_task(task_id: str) -> str:
 # -- routes ------------------------------------------------------------------
 
 
-def _text(start_response: Callable[..., Any], body: str, status: str = "200 OK") -> List[bytes]:
-    data = body.encode()
-    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(data)))])
-    return [data]
 
 
 def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

@@ -35,10 +35,13 @@ import os
 import random
 import re
 import time
-from typing import Any, Callable, Dict, Iterable, List
+from typing import Any, Callable, Dict, Iterable
 from urllib.parse import parse_qs
 
 import edgesync
+
+from ._util import record
+from ._util import text as _text
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 request_data: contextvars.ContextVar[Dict[str, str]] = contextvars.ContextVar("request_data")
@@ -46,17 +49,6 @@ _counter = itertools.count()
 _JOB = re.compile(r"job_(\d+_\d+)$")
 
 
-def record(**fields: Any) -> None:
-    path = os.environ.get("EVENTS_FILE")
-    if not path:
-        return
-    fields.setdefault("pid", os.getpid())
-    fields.setdefault("t", time.time())
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(fields) + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 def new_id() -> str:
@@ -165,10 +157,6 @@ def stubborn(task_id: str, burn_cpu: bool) -> Callable[[], None]:
 # -- routes ------------------------------------------------------------------------
 
 
-def _text(start_response: Callable[..., Any], body: str, status: str = "200 OK") -> List[bytes]:
-    data = body.encode()
-    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(data)))])
-    return [data]
 
 
 def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
