@@ -9,7 +9,7 @@ each thread's CPU clock, and may cancel an invocation by raising
 Rule: ``slot.lock`` is held whenever ``slot.current`` is cleared and whenever an
 asynchronous exception is sent to the thread, so a cancellation can only ever hit
 the invocation it was meant for. The thread clears any cancellation not yet
-delivered when the invocation ends (``Slot.end``).
+delivered when the invocation ends (``Slot.end_surely``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import json
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 REQUEST = "request"
 TASK = "task"
@@ -107,21 +107,14 @@ class Slot:
         self.current = inv
         return inv
 
-    def end(self, inv: Invocation) -> None:
-        """Close ``inv``; safe to call again if a late cancellation interrupts it."""
-        with self.lock:
-            if self.current is inv:
-                self.current = None
-            if inv.verdict is not None:
-                # A cancellation sent but not yet delivered would hit the next
-                # invocation on this thread: take it back.
-                _set_async_exc(self.ident, None)
-
     def end_surely(self, inv: Invocation) -> None:
-        """``end(inv)``, retried if a cancellation is delivered while it runs."""
+        """Close ``inv``; retried if a late cancellation is delivered while it runs.
+
+        A cancellation sent but not yet delivered would hit the next invocation on
+        this thread: it is taken back here, under the lock that ``cancel`` holds.
+        """
         while True:
             try:
-                # end(), inlined: this runs once per request and per task.
                 with self.lock:
                     if self.current is inv:
                         self.current = None
@@ -245,5 +238,3 @@ def raw_response(status: int, message: str) -> bytes:
         line, "".join("%s: %s\r\n" % h for h in headers))
     return head.encode("latin-1") + body
 
-
-TaskRunner = Callable[[], None]

@@ -512,7 +512,7 @@ def test_cancel_of_an_ended_invocation_is_refused() -> None:
 
 def test_a_late_cancellation_never_hits_the_next_invocation() -> None:
     """The monitor's race: it picks an invocation from ``tracker.live()`` and cancels it just as the
-    invocation ends. ``Slot.end`` must take back an undelivered cancellation, so the exception only ever
+    invocation ends. ``Slot.end_surely`` must take back an undelivered cancellation, so the exception only ever
     lands in the invocation whose verdict was set, never in the bookkeeping between invocations nor in
     the next invocation on that thread. Stressed with a tiny switch interval to make the race likely."""
     tracker = Tracker()
