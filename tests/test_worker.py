@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -121,6 +122,20 @@ def test_sigquit_still_fires_termination_and_logs_abandoned_work(server: Server)
     server.signal(signal.SIGQUIT)
     server.stop()
     assert [e["reason"] for e in server.events("beforeunload")] == ["termination"]
+    assert "abandoned task tests.apps.core.sleepy_task (running" in server.log
+
+
+def test_ctrl_c_fires_termination_in_every_worker(server_factory: Callable[..., Server]) -> None:
+    # Ctrl-C in a terminal sends SIGINT to the whole process group: master and workers.
+    server = server_factory("--workers", "2", workers_ready=2)
+    server.get("/task?id=cut&sleep=60")
+    server.wait_for_events("task_start")
+    assert server.proc is not None
+    os.killpg(server.proc.pid, signal.SIGINT)
+    assert wait_for(lambda: server.exited() is not None, 15, "gunicorn to exit") is not None
+    pids = set(server.worker_pids()) | {e["pid"] for e in server.events("beforeunload")}
+    reasons = {e["pid"]: e["reason"] for e in server.events("beforeunload")}
+    assert len(reasons) == 2 and set(reasons.values()) == {"termination"}, (pids, reasons)
     assert "abandoned task tests.apps.core.sleepy_task (running" in server.log
 
 
