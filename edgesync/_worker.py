@@ -175,6 +175,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         self._stop_at: Optional[float] = None
         self._terminating: Optional[Tuple[str, str]] = None
         self._in_run = False
+        self._quitting = False
         self._listener_waits: List[Tuple[threading.Event, float]] = []
 
     # -- set-up, after fork -----------------------------------------------------
@@ -261,6 +262,12 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         if not self._in_run:
             super().handle_quit(sig, frame)  # still booting: gunicorn's own behaviour
             return
+        if self._quitting:
+            # Ctrl-C reaches the worker as SIGINT and, through the master, as SIGQUIT:
+            # the quick shutdown under way (bounded by QUICK_LISTENER_BUDGET) is what
+            # both ask for. Unwinding it again would skip its listeners and logs.
+            return
+        self._quitting = True
         self.alive = False
         raise _QuickExit(0)
 
@@ -285,6 +292,12 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         if self.monitor.needed:
             self.monitor.start()
         self._in_run = True
+        st = self.settings
+        log.info("worker %d: serving (policy=%s, wall_clock_limit_ms=%d, cpu_soft/hard_limit_ms=%d/%d, "
+                 "memory_limit_mb=%d above %.1f MB, request_idle_timeout_ms=%d, background_threads=%d)",
+                 rt.pid, st.policy, st.wall_clock_limit_ms, st.cpu_soft_limit_ms, st.cpu_hard_limit_ms,
+                 st.memory_limit_mb, (rt.rss_baseline or 0) / 2**20, st.request_idle_timeout_ms,
+                 st.background_threads)
         try:
             self._serve()
             self._shutdown()

@@ -128,6 +128,7 @@ def test_sigquit_still_fires_termination_and_logs_abandoned_work(server: Server)
 def test_ctrl_c_fires_termination_in_every_worker(server_factory: Callable[..., Server]) -> None:
     # Ctrl-C in a terminal sends SIGINT to the whole process group: master and workers.
     server = server_factory("--workers", "2", workers_ready=2)
+    server.wait_for_log(r"worker \d+: serving \(policy=per_worker", count=2)
     server.get("/task?id=cut&sleep=60")
     server.wait_for_events("task_start")
     assert server.proc is not None
