@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List
+from urllib.parse import parse_qs
 
 
 def record(**fields: Any) -> None:
@@ -31,3 +32,8 @@ def text(start_response: Callable[..., Any], body: str, status: str = "200 OK") 
     data = body.encode()
     start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(data)))])
     return [data]
+
+
+def query(environ: Dict[str, Any]) -> Dict[str, str]:
+    """The request's query string as a dict (the first value of each key)."""
+    return {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}

@@ -13,17 +13,14 @@ import json
 import os
 import time
 from typing import Any, Callable, Dict, Iterable, List
-from urllib.parse import parse_qs
 
 import edgesync
 
-from ._util import record
+from ._util import query, record
 from ._util import text as _text
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _hoard: List[bytes] = []
-
-
 
 
 def on_beforeunload(event: edgesync.BeforeUnloadEvent) -> None:
@@ -91,11 +88,9 @@ async def async_task(task_id: str) -> str:
 # -- routes ------------------------------------------------------------------
 
 
-
-
 def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     path = environ["PATH_INFO"]
-    q = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+    q = query(environ)
     if path == "/task":
         edgesync.wait_until(sleepy_task, q.get("id", "t"), float(q.get("sleep", "0.5")))
         return _text(start_response, "scheduled %s" % q.get("id", "t"))

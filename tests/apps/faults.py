@@ -36,19 +36,16 @@ import random
 import re
 import time
 from typing import Any, Callable, Dict, Iterable
-from urllib.parse import parse_qs
 
 import edgesync
 
-from ._util import record
+from ._util import query, record
 from ._util import text as _text
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 request_data: contextvars.ContextVar[Dict[str, str]] = contextvars.ContextVar("request_data")
 _counter = itertools.count()
 _JOB = re.compile(r"job_(\d+_\d+)$")
-
-
 
 
 def new_id() -> str:
@@ -157,11 +154,9 @@ def stubborn(task_id: str, burn_cpu: bool) -> Callable[[], None]:
 # -- routes ------------------------------------------------------------------------
 
 
-
-
 def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     path = environ["PATH_INFO"]
-    q = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+    q = query(environ)
     if path == "/ok":
         return _text(start_response, "ok")
     task_id = new_id()
