@@ -38,19 +38,6 @@ def on_rejection(event: edgesync.UnhandledRejectionEvent) -> None:
 edgesync.add_event_listener("beforeunload", on_beforeunload)
 edgesync.add_event_listener("unhandledrejection", on_rejection)
 
-if os.environ.get("LISTENER_RAISES"):
-    def raising_listener(event: Any) -> None:
-        raise RuntimeError("listener failed on purpose")
-    edgesync.add_event_listener("beforeunload", raising_listener)
-    # Registered after the raising one: it must still run.
-    edgesync.add_event_listener("beforeunload", lambda ev: record(type="after_raising", reason=ev.reason))
-
-if os.environ.get("LISTENER_BLOCKS"):
-    def blocking_listener(event: Any) -> None:
-        record(type="blocking_listener", reason=event.reason)
-        time.sleep(float(os.environ["LISTENER_BLOCKS"]))
-    edgesync.add_event_listener("beforeunload", blocking_listener)
-
 
 # -- tasks -------------------------------------------------------------------
 
