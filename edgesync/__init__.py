@@ -19,7 +19,7 @@ in-process runtime runs the same tasks and drains them at interpreter exit.
 from __future__ import annotations
 
 from concurrent.futures import Future
-from typing import Any, Awaitable, Callable, Dict, ParamSpec, TypeVar, Union, overload
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, ParamSpec, TypeVar, Union, overload
 
 from . import _runtime
 from ._config import ConfigError, Settings, load_settings
@@ -34,7 +34,9 @@ from ._invocation import InvocationCancelled
 from ._pool import QueueFull
 from ._runtime import current as _current_runtime
 from ._runtime import peek as _peek_runtime
-from ._worker import Worker
+
+if TYPE_CHECKING:
+    from ._worker import Worker
 
 __all__ = [
     "BeforeUnloadEvent",
@@ -89,7 +91,8 @@ def wait_until(fn: Union[Callable[..., Any], Future[Any], Awaitable[Any]], /,
 def runtime_metrics() -> Dict[str, Any]:
     """A plain-data snapshot of this instance (one gunicorn worker, or this process).
 
-    Keys: ``pid``, ``state`` (serving / retiring / unloaded), ``policy``, ``age_s``,
+    Keys: ``pid``, ``state`` (serving / draining / terminating / unloaded), ``cause``
+    (why it drains: retire, oneshot, stop, quick, exit, close), ``policy``, ``age_s``,
     ``rss_bytes``, ``rss_baseline_bytes``, ``requests``, ``tasks`` (queued, running,
     tracked, completed, failed, abandoned), ``background_threads``,
     ``invocations_cancelled``, ``retire_reason``, ``terminate_reason`` and
@@ -100,3 +103,14 @@ def runtime_metrics() -> Dict[str, Any]:
     if rt is None:
         rt = _current_runtime()
     return rt.metrics()
+
+
+def __getattr__(name: str) -> Any:
+    # The worker class imports gunicorn (about 20 modules): only a process that runs
+    # it pays for that, not a script or a management command that calls wait_until.
+    # gunicorn's ``-k edgesync.Worker`` and the entry point both look it up by name.
+    if name == "Worker":
+        from ._worker import Worker
+
+        return Worker
+    raise AttributeError("module 'edgesync' has no attribute %r" % name)

@@ -10,19 +10,43 @@ Rule: ``slot.lock`` is held whenever ``slot.current`` is cleared and whenever an
 asynchronous exception is sent to the thread, so a cancellation can only ever hit
 the invocation it was meant for. The thread clears any cancellation not yet
 delivered when the invocation ends (``Slot.end_surely``).
+
+Rule: every outcome of an invocation (completed, failed, cancelled by a limit,
+answered from outside, cancelled by its caller, abandoned) is counted by
+``Tracker.record`` and nowhere else; metrics and statsd read those counts.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
-import socket
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-REQUEST = "request"
-TASK = "task"
+from ._lifecycle import _Named
+
+
+class Kind(_Named):
+    """What an invocation runs."""
+
+    REQUEST = "request"
+    TASK = "task"
+
+
+class Outcome(_Named):
+    """How an invocation ended (counted once each, by ``Tracker.record``)."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"  # raised (a request answered 500 by gunicorn, a task's exception)
+    CANCELLED = "cancelled"  # a limit cancelled it and its own thread answered 546/504
+    ANSWERED_OUTSIDE = "answered_outside"  # answered 546/504 from outside its blocked thread
+    CALLER_CANCELLED = "caller_cancelled"  # a task's caller cancelled its future first
+    ABANDONED = "abandoned"  # still pending when the instance unloaded
+
+
+REQUEST = Kind.REQUEST
+TASK = Kind.TASK
 
 _set_async_exc_c = ctypes.pythonapi.PyThreadState_SetAsyncExc
 _set_async_exc_c.restype = ctypes.c_int
@@ -55,42 +79,52 @@ class Verdict:
         self.at = time.monotonic()
 
 
+#: ``answer(invocation, status, message) -> bool``: writes a whole limit response to a
+#: request's client from outside its thread (``_wsgi.answer_from_outside``).
+Answer = Callable[["Invocation", int, str], bool]
+
+
 class Invocation:
     """One run of a request handler or a background task (mutable, owned by its slot)."""
 
     __slots__ = ("kind", "label", "started", "cpu_start", "response_started", "answered",
-                 "verdict", "sock", "task", "retire_sent", "warned", "slot", "start_response")
+                 "verdict", "answer", "task", "retire_sent", "warned", "slot", "start_response")
 
-    def __init__(self, slot: Slot, kind: str, label: Any, sock: Any = None, task: Any = None):
+    def __init__(self, slot: Slot, kind: Kind, label: Any, answer: Optional[Answer] = None,
+                 task: Any = None):
         self.slot = slot
         self.kind = kind
-        self.label = label  # a request's "GET /path" or a task's name
+        self.label = label  # a request's WSGI environ, a task, or a name
         self.started = time.monotonic()
         # Set by the first CPU reading (see Slot.cpu_seconds): reading the clock here,
         # on the request's own thread, costs a system call on every request.
         self.cpu_start: Optional[float] = None
-        self.response_started = False
+        self.response_started = False  # its thread let the first byte go (see gate_response)
         self.answered = False  # a response was written for it from outside its thread
         self.verdict: Optional[Verdict] = None
-        self.sock = sock
+        self.answer = answer
         self.task = task
         self.retire_sent = False  # the soft CPU limit already asked for a retire
         self.warned = False  # the cpu beforeunload ratio was already reported
-        self.start_response: Any = None
+        self.start_response: Any = None  # a request's, as the server passed it
 
-    def gated_start_response(self, status: str, headers: List[Tuple[str, str]],
-                             exc_info: Any = None) -> Any:
-        """The WSGI ``start_response`` handed to the app: refuses once answered from outside."""
-        self.slot.gate_response(self)
-        return self.start_response(status, headers, exc_info)
+    def describe(self) -> str:
+        """``request GET /path`` or ``task module.fn``, for log lines (never argument values)."""
+        label = self.label
+        if isinstance(getattr(label, "name", None), str):  # a pool Task
+            return "%s %s" % (self.kind, label.name)
+        if isinstance(label, dict):  # a WSGI environ
+            return "request %s %s" % (label.get("REQUEST_METHOD"), label.get("PATH_INFO"))
+        return "%s %s" % (self.kind, label)
 
 
 class Slot:
     """The invocation state of one thread; created on that thread."""
 
-    __slots__ = ("ident", "clock_id", "lock", "current", "thread_name", "requests", "cancelled")
+    __slots__ = ("ident", "clock_id", "lock", "current", "thread_name", "requests", "tracker")
 
-    def __init__(self) -> None:
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
         self.ident = threading.get_ident()
         self.thread_name = threading.current_thread().name
         # The clock id is taken on the thread itself, while it surely lives: thread
@@ -98,17 +132,18 @@ class Slot:
         self.clock_id = time.pthread_getcpuclockid(self.ident)
         self.lock = threading.Lock()
         self.current: Optional[Invocation] = None
-        # Counted by this thread alone, so no lock is needed; metrics sum all slots.
+        # Requests begun, counted by this thread alone, so no lock is needed.
         self.requests = 0
-        self.cancelled = 0
 
-    def begin(self, kind: str, label: Any, sock: Any = None, task: Any = None) -> Invocation:
-        inv = Invocation(self, kind, label, sock, task)
+    def begin(self, kind: Kind, label: Any, answer: Optional[Answer] = None) -> Invocation:
+        inv = Invocation(self, kind, label, answer)
         self.current = inv
         return inv
 
-    def end_surely(self, inv: Invocation) -> None:
-        """Close ``inv``; retried if a late cancellation is delivered while it runs.
+    def end_surely(self, inv: Invocation, outcome: Optional[Outcome] = None) -> None:
+        """Close ``inv`` and count its ``outcome`` (None: counted elsewhere, or not at all).
+
+        Retried if a late cancellation is delivered while it runs.
 
         A cancellation sent but not yet delivered would hit the next invocation on
         this thread: it is taken back here, under the lock that ``cancel`` holds.
@@ -120,9 +155,11 @@ class Slot:
                         self.current = None
                     if inv.verdict is not None:
                         _set_async_exc(self.ident, None)
-                return
+                break
             except InvocationCancelled:
                 continue
+        if outcome is not None and not inv.answered:  # an outside answer was counted then
+            self.tracker.record(inv.kind, outcome)
 
     def cpu_seconds(self, inv: Invocation) -> Optional[float]:
         """CPU time ``inv`` has used so far, read from another thread; None if the thread is gone.
@@ -150,26 +187,28 @@ class Slot:
             _set_async_exc(self.ident, InvocationCancelled)
             return True
 
-    def answer_from_outside(self, inv: Invocation, payload: bytes) -> bool:
-        """Write ``payload`` to ``inv``'s client unless its own thread has started answering.
+    def answer_from_outside(self, inv: Invocation, status: int, message: str) -> bool:
+        """Answer ``inv``'s client unless its own thread has let a byte of its response go.
 
-        Used when the thread cannot unwind (blocked in C code). The socket is then
-        shut down for writing, so whatever the thread writes later fails and the
-        connection is closed, instead of a second response reaching the client.
+        Used when the thread cannot unwind (blocked in C code) or the instance is
+        terminated. The thread's own response is refused afterwards (``gate_response``),
+        so no second response reaches the client. Counted as ``ANSWERED_OUTSIDE``.
         """
         with self.lock:
-            if self.current is not inv or inv.response_started or inv.answered or inv.sock is None:
+            if (self.current is not inv or inv.response_started or inv.answered
+                    or inv.answer is None):
                 return False
             inv.answered = True
-        try:
-            inv.sock.send(payload, socket.MSG_DONTWAIT)
-            inv.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
+        if not inv.answer(inv, status, message):
             return False
+        self.tracker.record(inv.kind, Outcome.ANSWERED_OUTSIDE)
         return True
 
     def gate_response(self, inv: Invocation) -> None:
-        """Called by the thread before its response starts: refuse if answered already."""
+        """Called by the thread before the first byte of its response goes out.
+
+        Raises ``InvocationCancelled`` if the client was answered from outside already.
+        """
         with self.lock:
             if inv.answered:
                 raise InvocationCancelled(inv.verdict.message if inv.verdict else "answered already")
@@ -182,17 +221,42 @@ class Tracker:
     def __init__(self) -> None:
         self._slots: Dict[int, Slot] = {}
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._outcomes: Dict[Tuple[Kind, Outcome], int] = {}
+        self._gone_requests = 0  # requests begun on threads that ended since
+
+    def record(self, kind: Kind, outcome: Outcome, n: int = 1) -> None:
+        """Count ``n`` invocations of ``kind`` that ended with ``outcome``."""
+        if n:
+            key = (kind, outcome)
+            with self._lock:
+                self._outcomes[key] = self._outcomes.get(key, 0) + n
+
+    def count(self, kind: Kind, outcome: Outcome) -> int:
+        return self._outcomes.get((kind, outcome), 0)
+
+    def cancelled(self) -> int:
+        """Invocations (requests and tasks) that a limit cancelled, answered either way."""
+        with self._lock:
+            return sum(n for (_, o), n in self._outcomes.items()
+                       if o in (Outcome.CANCELLED, Outcome.ANSWERED_OUTSIDE))
+
+    def requests(self) -> int:
+        """Request invocations begun, over every thread."""
+        return self._gone_requests + sum(s.requests for s in list(self._slots.values()))
 
     def register_thread(self) -> Slot:
         """Create the calling thread's slot (call once, on that thread)."""
-        slot = Slot()
+        slot = Slot(self)
         self._slots[slot.ident] = slot
         self._local.slot = slot
         return slot
 
     def unregister_thread(self, slot: Slot) -> None:
-        if self._slots.get(slot.ident) is slot:
-            del self._slots[slot.ident]
+        with self._lock:
+            if self._slots.get(slot.ident) is slot:
+                del self._slots[slot.ident]
+                self._gone_requests += slot.requests
 
     def slot(self) -> Slot:
         """The calling thread's slot, created on first use."""
@@ -206,11 +270,6 @@ class Tracker:
         """The invocation running on the calling thread, if any."""
         slot: Optional[Slot] = getattr(self._local, "slot", None)
         return slot.current if slot is not None else None
-
-    def totals(self) -> Tuple[int, int]:
-        """(requests begun, requests answered 546/504) over every thread."""
-        slots = list(self._slots.values())
-        return sum(s.requests for s in slots), sum(s.cancelled for s in slots)
 
     def live(self) -> List[Tuple[Slot, Invocation]]:
         """A snapshot of (slot, invocation) for every invocation running now."""
@@ -237,4 +296,3 @@ def raw_response(status: int, message: str) -> bytes:
     head = "HTTP/1.1 %s\r\n%sConnection: close\r\n\r\n" % (
         line, "".join("%s: %s\r\n" % h for h in headers))
     return head.encode("latin-1") + body
-

@@ -1,12 +1,16 @@
 """The limits monitor: one thread per instance that samples and decides.
 
 design: every ``INTERVAL`` seconds the monitor reads the instance's age, its RSS
-(through psutil) and, for every live invocation, that thread's own CPU clock
-(``pthread_getcpuclockid`` taken on the thread itself). It compares them with the
-settings and asks the runtime for the action of DESIGN.md section 4: a retire at a
-soft limit, a ``beforeunload`` at a ratio, a cancellation or a termination at a
-hard limit. It never takes a lock that a request thread holds for long, so it
-never blocks requests, and requests never wait for it.
+(one ``pread`` of ``/proc/self/statm``; psutil elsewhere) and, for every live
+invocation, that thread's own CPU clock (``pthread_getcpuclockid`` taken on the
+thread itself). It compares them with the settings and asks for the action of the
+README's limits table: a retire at a soft limit, a ``beforeunload`` at a ratio, a
+cancellation or a termination at a hard limit. It never takes a lock that a
+request thread holds for long, so it never blocks requests, and requests never
+wait for it.
+
+The instance-wide limits are declared once, in ``INSTANCE_LIMITS``: adding one is a
+declaration (its settings keys, its soft point, its reason) plus its measurement.
 
 A thread stuck in C code that holds the GIL stops every Python thread, this one
 included; for that case the monitor keeps ``faulthandler``'s C watchdog armed,
@@ -23,9 +27,11 @@ import random
 import sys
 import threading
 import time
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional
 
-from ._invocation import REQUEST, Invocation, Slot, Verdict, raw_response
+from ._invocation import REQUEST, Invocation, Slot, Verdict
+from ._lifecycle import EXIT_TERMINATED, Reason
 from ._runtime import Runtime
 
 log = logging.getLogger("edgesync")
@@ -45,8 +51,6 @@ TERMINATE_FALLBACK = 5.0
 WATCHDOG_REARM = 5.0
 #: Seconds between two statsd flushes (when gunicorn's --statsd-host is set).
 STATS_INTERVAL = 1.0
-#: Exit status of a terminated instance (not 3 or 4, which halt gunicorn's master).
-EXIT_TERMINATED = 1
 #: The wall-clock soft limit retires each worker at its own point between 20% and
 #: 50% of the limit, so that workers started together do not retire together:
 #: ``stagger`` (the worker's place among its siblings, in [0, 1)) spreads them over
@@ -72,18 +76,10 @@ class Monitor:
         self._watchdog_file = watchdog_file if watchdog_file is not None else sys.stderr
         self._watchdog_armed_at = 0.0
         self._stats_at = 0.0
-        self.samples = 0
-        self.sample_seconds = 0.0  # CPU time the monitor spent sampling (its own cost)
-
-        self.wall_limit = s.wall_clock_limit_ms / 1000.0
         if stagger is None:
             stagger = random.random()
-        self.wall_soft = self.wall_limit * (WALL_CLOCK_SOFT - WALL_CLOCK_SPREAD * stagger
-                                            - WALL_CLOCK_JITTER * random.random())
-        self.wall_warn = self.wall_limit * s.beforeunload_wall_clock_ratio / 100.0
-        self.mem_limit = s.memory_limit_mb * 1024 * 1024
-        self.mem_soft = self.mem_limit * MEMORY_SOFT
-        self.mem_warn = self.mem_limit * s.beforeunload_memory_ratio / 100.0
+        self.instance = [_Watch(kind, s, stagger) for kind in INSTANCE_LIMITS]
+        self.wall_soft = self.instance[0].soft  # where this worker retires on its age
         self.cpu_hard = s.cpu_hard_limit_ms / 1000.0
         self.cpu_soft = s.cpu_soft_limit_ms / 1000.0
         self.cpu_warn = self.cpu_hard * s.beforeunload_cpu_ratio / 100.0
@@ -98,7 +94,7 @@ class Monitor:
     @property
     def needed(self) -> bool:
         """Whether there is anything to sample: a limit, or statsd to feed."""
-        return bool(self.wall_limit or self.mem_limit or self.cpu_hard or self.cpu_soft
+        return bool(any(w.limit for w in self.instance) or self.cpu_hard or self.cpu_soft
                     or self.idle_timeout or self.rt.stats is not None)
 
     # -- lifecycle -------------------------------------------------------------
@@ -115,15 +111,12 @@ class Monitor:
     def _loop(self) -> None:
         next_at = time.monotonic()
         while not self._stop.is_set():
-            t0 = time.thread_time()
             try:
                 self.sample(time.monotonic())
             # why Exception: a bug in one sample must not end limit enforcement for
             # the worker's whole life; it is logged with its traceback each time.
             except Exception:
                 log.exception("worker %d: limits monitor sample failed", self.rt.pid)
-            self.sample_seconds += time.thread_time() - t0
-            self.samples += 1
             next_at += self.interval
             delay = next_at - time.monotonic()
             if delay < 0:  # we fell behind (a long GIL hold): do not burst to catch up
@@ -147,44 +140,30 @@ class Monitor:
         if rt.stats is not None and now - self._stats_at >= STATS_INTERVAL:
             self._stats_at = now
             rt.flush_stats()
-        self._check_wall_clock(now)
-        self._check_memory()
+        for watch in self.instance:
+            self._check_instance(now, watch)
         for slot, inv in rt.tracker.live():
             self._check_invocation(now, slot, inv)
 
-    def _terminate(self, reason: str, message: str) -> None:
-        if self.rt.terminate(reason, message):
+    def _terminate(self, reason: Reason, message: str, warns: bool) -> None:
+        if self.rt.terminate(reason, message, warns):
             self._terminate_requested_at = time.monotonic()
 
-    def _check_wall_clock(self, now: float) -> None:
-        if not self.wall_limit:
+    def _check_instance(self, now: float, watch: _Watch) -> None:
+        if not watch.limit:
             return
         rt = self.rt
-        age = now - rt.started
-        if self.wall_warn and age >= self.wall_warn:
-            rt.beforeunload("wall_clock", rt.started + self.wall_limit)
-        if age >= self.wall_limit:
-            self._terminate("wall_clock", "instance age %.1fs reached wall_clock_limit_ms=%d"
-                            % (age, rt.settings.wall_clock_limit_ms))
-        elif age >= self.wall_soft:
-            rt.retire("wall_clock")
-
-    def _check_memory(self) -> None:
-        rt = self.rt
-        baseline = rt.rss_baseline
-        if not self.mem_limit or baseline is None:
+        value = watch.kind.measure(rt, now)
+        if value is None:
             return
-        rss = rt.rss()
-        if rss is None:
-            return
-        growth = rss - baseline
-        if self.mem_warn and growth >= self.mem_warn:
-            rt.beforeunload("memory", None)
-        if growth >= self.mem_limit:
-            self._terminate("memory", "RSS grew %.1f MB above its %.1f MB baseline, memory_limit_mb=%d"
-                            % (growth / 2**20, baseline / 2**20, rt.settings.memory_limit_mb))
-        elif growth >= self.mem_soft:
-            rt.retire("memory")
+        kind = watch.kind
+        if watch.warn and value >= watch.warn:
+            rt.beforeunload(kind.reason, kind.deadline(rt, watch.limit))
+        if value >= watch.limit:
+            self._terminate(kind.reason, kind.describe(rt, value, watch.limit) + ", %s=%d" % (
+                kind.limit_key, getattr(rt.settings, kind.limit_key)), bool(watch.warn))
+        elif value >= watch.soft:
+            rt.retire(kind.reason.value)
 
     def _check_invocation(self, now: float, slot: Slot, inv: Invocation) -> None:
         rt = self.rt
@@ -193,47 +172,84 @@ class Monitor:
             # Cancelled already: did it unwind in time?
             if now - verdict.at >= UNWIND_GRACE:
                 if verdict.status == 504:
-                    if slot.answer_from_outside(inv, raw_response(504, verdict.message)):
+                    if slot.answer_from_outside(inv, 504, verdict.message):
                         log.warning("worker %d: answered %s with 504 from outside its thread "
                                     "(the handler is blocked and cannot be interrupted)",
-                                    rt.pid, describe(inv))
+                                    rt.pid, inv.describe())
                 else:
-                    self._terminate("cpu", "%s did not unwind %.1fs after its cancellation "
-                                    "(stuck in C code)" % (describe(inv), UNWIND_GRACE))
+                    self._terminate(Reason.CPU, "%s did not unwind %.1fs after its cancellation "
+                                    "(stuck in C code)" % (inv.describe(), UNWIND_GRACE),
+                                    bool(self.cpu_warn))
             return
         if self.cpu_hard or self.cpu_soft:
             cpu = slot.cpu_seconds(inv)
             if cpu is not None:
                 if self.cpu_warn and cpu >= self.cpu_warn and not inv.warned:
                     inv.warned = True
-                    rt.beforeunload("cpu", now + max(0.0, self.cpu_hard - cpu))
+                    rt.beforeunload(Reason.CPU, now + max(0.0, self.cpu_hard - cpu))
                 if self.cpu_hard and cpu >= self.cpu_hard:
                     message = ("%s used %d ms of CPU time; cpu_hard_limit_ms=%d"
-                               % (describe(inv), cpu * 1000, rt.settings.cpu_hard_limit_ms))
+                               % (inv.describe(), cpu * 1000, rt.settings.cpu_hard_limit_ms))
                     if slot.cancel(inv, Verdict("cpu", 546, message)):
                         log.warning("worker %d: cancelled %s (reason=cpu): %s", rt.pid,
-                                    describe(inv), message)
+                                    inv.describe(), message)
                     return
                 if self.cpu_soft and cpu >= self.cpu_soft and not inv.retire_sent:
                     inv.retire_sent = True
-                    rt.retire("cpu")
+                    rt.retire(Reason.CPU.value)
         if (self.idle_timeout and inv.kind == REQUEST and not inv.response_started
                 and now - inv.started >= self.idle_timeout):
             message = ("%s sent no response within request_idle_timeout_ms=%d"
-                       % (describe(inv), rt.settings.request_idle_timeout_ms))
+                       % (inv.describe(), rt.settings.request_idle_timeout_ms))
             if slot.cancel(inv, Verdict("request_idle_timeout", 504, message)):
                 log.warning("worker %d: cancelled %s (reason=request_idle_timeout): %s",
-                            rt.pid, describe(inv), message)
+                            rt.pid, inv.describe(), message)
 
 
-def describe(inv: Invocation) -> str:
-    """``request GET /path`` or ``task module.fn``, for log lines."""
-    label = inv.label
-    if isinstance(getattr(label, "name", None), str):  # a pool Task
-        return "%s %s" % (inv.kind, label.name)
-    if inv.kind == REQUEST:
-        method = getattr(label, "method", None)
-        path = getattr(label, "path", None)
-        if method is not None:
-            return "request %s %s" % (method, path)
-    return "%s %s" % (inv.kind, label)
+@dataclass(frozen=True)
+class InstanceLimit:
+    """One instance-wide limit: retire at ``soft`` of it, warn at its ratio, terminate at 100%."""
+
+    reason: Reason  # its beforeunload reason, and its name in logs and metrics
+    limit_key: str  # the settings key of the limit (0 disables it)
+    ratio_key: str  # the settings key of its beforeunload ratio, in percent
+    scale: float  # limit units -> measured units
+    soft: Callable[[float], float]  # stagger in [0, 1) -> the soft point as a fraction
+    measure: Callable[[Runtime, float], Optional[float]]  # (runtime, now) -> value or None
+    describe: Callable[[Runtime, float, float], str]  # (runtime, value, limit) -> message
+    deadline: Callable[[Runtime, float], Optional[float]]  # when the hard limit lands, if known
+
+
+def _rss_growth(rt: Runtime, now: float) -> Optional[float]:
+    rss = rt.rss()
+    return None if rss is None or rt.rss_baseline is None else float(rss - rt.rss_baseline)
+
+
+INSTANCE_LIMITS: List[InstanceLimit] = [
+    InstanceLimit(
+        Reason.WALL_CLOCK, "wall_clock_limit_ms", "beforeunload_wall_clock_ratio", 1 / 1000,
+        lambda stagger: (WALL_CLOCK_SOFT - WALL_CLOCK_SPREAD * stagger
+                         - WALL_CLOCK_JITTER * random.random()),
+        lambda rt, now: now - rt.started,
+        lambda rt, age, limit: "instance age %.1fs reached its limit" % age,
+        lambda rt, limit: rt.started + limit),
+    InstanceLimit(
+        Reason.MEMORY, "memory_limit_mb", "beforeunload_memory_ratio", 2**20,
+        lambda stagger: MEMORY_SOFT,
+        _rss_growth,
+        lambda rt, growth, limit: "RSS grew %.1f MB above its %.1f MB baseline" % (
+            growth / 2**20, (rt.rss_baseline or 0) / 2**20),
+        lambda rt, limit: None),
+]
+
+
+class _Watch:
+    """An ``InstanceLimit`` with this worker's thresholds, in measured units."""
+
+    __slots__ = ("kind", "limit", "soft", "warn")
+
+    def __init__(self, kind: InstanceLimit, settings: Any, stagger: float):
+        self.kind = kind
+        self.limit = getattr(settings, kind.limit_key) * kind.scale
+        self.soft = self.limit * kind.soft(stagger)
+        self.warn = self.limit * getattr(settings, kind.ratio_key) / 100.0

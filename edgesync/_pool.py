@@ -23,7 +23,7 @@ from contextvars import Context
 from typing import Any, Callable, Dict, List, Optional, Set
 
 from ._events import TaskInfo
-from ._invocation import TASK, Invocation, InvocationCancelled, Slot, Tracker
+from ._invocation import TASK, Invocation, InvocationCancelled, Outcome, Slot, Tracker
 
 log = logging.getLogger("edgesync")
 
@@ -110,10 +110,6 @@ class Pool:
         self._tasks: Set[Task] = set()
         self._closed: Optional[str] = None  # why submit is refused, once closed
         self._tracked = 0  # tracked futures among self._tasks
-        self.completed = 0
-        self.failed = 0
-        self.cancelled = 0  # by a hard limit
-        self.abandoned = 0
 
     # -- accepting work ------------------------------------------------------
 
@@ -216,21 +212,17 @@ class Pool:
         del error
 
     def _finish(self, task: Task, ok: Optional[bool], cancelled: bool = False) -> None:
-        """Count ``task`` out: ``ok`` True completed, False failed, None cancelled by its caller."""
+        """Count ``task`` out: ``ok`` True completed, False failed (``cancelled``: by a
+        limit), None cancelled by its caller."""
         with self._lock:
             if task not in self._tasks:
                 return  # abandoned at shutdown and counted there
             self._tasks.discard(task)
             self._tracked -= task.tracked
-            if ok:
-                self.completed += 1
-            elif ok is None:
-                pass
-            else:
-                self.failed += 1
-                self.cancelled += cancelled
             if self._waiters and not self._tasks:
                 self._idle.notify_all()
+        self._tracker.record(TASK, Outcome.COMPLETED if ok else Outcome.CALLER_CANCELLED
+                             if ok is None else Outcome.CANCELLED if cancelled else Outcome.FAILED)
 
     # -- draining and shutdown -----------------------------------------------
 
@@ -250,10 +242,14 @@ class Pool:
         with self._lock:
             running = sum(1 for t in self._tasks if t.started is not None)
             tracked = sum(1 for t in self._tasks if t.tracked)
-            return {"queued": len(self._tasks) - running - tracked, "running": running,
-                    "tracked": tracked, "completed": self.completed, "failed": self.failed,
-                    "cancelled": self.cancelled, "abandoned": self.abandoned,
-                    "threads": len(self._threads)}
+            pending = len(self._tasks)
+        count = self._tracker.count
+        return {"queued": pending - running - tracked, "running": running, "tracked": tracked,
+                "completed": count(TASK, Outcome.COMPLETED),
+                # a task a limit cancelled failed too, as its future says
+                "failed": count(TASK, Outcome.FAILED) + count(TASK, Outcome.CANCELLED),
+                "cancelled": count(TASK, Outcome.CANCELLED),
+                "abandoned": count(TASK, Outcome.ABANDONED), "threads": len(self._threads)}
 
     def wait_idle(self, deadline: float, tick: Optional[Callable[[], None]] = None,
                   interval: float = 0.1) -> bool:
@@ -296,8 +292,8 @@ class Pool:
             tasks = sorted(self._tasks, key=lambda t: t.accepted)
             self._tasks.clear()
             self._tracked = 0
-            self.abandoned += len(tasks)
             self._idle.notify_all()
+        self._tracker.record(TASK, Outcome.ABANDONED, len(tasks))
         for t in tasks:
             if t.started is None and not t.tracked:
                 t.future.cancel()

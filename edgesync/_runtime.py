@@ -1,13 +1,10 @@
-"""The runtime of one instance: its state machine, its pool, its events, its counters.
+"""The runtime of one instance: its lifecycle, its pool, its events, its counters.
 
-Rule: this module owns every state transition (SERVING -> RETIRING -> UNLOADED)
-and the once-per-reason bookkeeping of ``beforeunload``. The gunicorn worker and
-the limits monitor ask for transitions through ``retire``/``terminate``/``unload``;
-they never set ``state`` themselves.
-
-Outside gunicorn a default runtime is created lazily by the first ``wait_until``;
-it drains its tasks at interpreter exit (``atexit``), after firing
-``beforeunload`` with reason ``termination``.
+The state machine and the drain live in ``_lifecycle`` (its rule: it owns every
+transition); this module holds what an instance has: the bounded pool, the
+``beforeunload`` dispatch (each reason at most once, listeners on their own
+thread), the counters, and the default runtime used outside gunicorn, which
+drains at interpreter exit with the same routine as a gunicorn worker.
 """
 
 from __future__ import annotations
@@ -27,14 +24,11 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 from . import _events
 from ._config import Settings, load_settings
 from ._events import BeforeUnloadEvent, TaskInfo, UnhandledRejectionEvent
-from ._invocation import Tracker
+from ._invocation import Kind, Outcome, Tracker
+from ._lifecycle import Budget, Lifecycle, Reason, State, Trigger, drain
 from ._pool import Pool, Task, run_awaitable, task_name
 
 log = logging.getLogger("edgesync")
-
-SERVING = "serving"
-RETIRING = "retiring"
-UNLOADED = "unloaded"
 
 #: How long the default runtime (outside gunicorn) waits for its tasks at exit.
 EXIT_DRAIN_SECONDS = 30.0
@@ -69,28 +63,24 @@ _COUNTERS = ("completed", "failed", "abandoned", "cancelled")
 
 
 class Runtime:
-    """The state of one instance (one gunicorn worker process, or one plain process).
+    """What one instance has (one gunicorn worker process, or one plain process).
 
-    ``on_retire(reason)`` and ``on_terminate(reason, message)`` are the owner's hooks
-    (the gunicorn worker wakes its main loop); they may be called from any thread.
+    ``on_change(trigger)`` is the owner's hook, called after every lifecycle
+    transition from whichever thread asked for it (the gunicorn worker wakes its
+    main loop).
     """
 
-    def __init__(self, settings: Settings, *, on_retire: Optional[Callable[[str], None]] = None,
-                 on_terminate: Optional[Callable[[str, str], None]] = None):
+    def __init__(self, settings: Settings, *, on_change: Optional[Callable[[Trigger], None]] = None):
         self.settings = settings
         self.pid = os.getpid()
         self.started = time.monotonic()
-        self.state = SERVING
-        self.retire_reason: Optional[str] = None
-        self.terminate_reason: Optional[str] = None
+        self.lifecycle = Lifecycle(on_change)
         self.tracker = Tracker()
         self.pool = Pool(settings.background_threads, settings.max_pending_tasks, self.tracker,
                          self._task_failed)
         self.rss_baseline: Optional[int] = None
-        self._on_retire = on_retire
-        self._on_terminate = on_terminate
         self._lock = threading.Lock()
-        self._dispatched: List[str] = []
+        self._dispatched: List[Reason] = []
         self._events: queue.SimpleQueue[Optional[Tuple[BeforeUnloadEvent, threading.Event]]] = queue.SimpleQueue()
         self._event_thread: Optional[threading.Thread] = None
         self._process: Optional[_RssReader] = None  # created on first use (after fork)
@@ -145,15 +135,20 @@ class Runtime:
 
     def dispatched(self) -> List[str]:
         """The ``beforeunload`` reasons dispatched so far, in order."""
-        return list(self._dispatched)
+        return [r.value for r in self._dispatched]
 
-    def beforeunload(self, reason: str, deadline: Optional[float]) -> Optional[threading.Event]:
+    @property
+    def state(self) -> State:
+        return self.lifecycle.state
+
+    def beforeunload(self, reason: Reason, deadline: Optional[float]) -> Optional[threading.Event]:
         """Dispatch ``beforeunload`` with ``reason`` unless it was dispatched before.
 
         Listeners run on the runtime's event thread, so a slow listener never blocks
         a request or the worker's heartbeat. Returns an event set when every listener
         has returned, or None if ``reason`` had been dispatched already.
         """
+        reason = Reason(reason)
         with self._lock:
             if reason in self._dispatched:
                 return None
@@ -163,7 +158,7 @@ class Runtime:
                                                       name="edgesync-events", daemon=True)
                 self._event_thread.start()
         pending = tuple(self.pool.snapshot())
-        event = BeforeUnloadEvent(reason, deadline, pending)
+        event = BeforeUnloadEvent(reason.value, deadline, pending)
         left = event.time_remaining
         log.info("worker %d: beforeunload (reason=%s, %d tasks pending%s)", self.pid, reason,
                  len(pending), "" if left is None else ", %.1fs left" % left)
@@ -171,7 +166,7 @@ class Runtime:
         done = threading.Event()
         with self._lock:
             self._events.put((event, done))
-            if self.state == UNLOADED and self._event_thread is not None:
+            if self.lifecycle.state is State.UNLOADED and self._event_thread is not None:
                 # Nothing will stop this thread later: let it exit after this event.
                 self._events.put(None)
                 self._event_thread = None
@@ -179,40 +174,36 @@ class Runtime:
 
     # -- transitions -------------------------------------------------------------
 
-    def retire(self, reason: str) -> bool:
-        """SERVING -> RETIRING: stop taking new requests, finish, then exit.
+    def retire(self, reason: str, trigger: Trigger = Trigger.RETIRE) -> bool:
+        """Ask the instance to retire (``reason``: the soft limit or other cause).
 
-        Returns False if the instance is already retiring or unloaded.
+        Returns False when it is draining or unloaded already (nothing to do).
         """
-        with self._lock:
-            if self.state != SERVING:
-                return False
-            self.state = RETIRING
-            self.retire_reason = reason
+        if not self.lifecycle.request(trigger, reason):
+            return False
         log.info("worker %d: retiring (reason=%s)", self.pid, reason)
         self._increment("retirements." + reason)
-        if self._on_retire is not None:
-            self._on_retire(reason)
         return True
 
-    def terminate(self, reason: str, message: str) -> bool:
-        """A hard limit was reached: the instance must stop now. Once only."""
-        with self._lock:
-            if self.terminate_reason is not None or self.state == UNLOADED:
-                return False
-            self.terminate_reason = reason
-            if self.state == SERVING:
-                self.state = RETIRING
+    def terminate(self, reason: Reason, message: str, warns: bool) -> bool:
+        """A hard limit was reached: the instance must stop now. Once only.
+
+        ``warns``: the limit's ``beforeunload`` ratio is on, so its event is due.
+        """
+        if not self.lifecycle.request(Trigger.TERMINATE, reason.value, message, warns):
+            return False
         log.warning("worker %d: terminating (reason=%s): %s", self.pid, reason, message)
-        self._increment("terminations." + reason)
-        if self._on_terminate is not None:
-            self._on_terminate(reason, message)
+        self._increment("terminations." + reason.value)
         return True
 
     def unload(self, why: str) -> List[TaskInfo]:
-        """-> UNLOADED: refuse new work; abandon what is pending and log each task."""
+        """-> UNLOADED: refuse new work; abandon what is pending and log each task.
+
+        Called by the drain (``_lifecycle.drain``) once it is over; raises
+        ``LifecycleError`` if the instance is unloaded already.
+        """
+        self.lifecycle.request(Trigger.UNLOAD)
         with self._lock:
-            self.state = UNLOADED
             if self._event_thread is not None:
                 # After the events already queued, the thread reads this and exits.
                 self._events.put(None)
@@ -227,6 +218,15 @@ class Runtime:
             else:
                 log.warning("worker %d: abandoned task %s (running, ran %.2fs), reason=%s",
                             self.pid, info.name, info.running_for, why)
+        now = time.monotonic()
+        requests = [inv for _, inv in self.tracker.live() if inv.kind is Kind.REQUEST]
+        for inv in requests:
+            log.warning("worker %d: abandoned %s (running, ran %.2fs), reason=%s", self.pid,
+                        inv.describe(), now - inv.started, why)
+        self.tracker.record(Kind.REQUEST, Outcome.ABANDONED, len(requests))
+        log.info("worker %d: unloaded (%s; %d requests served, %d tasks abandoned)", self.pid,
+                 why, self.tracker.requests(), len(abandoned))
+        self.flush_stats()
         return abandoned
 
     # -- observability -------------------------------------------------------------
@@ -243,8 +243,7 @@ class Runtime:
         if self.stats is None:
             return
         counts = self.pool.counts()
-        _, requests_cancelled = self.tracker.totals()
-        counts["cancelled"] += requests_cancelled
+        counts["cancelled"] = self.tracker.cancelled()
         try:
             for key in _COUNTERS:
                 delta = counts[key] - self._stats_sent.get(key, 0)
@@ -274,21 +273,22 @@ class Runtime:
     def metrics(self) -> Dict[str, Any]:
         """A plain-data snapshot of this instance (see ``edgesync.runtime_metrics``)."""
         counts = self.pool.counts()
-        requests, requests_cancelled = self.tracker.totals()
+        lc = self.lifecycle
         return {
             "pid": self.pid,
-            "state": self.state,
+            "state": lc.state.value,
+            "cause": None if lc.cause is None else lc.cause.value,
             "policy": self.settings.policy,
             "age_s": round(time.monotonic() - self.started, 3),
             "rss_bytes": self.rss(),
             "rss_baseline_bytes": self.rss_baseline,
-            "requests": requests,
+            "requests": self.tracker.requests(),
             "tasks": {k: counts[k] for k in ("queued", "running", "tracked", "completed",
                                               "failed", "abandoned")},
             "background_threads": counts["threads"],
-            "invocations_cancelled": counts["cancelled"] + requests_cancelled,
-            "retire_reason": self.retire_reason,
-            "terminate_reason": self.terminate_reason,
+            "invocations_cancelled": self.tracker.cancelled(),
+            "retire_reason": lc.retire_reason,
+            "terminate_reason": None if lc.terminate_reason is None else lc.terminate_reason.value,
             "beforeunload_dispatched": self.dispatched(),
         }
 
@@ -389,14 +389,44 @@ def _drain_default_at_exit(rt: Runtime) -> None:
     drain_default(rt, EXIT_DRAIN_SECONDS)
 
 
-def drain_default(rt: Runtime, timeout: float) -> List[TaskInfo]:
-    """Fire ``beforeunload`` (termination), wait up to ``timeout`` s for tasks and listeners."""
-    deadline = time.monotonic() + timeout
-    done = rt.beforeunload("termination", deadline)
-    rt.pool.wait_idle(deadline)
-    if done is not None:
-        done.wait(max(0.0, deadline - time.monotonic()))
-    return rt.unload("the process is exiting")
+class ProcessHost:
+    """The drain's host outside gunicorn: no requests, no heartbeat, a fixed budget."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._never = threading.Event()
+
+    def stop_accepting(self) -> None:
+        """Nothing to stop: there is no listening socket."""
+
+    def requests_busy(self, terminating: bool) -> bool:
+        return False
+
+    def answer_requests(self, status: int, message: str) -> None:
+        """Nothing to answer: there are no requests."""
+
+    def poll(self) -> None:
+        """Nothing arrives through signals: Ctrl-C raises KeyboardInterrupt instead."""
+
+    def tick(self, timeout: float) -> None:
+        self._never.wait(timeout)
+
+    def heartbeat(self) -> None:
+        """Nobody watches a plain process."""
+
+    def budget(self, budget: Budget, since: float) -> float:
+        return since + self.timeout
+
+
+def drain_default(rt: Runtime, timeout: float, trigger: Trigger = Trigger.EXIT) -> List[TaskInfo]:
+    """Drain ``rt`` (a runtime outside gunicorn) within ``timeout`` s and unload it.
+
+    ``Trigger.EXIT`` fires ``beforeunload`` (termination) first; ``Trigger.CLOSE`` fires
+    nothing. The drain is ``_lifecycle.drain``, the one a gunicorn worker runs.
+    """
+    rt.lifecycle.request(trigger)
+    _plan, abandoned = drain(rt, ProcessHost(timeout))
+    return abandoned
 
 
 def _after_fork_in_child() -> None:

@@ -1,51 +1,46 @@
 """``edgesync.Worker``: gunicorn's threaded worker with the edgesync runtime wired in.
 
-design: HTTP handling is gthread's, unchanged. Around it, the worker owns one
-``Runtime`` (created after fork, in ``init_process``), its limits ``Monitor``,
-and its own request threads (daemon threads with a slot each, so the monitor can
-read their CPU clocks and a stuck one never blocks the process's exit). Every way
-out of the main loop goes through ``_shutdown``: a retire (soft limit,
-``max_requests``, ``oneshot``), a graceful stop (SIGTERM: stop, reload, HUP), or a
-termination (hard limit); SIGINT/SIGQUIT unwind the main thread to
-``_quick_shutdown``. All of them keep calling ``notify()`` while they wait, and
-none exits with status 3 or 4 (gunicorn halts the whole server on those).
+design: HTTP handling is gthread's, unchanged. Around it the worker owns one
+``Runtime`` (created after fork, in ``init_process``), its limits ``Monitor``, and
+its own request threads (daemon threads with a slot each, so the monitor can read
+their CPU clocks and a stuck one never blocks the process's exit). The WSGI app is
+wrapped in the invocation ``Boundary`` (``_wsgi``), which every protocol gunicorn
+serves goes through. Signals and the monitor only ask the lifecycle for a
+transition and wake the main loop; the main loop then runs the one drain
+(``_lifecycle.drain``), with this worker as its host: heartbeat, I/O, sockets.
+None of it exits with status 3 or 4 (gunicorn halts the whole server on those).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import sys
+import selectors
 import threading
 import time
-from typing import Any, Callable, ClassVar, Iterable, List, Optional, Tuple
+from typing import Any, ClassVar, List, Optional
 
 from gunicorn.http.body import LengthReader
 from gunicorn.workers import gthread
 
 from . import _runtime
 from ._config import ConfigError, Settings, describe_source, load_settings
-from ._invocation import REQUEST, InvocationCancelled, Tracker, raw_response, worker_limit_response
-from ._limits import EXIT_TERMINATED, Monitor, describe
-from ._runtime import SERVING, Runtime
+from ._invocation import REQUEST, InvocationCancelled, Tracker
+from ._lifecycle import (
+    LIMIT_BUDGET,
+    MAX_SAFETY_MARGIN,
+    QUICK_BUDGET,
+    Budget,
+    Policy,
+    State,
+    Trigger,
+    drain,
+)
+from ._limits import Monitor
+from ._runtime import Runtime
+from ._wsgi import Boundary
 
 log = logging.getLogger("edgesync")
-
-#: Part of gunicorn's ``graceful_timeout`` kept back from draining, because the
-#: arbiter SIGKILLs at that deadline: time to log what is abandoned and to exit.
-MAX_SAFETY_MARGIN = 1.0
-#: How long ``beforeunload`` listeners may run on SIGINT/SIGQUIT (a quick shutdown:
-#: the arbiter allows 2 s after a SIGQUIT that follows a SIGTERM).
-QUICK_LISTENER_BUDGET = 1.0
-#: How long listeners, and responses already under way, have when a hard limit
-#: terminates the instance.
-TERMINATE_LISTENER_BUDGET = 1.0
-#: How often the drain loops look at the pool and the heartbeat.
-DRAIN_TICK = 0.05
-
-
-class _QuickExit(SystemExit):
-    """Raised from the SIGINT/SIGQUIT handler to unwind the main loop, as gunicorn does."""
 
 
 class _Done:
@@ -99,7 +94,9 @@ class _RequestThreads:
             try:
                 done = _Done(handle(conn))
             except InvocationCancelled:
-                done = _Done(False)  # a cancellation that landed after the request's end
+                # A cancelled response that had started (the boundary logged it), or a
+                # cancellation that landed in gunicorn's own code: close the connection.
+                done = _Done(False)
             # why BaseException: gthread's main loop expects a result it can read; an
             # escaping error becomes a closed connection there, not a dead thread.
             except BaseException as exc:
@@ -108,39 +105,13 @@ class _RequestThreads:
             defer(finish, conn, done)
 
 
-class _Guard:
-    """The WSGI app as gunicorn calls it: answers a cancelled invocation with 546/504."""
-
-    def __init__(self, app: Callable[..., Iterable[bytes]], tracker: Tracker):
-        self.app = app
-        self.tracker = tracker
-
-    def __call__(self, environ: Any, start_response: Callable[..., Any]) -> Iterable[bytes]:
-        inv = self.tracker.current()
-        if inv is None:
-            return self.app(environ, start_response)
-        inv.start_response = start_response
-        try:
-            return self.app(environ, inv.gated_start_response)
-        except InvocationCancelled:
-            verdict = inv.verdict
-            if verdict is None or inv.answered:
-                raise
-            status, headers, body = worker_limit_response(verdict.status, verdict.message)
-            # exc_info lets WSGI replace a status the app had set; if the headers are
-            # on the wire already this re-raises, and the connection is closed.
-            start_response(status, headers, sys.exc_info())
-            inv.slot.cancelled += 1
-            return [body]
-
-
 # gunicorn ships no type information: its classes are Any to mypy.
 class Worker(gthread.ThreadWorker):  # type: ignore[misc]
     """The gunicorn worker class: ``gunicorn -k edgesync.Worker app:app``.
 
     Each worker process is one edgesync instance: ``wait_until`` work runs on its
     bounded pool, its limits are enforced by a monitor thread, and it fires
-    ``beforeunload`` before it exits. See DESIGN.md section 3 for the lifecycle.
+    ``beforeunload`` before it exits. The README's "Lifecycle" section tells how.
     """
 
     # The last settings that validated, in the master: a HUP that brings a broken
@@ -172,17 +143,14 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         self.settings: Settings = settings
         self.runtime: Runtime = None  # type: ignore[assignment]  # set in init_process
         self.monitor: Optional[Monitor] = None
-        self._stop_at: Optional[float] = None
-        self._terminating: Optional[Tuple[str, str]] = None
+        self._stop_at: Optional[float] = None  # when the first SIGTERM came
+        self._signalled: List[Trigger] = []  # what signal handlers asked for (see poll)
         self._in_run = False
-        self._quitting = False
-        self._listener_waits: List[Tuple[threading.Event, float]] = []
 
     # -- set-up, after fork -----------------------------------------------------
 
     def init_process(self) -> None:
-        self.runtime = Runtime(self.settings, on_retire=self._wake_for_retire,
-                               on_terminate=self._wake_for_terminate)
+        self.runtime = Runtime(self.settings, on_change=self._wake)
         _runtime.install(self.runtime)
         if self.cfg.statsd_host and hasattr(self.log, "gauge"):
             # gunicorn swapped in its statsd logger: send our metrics through it,
@@ -211,35 +179,19 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
-        self.wsgi: Any = _Guard(self.wsgi, self.runtime.tracker)
+        self.wsgi: Any = Boundary(self.wsgi, self.runtime.tracker, self.runtime.pid)
 
     def accept(self, listener: Any) -> None:
         super().accept(listener)
-        if self.settings.policy == "oneshot" and self.nr_conns:
+        if self.settings.policy == Policy.ONESHOT and self.nr_conns:
             # One request per instance: take no second connection.
-            self.runtime.retire("oneshot")
-
-    # -- requests ---------------------------------------------------------------
-
-    def handle_request(self, req: Any, conn: Any) -> bool:
-        slot = self.runtime.tracker.slot()
-        slot.requests += 1
-        inv = slot.begin(REQUEST, req, sock=conn.sock)
-        try:
-            keepalive: bool = super().handle_request(req, conn)
-            return keepalive
-        except InvocationCancelled:
-            # Landed outside the app (in gunicorn's response code): the response may
-            # be half written, so the connection cannot be reused.
-            return False
-        finally:
-            slot.end_surely(inv)
+            self.runtime.retire(Policy.ONESHOT.value, Trigger.ONESHOT)
 
     def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
-        # gthread drains an unread body before reusing the connection, under a
-        # socket timeout (two ioctl calls) even when there is nothing to drain.
-        # A Content-Length body read to its end (a GET has length 0) leaves no
-        # byte of this message on the socket: skip the drain.
+        # Mirrors gthread.ThreadWorker._keepalive_after (gthread.py 580-591), which
+        # drains an unread body under a socket timeout (two ioctl calls) even when
+        # there is nothing to drain. A Content-Length body read to its end (a GET has
+        # length 0) leaves no byte of this message on the socket: skip the drain.
         if keepalive:
             body = getattr(conn.parser.mesg, "body", None)
             reader = getattr(body, "reader", None)
@@ -249,34 +201,28 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         return result
 
     # -- signals and wake-ups ---------------------------------------------------
+    # A signal handler runs on the main thread between two bytecodes, possibly while
+    # it holds the lifecycle's lock: it only notes what was asked and wakes the main
+    # loop, which applies it (``poll``).
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         # SIGTERM (stop, reload, HUP). A HUP sends it more than once: the drain
         # deadline counts from the first.
         if self._stop_at is None:
             self._stop_at = time.monotonic()
-        self.alive = False
-        self.method_queue.defer(_nothing)
+        self._signalled.append(Trigger.STOP)
+        self._wake()
 
     def handle_quit(self, sig: int, frame: Any) -> None:
         if not self._in_run:
             super().handle_quit(sig, frame)  # still booting: gunicorn's own behaviour
             return
-        if self._quitting:
-            # Ctrl-C reaches the worker as SIGINT and, through the master, as SIGQUIT:
-            # the quick shutdown under way (bounded by QUICK_LISTENER_BUDGET) is what
-            # both ask for. Unwinding it again would skip its listeners and logs.
-            return
-        self._quitting = True
-        self.alive = False
-        raise _QuickExit(0)
+        # Ctrl-C reaches the worker as SIGINT and, through the master, as SIGQUIT:
+        # both ask for the same quick drain, which the second one does not cut short.
+        self._signalled.append(Trigger.QUICK)
+        self._wake()
 
-    def _wake_for_retire(self, reason: str) -> None:
-        self.alive = False
-        self.method_queue.defer(_nothing)
-
-    def _wake_for_terminate(self, reason: str, message: str) -> None:
-        self._terminating = (reason, message)
+    def _wake(self, trigger: Optional[Trigger] = None) -> None:
         self.alive = False
         self.method_queue.defer(_nothing)
 
@@ -298,132 +244,97 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
                  rt.pid, st.policy, st.wall_clock_limit_ms, st.cpu_soft_limit_ms, st.cpu_hard_limit_ms,
                  st.memory_limit_mb, (rt.rss_baseline or 0) / 2**20, st.request_idle_timeout_ms,
                  st.background_threads)
-        try:
-            self._serve()
-            self._shutdown()
-        except _QuickExit:
-            self._quick_shutdown()
+        parent_alive = self._serve()
+        self.poll()
+        if rt.lifecycle.serving:
+            # gunicorn's handle_request turned `alive` off after max_requests, or the
+            # master went away.
+            rt.retire("max_requests" if parent_alive else "parent_exited")
+        plan, _abandoned = drain(rt, self)
+        self._close()
+        if rt.lifecycle.cause is Trigger.QUICK:
+            self.cfg.worker_int(self)
+        if plan.exit_status:
+            raise SystemExit(plan.exit_status)
 
-    def _serve(self) -> None:
-        # gthread's loop, except that a retiring worker does not take connections,
-        # and the heartbeat and the parent check run about once per `beat` seconds
-        # instead of on every turn (every finished request wakes this loop; each
-        # of them is a system call gthread makes per request).
-        self.poller.register(self.method_queue.fileno(), gthread.selectors.EVENT_READ,
+    def _serve(self) -> bool:
+        """Serve until asked to stop; False if the master went away.
+
+        Mirrors gthread.ThreadWorker.run's serving loop (gthread.py 406-441), except
+        that a worker that is no longer serving takes no connections, and the
+        heartbeat and the parent check run about once per `beat` seconds instead of
+        on every turn (every finished request wakes this loop; each of them is a
+        system call gthread makes per request).
+        """
+        self.poller.register(self.method_queue.fileno(), selectors.EVENT_READ,
                              self.method_queue.run_callbacks)
         self.set_accept_enabled(True)
         # The arbiter kills a worker silent for cfg.timeout (= 2 * self.timeout).
         beat = min(0.5, self.timeout / 2) if self.timeout else 0.5
         next_beat = 0.0
-        while self.alive:
+        lifecycle = self.runtime.lifecycle
+        while self.alive and lifecycle.state is State.SERVING:
             now = time.monotonic()
             beat_due = now >= next_beat
             if beat_due:
                 self.notify()
                 next_beat = now + beat
-            can_accept = self.nr_conns < self.worker_connections and self.runtime.state == SERVING
-            if can_accept != self._accepting:
-                self.set_accept_enabled(can_accept)
+            self.set_accept_enabled(self.nr_conns < self.worker_connections)
             self.wait_for_and_dispatch_events(timeout=beat)
             if beat_due and not self.is_parent_alive():
-                break
+                return False
             self.murder_keepalived()
             self.murder_pending()
+        return True
 
-    def _graceful_deadline(self, start: float) -> float:
-        grace = float(self.cfg.graceful_timeout)
-        return start + grace - min(MAX_SAFETY_MARGIN, grace * 0.1)
+    # -- the drain's host (see _lifecycle.Host) -----------------------------------
 
-    def _shutdown(self) -> None:
-        rt = self.runtime
+    def poll(self) -> None:
+        while self._signalled:
+            self.runtime.lifecycle.request(self._signalled.pop(0))
+
+    def stop_accepting(self) -> None:
+        self.alive = False
         self.set_accept_enabled(False)
+        # As gthread's run does when it stops (gthread.py 443-449): kept-alive
+        # connections stay open for STOP_KEEPALIVE_LINGER at most, and a request
+        # arriving on one meanwhile is answered with "Connection: close".
         self._cap_keepalive(time.monotonic() + gthread.STOP_KEEPALIVE_LINGER)
-        if rt.state == SERVING and self._stop_at is None and self._terminating is None:
-            rt.retire("max_requests" if self.nr >= self.max_requests else "parent_exited")
-        retire_deadline = self._graceful_deadline(time.monotonic())
-        wait_tasks = self.settings.policy != "oneshot"
-        while True:
-            self.notify()
-            if self._terminating is not None:
-                self._terminate()
-                return
-            if self._stop_at is not None:
-                self._fire("termination", self._graceful_deadline(self._stop_at))
-            deadline = min(retire_deadline, self._graceful_deadline(self._stop_at)
-                           if self._stop_at is not None else retire_deadline)
-            busy = self.nr_conns > 0 or (wait_tasks and rt.pool.pending > 0)
-            if not busy or time.monotonic() >= deadline:
-                break
-            self.wait_for_and_dispatch_events(timeout=DRAIN_TICK)
-            self.murder_keepalived()
-            self.murder_pending()
-        if self._stop_at is None:
-            self._fire("early_drop", max(deadline, time.monotonic() + 1.0))
-        self._wait_for_listeners()
-        if self._terminating is not None:
-            self._terminate()
-            return
-        why = "termination" if self._stop_at is not None else "early_drop"
-        self._finish(why)
 
-    def _quick_shutdown(self) -> None:
-        self._fire("termination", time.monotonic() + QUICK_LISTENER_BUDGET)
-        self._wait_for_listeners()
-        self._finish("termination")
-        self.cfg.worker_int(self)
-        raise SystemExit(0)
+    def requests_busy(self, terminating: bool) -> bool:
+        if terminating:
+            # Responses already under way (a 546 cannot replace them) may finish.
+            return any(inv.kind is REQUEST and not inv.answered
+                       for _, inv in self.runtime.tracker.live())
+        return bool(self.nr_conns)
 
-    def _terminate(self) -> None:
-        assert self._terminating is not None
-        reason, message = self._terminating
-        rt = self.runtime
-        deadline = time.monotonic() + TERMINATE_LISTENER_BUDGET
-        # Answer first: the clients have waited, and listeners may be slow.
-        for slot, inv in rt.tracker.live():
-            if inv.kind == REQUEST and slot.answer_from_outside(
-                    inv, raw_response(546, "the instance was terminated: " + message)):
-                slot.cancelled += 1
-        ratio = {"wall_clock": self.settings.beforeunload_wall_clock_ratio,
-                 "cpu": self.settings.beforeunload_cpu_ratio,
-                 "memory": self.settings.beforeunload_memory_ratio}.get(reason, 0)
-        if ratio:
-            self._fire(reason, deadline)
-        # A response already under way cannot be replaced by a 546: give it the
-        # listeners' short window to finish, instead of cutting it off mid-body.
-        while time.monotonic() < deadline and any(
-                inv.kind == REQUEST and not inv.answered for _, inv in rt.tracker.live()):
-            self.notify()
-            self.wait_for_and_dispatch_events(timeout=DRAIN_TICK)
-        self._wait_for_listeners()
-        self._finish(reason)
-        raise SystemExit(EXIT_TERMINATED)
+    def answer_requests(self, status: int, message: str) -> None:
+        for slot, inv in self.runtime.tracker.live():
+            if inv.kind is REQUEST:
+                slot.answer_from_outside(inv, status, message)
 
-    def _fire(self, reason: str, deadline: float) -> None:
-        done = self.runtime.beforeunload(reason, deadline)
-        if done is not None:
-            self._listener_waits.append((done, deadline))
+    def heartbeat(self) -> None:
+        self.notify()
 
-    def _wait_for_listeners(self) -> None:
-        """Wait for every dispatched ``beforeunload`` to finish, each by its deadline."""
-        for done, deadline in self._listener_waits:
-            while not done.wait(min(DRAIN_TICK * 2, max(0.0, deadline - time.monotonic()))):
-                self.notify()
-                if time.monotonic() >= deadline:
-                    log.warning("worker %d: beforeunload listeners still running at their "
-                                "deadline; unloading without them", self.runtime.pid)
-                    break
-        self._listener_waits = []
+    def tick(self, timeout: float) -> None:
+        self.notify()
+        self.wait_for_and_dispatch_events(timeout=timeout)
+        self.murder_keepalived()
+        self.murder_pending()
 
-    def _finish(self, why: str) -> None:
-        rt = self.runtime
-        abandoned = rt.unload(why)
-        for _slot, inv in rt.tracker.live():
-            if inv.kind == REQUEST:
-                log.warning("worker %d: abandoned %s (running, ran %.2fs), reason=%s", rt.pid,
-                            describe(inv), time.monotonic() - inv.started, why)
-        log.info("worker %d: unloaded (%s; %d requests served, %d tasks abandoned)", rt.pid,
-                 why, rt.tracker.totals()[0], len(abandoned))
-        rt.flush_stats()
+    def budget(self, budget: Budget, since: float) -> float:
+        if budget is Budget.QUICK:
+            return since + QUICK_BUDGET
+        if budget is Budget.LIMIT:
+            return since + LIMIT_BUDGET
+        # The arbiter SIGKILLs at graceful_timeout after its SIGTERM: keep a margin
+        # to log what is abandoned and to exit.
+        if self._stop_at is not None:
+            since = min(since, self._stop_at)
+        grace = float(self.cfg.graceful_timeout)
+        return since + grace - min(MAX_SAFETY_MARGIN, grace * 0.1)
+
+    def _close(self) -> None:
         self.murder_keepalived(force=True)
         self.tpool.shutdown(wait=False)
         self.poller.close()

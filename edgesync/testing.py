@@ -28,7 +28,8 @@ from typing import Any, Iterator, List, Optional
 from . import _events, _runtime
 from ._config import Settings
 from ._events import TaskInfo
-from ._runtime import Runtime
+from ._lifecycle import Reason, State, Trigger
+from ._runtime import Runtime, drain_default
 
 __all__ = ["TaskTimeout", "TestRuntime", "edgesync_runtime", "runtime"]
 
@@ -75,7 +76,7 @@ class TestRuntime:
         if reason not in _events.REASONS:
             raise ValueError("unknown beforeunload reason %r: edgesync sends %s"
                              % (reason, ", ".join(_events.REASONS)))
-        done = self.runtime.beforeunload(reason, time.monotonic() + timeout)
+        done = self.runtime.beforeunload(Reason(reason), time.monotonic() + timeout)
         if done is not None and not done.wait(timeout):
             raise TaskTimeout("edgesync: beforeunload listeners still running after %.1fs" % timeout)
 
@@ -84,10 +85,15 @@ class TestRuntime:
         return self.runtime.metrics()
 
     def close(self, timeout: float = 5.0) -> List[TaskInfo]:
-        """Wait up to ``timeout`` s for pending tasks, then unload; returns what was abandoned."""
+        """Wait up to ``timeout`` s for pending tasks, then unload; returns what was abandoned.
+
+        This is the production drain (the one a gunicorn worker and the exit drain
+        run), with the ``close`` cause: no ``beforeunload``, tasks awaited.
+        """
         try:
-            self.runtime.pool.wait_idle(time.monotonic() + timeout)
-            return self.runtime.unload("the test ended")
+            if self.runtime.state is State.UNLOADED:
+                return []
+            return drain_default(self.runtime, timeout, Trigger.CLOSE)
         finally:
             self.runtime.pool.shutdown("the test ended")
             for type, listener in self._recorders:

@@ -330,7 +330,7 @@ def test_misuse_removing_an_unknown_listener_does_nothing() -> None:
 # -- runtime_metrics ----------------------------------------------------------------------------------------
 
 
-METRIC_KEYS = {"pid", "state", "policy", "age_s", "rss_bytes", "rss_baseline_bytes", "requests", "tasks",
+METRIC_KEYS = {"pid", "state", "cause", "policy", "age_s", "rss_bytes", "rss_baseline_bytes", "requests", "tasks",
                "background_threads", "invocations_cancelled", "retire_reason", "terminate_reason",
                "beforeunload_dispatched"}
 TASK_KEYS = {"queued", "running", "tracked", "completed", "failed", "abandoned"}
@@ -384,5 +384,6 @@ def test_runtime_metrics_reflects_the_installed_runtime() -> None:
     with testing.runtime(policy="oneshot") as rt:
         assert edgesync.runtime_metrics()["policy"] == "oneshot"
         rt.runtime.retire("max_requests")
-        assert edgesync.runtime_metrics()["state"] == "retiring"
+        assert (edgesync.runtime_metrics()["state"], edgesync.runtime_metrics()["cause"]) == (
+            "draining", "retire")
         assert edgesync.runtime_metrics()["retire_reason"] == "max_requests"

@@ -312,12 +312,11 @@ def test_beforeunload_after_unload_leaves_no_thread() -> None:
     rt = testing.TestRuntime()
     rt.close()
     before = set(threading.enumerate())
-    try:
-        rt.runtime.beforeunload("memory", None)  # e.g. the monitor sampling once more while the worker exits
-        left = new_event_threads(before)
-        assert not left, "an edgesync-events thread outlives the unloaded runtime"
-    finally:
-        rt.runtime.unload("the test cleans up")  # stops a thread started after the first unload
+    rt.runtime.beforeunload("memory", None)  # e.g. the monitor sampling once more while the worker exits
+    left = new_event_threads(before)
+    assert not left, "an edgesync-events thread outlives the unloaded runtime"
+    with pytest.raises(RuntimeError, match="unloaded cannot unload"):
+        rt.runtime.unload("twice")  # the lifecycle refuses an illegal transition loudly
 
 
 # -- unhandledrejection ----------------------------------------------------------------------------------------

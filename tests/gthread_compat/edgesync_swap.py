@@ -40,8 +40,7 @@ class CompatWorker(edgesync.Worker):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         CompatWorker.built += 1
-        self.runtime = _runtime.Runtime(self.settings, on_retire=self._wake_for_retire,
-                                        on_terminate=self._wake_for_terminate)
+        self.runtime = _runtime.Runtime(self.settings, on_change=self._wake)
 
     def run(self) -> None:
         try:

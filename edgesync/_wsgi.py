@@ -1,0 +1,245 @@
+"""The invocation boundary of a request: the call of the WSGI app.
+
+design: every request invocation begins when the server calls the app and ends
+when the response is complete, whatever protocol carried it (gunicorn calls the
+app the same way for HTTP/1.x and HTTP/2). A response that is a list is complete
+when the app returns (no app code runs while it is written); any other iterable
+(a generator, an app that calls ``start_response`` lazily) is wrapped, so that the
+invocation lasts until its ``close()`` and a limit hit while producing it is still
+answered 546 / 504 as long as no byte went out. The first byte going out is the
+one gate (``Slot.gate_response``) between the request's thread and an answer
+written from outside it. Nothing here imports gunicorn.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
+
+from ._invocation import (
+    REQUEST,
+    Invocation,
+    InvocationCancelled,
+    Outcome,
+    Slot,
+    Tracker,
+    raw_response,
+    worker_limit_response,
+)
+
+log = logging.getLogger("edgesync")
+
+StartResponse = Callable[..., Any]
+_ERROR_500 = ("500 Internal Server Error",
+              [("Content-Type", "text/plain"), ("Content-Length", "21")],
+              b"Internal Server Error")
+
+
+def answer_from_outside(inv: Invocation, status: int, message: str) -> bool:
+    """Write a whole limit response to ``inv``'s client from another thread."""
+    environ: dict[str, Any] = inv.label
+    if environ.get("HTTP_VERSION") == "2":
+        # gunicorn's HTTP/2 response object carries its connection and stream. The
+        # request's own thread is blocked (that is why we answer), and it serves this
+        # connection's streams one at a time, so nothing else writes to it now.
+        resp: Any = getattr(inv.start_response, "__self__", None)
+        h2 = getattr(resp, "h2_conn", None)
+        if resp is None or h2 is None:
+            return False
+        _line, headers, body = worker_limit_response(status, message)
+        try:
+            h2.send_response(resp.stream_id, status, [(k.lower(), v) for k, v in headers], body)
+        except Exception:  # the stream or connection is gone: nothing left to answer
+            log.debug("HTTP/2 answer from outside failed", exc_info=True)
+            return False
+        return True
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        sock.send(raw_response(status, message), socket.MSG_DONTWAIT)
+        # Whatever the thread writes later fails, and the connection is closed.
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        return False
+    return True
+
+
+class Boundary:
+    """The WSGI app as the server calls it (see the module doc).
+
+    A cancelled invocation whose response has not started is answered with its
+    verdict (546 WORKER_LIMIT or 504); an app that raises ``SystemExit`` or
+    ``KeyboardInterrupt`` is answered 500 and logged, like any other exception,
+    instead of closing the connection and ending the thread.
+    """
+
+    def __init__(self, app: Callable[..., Iterable[bytes]], tracker: Tracker, pid: int):
+        self.app = app
+        self.tracker = tracker
+        self.pid = pid
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        slot = self.tracker.slot()
+        slot.requests += 1
+        inv = slot.begin(REQUEST, environ, answer_from_outside)
+        inv.start_response = start_response
+        gate = _Gate(slot, inv, start_response)
+        try:
+            result = self.app(environ, gate.start_response)
+        except InvocationCancelled:
+            return self._answer_cancelled(slot, inv, start_response, "")
+        except (SystemExit, KeyboardInterrupt):
+            return self._answer_500(slot, inv, start_response)
+        # why BaseException: the invocation must end, whatever ends the app call;
+        # gunicorn answers the exception (500) as it does for any app.
+        except BaseException:
+            slot.end_surely(inv, Outcome.FAILED)
+            raise
+        if type(result) is list or (
+                isinstance(result, tuple) or _is_file_wrapper(result, environ)):
+            # No app code runs while a list is written: the response is out of the
+            # app's hands, and a limit can no longer interrupt it.
+            try:
+                slot.gate_response(inv)
+            finally:
+                slot.end_surely(inv, Outcome.COMPLETED)
+            return result
+        return _Body(self, slot, inv, result, start_response)
+
+    def _answer_cancelled(self, slot: Slot, inv: Invocation, start_response: StartResponse,
+                          sent: str) -> List[bytes]:
+        """Answer ``inv``'s verdict if nothing was sent, else let the connection close."""
+        verdict = inv.verdict
+        if verdict is None or inv.answered or inv.response_started:
+            if verdict is not None and inv.response_started and not inv.answered:
+                log.warning("worker %d: %s was cancelled (reason=%s) after its response had "
+                            "started%s: closing the connection", self.pid, inv.describe(),
+                            verdict.reason, sent)
+            slot.end_surely(inv, Outcome.CANCELLED if verdict is not None else Outcome.FAILED)
+            raise  # the InvocationCancelled being handled (called from its except block)
+        status, headers, body = worker_limit_response(verdict.status, verdict.message)
+        try:
+            # exc_info lets WSGI replace a status the app had set but not sent.
+            start_response(status, headers, sys.exc_info())
+            slot.gate_response(inv)
+        finally:
+            slot.end_surely(inv, Outcome.CANCELLED)
+        return [body]
+
+    def _answer_500(self, slot: Slot, inv: Invocation, start_response: StartResponse) -> List[bytes]:
+        log.exception("worker %d: %s raised %s", self.pid, inv.describe(),
+                      type(sys.exc_info()[1]).__name__)
+        if inv.response_started or inv.answered:
+            slot.end_surely(inv, Outcome.FAILED)
+            raise InvocationCancelled("the response had started: the connection is closed")
+        status, headers, body = _ERROR_500
+        try:
+            start_response(status, headers, sys.exc_info())
+            slot.gate_response(inv)
+        finally:
+            slot.end_surely(inv, Outcome.FAILED)
+        return [body]
+
+
+def _is_file_wrapper(result: Any, environ: dict[str, Any]) -> bool:
+    wrapper = environ.get("wsgi.file_wrapper")
+    return isinstance(wrapper, type) and isinstance(result, wrapper)
+
+
+class _Gate:
+    """The ``start_response`` handed to the app, and the ``write`` it returns.
+
+    ``start_response`` sends nothing (gunicorn sends the headers with the first
+    write), so it does not gate; the legacy ``write`` callable does.
+    """
+
+    __slots__ = ("slot", "inv", "_start_response", "_write")
+
+    def __init__(self, slot: Slot, inv: Invocation, start_response: StartResponse):
+        self.slot = slot
+        self.inv = inv
+        self._start_response = start_response
+        self._write: Optional[Callable[[bytes], Any]] = None
+
+    def start_response(self, status: str, headers: List[Tuple[str, str]],
+                       exc_info: Any = None) -> Callable[[bytes], Any]:
+        self._write = self._start_response(status, headers, exc_info)
+        return self.write
+
+    def write(self, data: bytes) -> Any:
+        if not self.inv.response_started:
+            self.slot.gate_response(self.inv)
+        assert self._write is not None
+        return self._write(data)
+
+
+class _Body:
+    """A response iterable that keeps its request's invocation open until ``close()``."""
+
+    __slots__ = ("boundary", "slot", "inv", "iterable", "_it", "start_response", "outcome",
+                 "_closed", "sent")
+
+    def __init__(self, boundary: Boundary, slot: Slot, inv: Invocation, iterable: Iterable[bytes],
+                 start_response: StartResponse):
+        self.boundary = boundary
+        self.slot = slot
+        self.inv = inv
+        self.iterable = iterable
+        self._it: Optional[Iterator[bytes]] = None
+        self.start_response = start_response
+        self.outcome: Optional[Outcome] = Outcome.COMPLETED
+        self._closed = False
+        self.sent = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        inv = self.inv
+        try:
+            if self._it is None:
+                self._it = iter(self.iterable)
+            chunk = next(self._it)
+        except StopIteration:
+            # gunicorn sends the headers when it closes an empty response.
+            if not inv.response_started:
+                self.slot.gate_response(inv)
+            raise
+        except InvocationCancelled:
+            self.outcome = None  # counted by _answer_cancelled
+            body = self.boundary._answer_cancelled(
+                self.slot, inv, self.start_response, " (%d bytes sent)" % self.sent)
+            self._it = iter(body)
+            return next(self._it)
+        except (SystemExit, KeyboardInterrupt):
+            self.outcome = None
+            self._it = iter(self.boundary._answer_500(self.slot, inv, self.start_response))
+            return next(self._it)
+        # why BaseException: the invocation ends in close(), which gunicorn calls on
+        # every path; here only the outcome is noted.
+        except BaseException:
+            if self.outcome is Outcome.COMPLETED:
+                self.outcome = Outcome.FAILED
+            raise
+        if not inv.response_started:
+            self.slot.gate_response(inv)
+        self.sent += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        """Close the app's iterable (once) and end the invocation."""
+        if self._closed:
+            return
+        self._closed = True
+        outcome = self.outcome
+        if outcome is Outcome.COMPLETED and self.inv.verdict is not None:
+            outcome = Outcome.CANCELLED  # landed in the server's write, between two chunks
+        try:
+            close = getattr(self.iterable, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.slot.end_surely(self.inv, outcome)
