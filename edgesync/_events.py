@@ -17,14 +17,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+from ._lifecycle import Reason
+
 log = logging.getLogger("edgesync")
 
 BEFOREUNLOAD = "beforeunload"
 UNHANDLEDREJECTION = "unhandledrejection"
 EVENT_TYPES = (BEFOREUNLOAD, UNHANDLEDREJECTION)
 
-#: The reasons a ``beforeunload`` event carries (DESIGN.md section 2).
-REASONS = ("wall_clock", "cpu", "memory", "early_drop", "termination")
+#: The reasons a ``beforeunload`` event carries (README, "Lifecycle"), declared in ``_lifecycle.Reason``.
+REASONS = tuple(r.value for r in Reason)
 
 
 @dataclass(frozen=True)

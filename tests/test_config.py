@@ -12,7 +12,8 @@ import pytest
 from edgesync import _config
 from edgesync._config import ConfigError, Settings, describe_source, load_settings
 
-# DESIGN.md section 5, written out again on purpose: the test must not read the module's own declaration.
+# The README's settings table (the contract), written out again on purpose:
+# the test must not read the module's own declaration.
 DESIGN_DEFAULTS = {
     "policy": "per_worker",
     "wall_clock_limit_ms": 400000,

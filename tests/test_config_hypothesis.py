@@ -20,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-# The contract, written out independently of the module's declaration (DESIGN.md section 5 + the brief).
+# The contract, written out independently of the module's declaration (the README's settings table).
 CHOICES = {"policy": ("per_worker", "oneshot")}
 RANGES = {
     "wall_clock_limit_ms": (0, 2**31 - 1),

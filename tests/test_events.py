@@ -24,7 +24,7 @@ from edgesync._events import EVENT_TYPES, REASONS, dispatch, listeners
 from edgesync._pool import task_name
 
 WAIT = 10.0
-#: DESIGN.md section 2, written out on purpose: the test must not read the module's own constant.
+#: The README's beforeunload reasons, written out on purpose: the test must not read the module's own constant.
 DESIGN_REASONS = ("wall_clock", "cpu", "memory", "early_drop", "termination")
 EVENTS_THREAD = "edgesync-events"
 

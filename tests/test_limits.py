@@ -1,4 +1,4 @@
-"""The limits table of DESIGN.md section 4, enforced in real gunicorn workers.
+"""The README's limits table, enforced in real gunicorn workers.
 
 Each test also bounds how late the action came after its threshold: the monitor
 samples every 50 ms, so on a loaded 2-core machine we allow a few hundred ms.

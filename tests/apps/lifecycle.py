@@ -19,7 +19,7 @@ from ._util import query, record, text
 
 def _state_task(task_id: str) -> None:
     m = edgesync.runtime_metrics()
-    record(type="task_state", id=task_id, state=m["state"], cause=m["cause"])
+    record(type="task_state", id=task_id, state=m["state"], cause=m.get("cause"))
 
 
 def _late_task(task_id: str) -> None:
@@ -29,7 +29,7 @@ def _late_task(task_id: str) -> None:
 
 def on_beforeunload(event: edgesync.BeforeUnloadEvent) -> None:
     m = edgesync.runtime_metrics()
-    record(type="beforeunload", reason=event.reason, state=m["state"], cause=m["cause"])
+    record(type="beforeunload", reason=event.reason, state=m["state"], cause=m.get("cause"))
     if os.environ.get("LISTENER_SCHEDULES"):
         try:
             edgesync.wait_until(_late_task, "from-listener")
