@@ -179,6 +179,8 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
+        # Built on the main thread once the app is imported (and after post_fork): its
+        # context is every request's starting point.
         self.wsgi: Any = Boundary(self.wsgi, self.runtime.tracker, self.runtime.pid)
 
     def accept(self, listener: Any) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+from contextvars import Context, copy_context
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
 from ._invocation import (
@@ -74,12 +75,20 @@ class Boundary:
     verdict (546 WORKER_LIMIT or 504); an app that raises ``SystemExit`` or
     ``KeyboardInterrupt`` is answered 500 and logged, like any other exception,
     instead of closing the connection and ending the thread.
+
+    Every request runs in a fresh copy of ``base``, the ``contextvars`` context of
+    the thread that builds the boundary (gunicorn's main thread, once the app is
+    loaded, after ``post_fork``): what the app set at
+    import or in ``post_fork`` is visible, and nothing a request sets survives it,
+    though request threads are reused (gthread lets one request's values leak into
+    the next). Tasks copy the request's context when ``wait_until`` accepts them.
     """
 
     def __init__(self, app: Callable[..., Iterable[bytes]], tracker: Tracker, pid: int):
         self.app = app
         self.tracker = tracker
         self.pid = pid
+        self.base = copy_context()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         slot = self.tracker.slot()
@@ -87,8 +96,9 @@ class Boundary:
         inv = slot.begin(REQUEST, environ, answer_from_outside)
         inv.start_response = start_response
         gate = _Gate(slot, inv, start_response)
+        context = self.base.copy()
         try:
-            result = self.app(environ, gate.start_response)
+            result = context.run(self.app, environ, gate.start_response)
         except InvocationCancelled:
             return self._answer_cancelled(slot, inv, start_response, "")
         except (SystemExit, KeyboardInterrupt):
@@ -107,7 +117,7 @@ class Boundary:
             finally:
                 slot.end_surely(inv, Outcome.COMPLETED)
             return result
-        return _Body(self, slot, inv, result, start_response)
+        return _Body(self, slot, inv, result, start_response, context)
 
     def _answer_cancelled(self, slot: Slot, inv: Invocation, start_response: StartResponse,
                           sent: str) -> List[bytes]:
@@ -180,10 +190,11 @@ class _Body:
     """A response iterable that keeps its request's invocation open until ``close()``."""
 
     __slots__ = ("boundary", "slot", "inv", "iterable", "_it", "start_response", "outcome",
-                 "_closed", "sent")
+                 "_closed", "sent", "context")
 
     def __init__(self, boundary: Boundary, slot: Slot, inv: Invocation, iterable: Iterable[bytes],
-                 start_response: StartResponse):
+                 start_response: StartResponse, context: Context):
+        self.context = context  # the request's: its body is produced in it too
         self.boundary = boundary
         self.slot = slot
         self.inv = inv
@@ -201,8 +212,8 @@ class _Body:
         inv = self.inv
         try:
             if self._it is None:
-                self._it = iter(self.iterable)
-            chunk = next(self._it)
+                self._it = self.context.run(iter, self.iterable)
+            chunk = self.context.run(next, self._it)
         except StopIteration:
             # gunicorn sends the headers when it closes an empty response.
             if not inv.response_started:
@@ -240,6 +251,6 @@ class _Body:
         try:
             close = getattr(self.iterable, "close", None)
             if close is not None:
-                close()
+                self.context.run(close)
         finally:
             self.slot.end_surely(self.inv, outcome)
