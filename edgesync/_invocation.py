@@ -121,7 +121,8 @@ class Invocation:
 class Slot:
     """The invocation state of one thread; created on that thread."""
 
-    __slots__ = ("ident", "clock_id", "lock", "current", "thread_name", "requests", "tracker")
+    __slots__ = ("ident", "clock_id", "lock", "current", "thread_name", "requests", "tracker",
+                 "handling")
 
     def __init__(self, tracker: Tracker) -> None:
         self.tracker = tracker
@@ -134,6 +135,9 @@ class Slot:
         self.current: Optional[Invocation] = None
         # Requests begun, counted by this thread alone, so no lock is needed.
         self.requests = 0
+        # A request thread holds a connection: its response may still be written after
+        # the app returned (and the invocation ended).
+        self.handling = False
 
     def begin(self, kind: Kind, label: Any, answer: Optional[Answer] = None) -> Invocation:
         inv = Invocation(self, kind, label, answer)
@@ -270,6 +274,14 @@ class Tracker:
         """The invocation running on the calling thread, if any."""
         slot: Optional[Slot] = getattr(self._local, "slot", None)
         return slot.current if slot is not None else None
+
+    def writing(self) -> bool:
+        """Whether a thread holds a connection whose response was not answered from outside."""
+        for slot in list(self._slots.values()):
+            inv = slot.current
+            if slot.handling and (inv is None or not inv.answered):
+                return True
+        return False
 
     def live(self) -> List[Tuple[Slot, Invocation]]:
         """A snapshot of (slot, invocation) for every invocation running now."""

@@ -74,7 +74,8 @@ class Runtime:
         self.settings = settings
         self.pid = os.getpid()
         self.started = time.monotonic()
-        self.lifecycle = Lifecycle(on_change)
+        self._on_change = on_change
+        self.lifecycle = Lifecycle(self._changed)
         self.tracker = Tracker()
         self.pool = Pool(settings.background_threads, settings.max_pending_tasks, self.tracker,
                          self._task_failed)
@@ -179,22 +180,28 @@ class Runtime:
 
         Returns False when it is draining or unloaded already (nothing to do).
         """
-        if not self.lifecycle.request(trigger, reason):
-            return False
-        log.info("worker %d: retiring (reason=%s)", self.pid, reason)
-        self._increment("retirements." + reason)
-        return True
+        return self.lifecycle.request(trigger, reason)
 
     def terminate(self, reason: Reason, message: str, warns: bool) -> bool:
         """A hard limit was reached: the instance must stop now. Once only.
 
         ``warns``: the limit's ``beforeunload`` ratio is on, so its event is due.
         """
-        if not self.lifecycle.request(Trigger.TERMINATE, reason.value, message, warns):
-            return False
-        log.warning("worker %d: terminating (reason=%s): %s", self.pid, reason, message)
-        self._increment("terminations." + reason.value)
-        return True
+        return self.lifecycle.request(Trigger.TERMINATE, reason.value, message, warns)
+
+    def _changed(self, trigger: Trigger) -> None:
+        # Logged before the owner hears of it: once woken, the worker may drain and
+        # exit before the thread that asked (the monitor) runs again.
+        lc = self.lifecycle
+        if trigger in (Trigger.RETIRE, Trigger.ONESHOT):
+            log.info("worker %d: retiring (reason=%s)", self.pid, lc.retire_reason)
+            self._increment("retirements.%s" % lc.retire_reason)
+        elif trigger is Trigger.TERMINATE:
+            log.warning("worker %d: terminating (reason=%s): %s", self.pid, lc.terminate_reason,
+                        lc.terminate_message)
+            self._increment("terminations.%s" % lc.terminate_reason)
+        if self._on_change is not None:
+            self._on_change(trigger)
 
     def unload(self, why: str) -> List[TaskInfo]:
         """-> UNLOADED: refuse new work; abandon what is pending and log each task.

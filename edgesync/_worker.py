@@ -84,13 +84,14 @@ class _RequestThreads:
             self._queue.put(None)
 
     def _work(self, worker: Worker, tracker: Tracker) -> None:
-        tracker.register_thread()
+        slot = tracker.register_thread()
         get, defer, handle, finish = (self._queue.get, worker.method_queue.defer, worker.handle,
                                       worker.finish_request)
         while True:
             conn = get()
             if conn is None:
                 return
+            slot.handling = True
             try:
                 done = _Done(handle(conn))
             except InvocationCancelled:
@@ -102,6 +103,7 @@ class _RequestThreads:
             except BaseException as exc:
                 log.exception("worker %d: request thread error", worker.runtime.pid)
                 done = _Done(None, RuntimeError(repr(exc)))
+            slot.handling = False
             defer(finish, conn, done)
 
 
@@ -305,9 +307,9 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
 
     def requests_busy(self, terminating: bool) -> bool:
         if terminating:
-            # Responses already under way (a 546 cannot replace them) may finish.
-            return any(inv.kind is REQUEST and not inv.answered
-                       for _, inv in self.runtime.tracker.live())
+            # Responses already under way (a 546 cannot replace them) may finish,
+            # including those gunicorn writes after the app returned.
+            return self.runtime.tracker.writing()
         return bool(self.nr_conns)
 
     def answer_requests(self, status: int, message: str) -> None:
