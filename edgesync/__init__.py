@@ -30,6 +30,7 @@ from ._events import (
     add_event_listener,
     remove_event_listener,
 )
+from ._identity import named, task_id
 from ._invocation import InvocationCancelled
 from ._pool import QueueFull
 from ._runtime import current as _current_runtime
@@ -47,8 +48,10 @@ __all__ = [
     "Worker",
     "add_event_listener",
     "load_settings",
+    "named",
     "remove_event_listener",
     "runtime_metrics",
+    "task_id",
     "wait_until",
 ]
 
@@ -76,7 +79,9 @@ def wait_until(fn: Union[Callable[..., Any], Future[Any], Awaitable[Any]], /,
     existing ``Future`` (tracked, and returned as is) or an awaitable such as a
     coroutine (run to completion on a background thread). The task runs in a copy
     of the caller's ``contextvars`` context, taken now. The instance stays up until
-    the task is done, within its limits.
+    the task is done, within its limits. ``edgesync.task_id(future)`` is the task's
+    id, shown in every log line about it; the logs name the task after its function
+    (or ``edgesync.named(name, fn)``), never after its argument values.
 
     Raises ``TypeError`` for anything else, ``QueueFull`` when
     ``max_pending_tasks`` tasks are pending already, and ``RuntimeError`` once the

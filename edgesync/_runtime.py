@@ -27,8 +27,9 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 from . import _events
 from ._config import Settings, load_settings
 from ._events import BeforeUnloadEvent, TaskInfo, UnhandledRejectionEvent
+from ._identity import task_name
 from ._invocation import Tracker
-from ._pool import Pool, Task, run_awaitable, task_name
+from ._pool import Pool, Task, run_awaitable
 
 log = logging.getLogger("edgesync")
 
@@ -111,7 +112,7 @@ class Runtime:
             if asyncio.isfuture(obj):
                 _no_arguments(obj, args, kwargs)
                 future = _chain_asyncio_future(obj)
-                self.pool.track(future, "asyncio future %r" % (obj,))
+                self.pool.track(future, "asyncio future %s" % task_name(obj))
                 return future
             try:
                 _no_arguments(obj, args, kwargs)
@@ -138,8 +139,8 @@ class Runtime:
         event = UnhandledRejectionEvent(exc, task.future, task.name)
         _events.dispatch(event)
         if not event.default_prevented:
-            log.error("worker %d: background task %s raised %s", self.pid, task.name,
-                      type(exc).__name__, exc_info=exc)
+            log.error("worker %d: background task %s raised %s, id=%s", self.pid, task.name,
+                      type(exc).__name__, task.id, exc_info=exc)
 
     # -- events ----------------------------------------------------------------
 
@@ -222,11 +223,11 @@ class Runtime:
             "run the work inline, or schedule it before the instance unloads" % why)
         for info in abandoned:
             if info.running_for is None:
-                log.warning("worker %d: abandoned task %s (%s, never started, waited %.2fs), reason=%s",
-                            self.pid, info.name, info.state, info.age, why)
+                log.warning("worker %d: abandoned task %s (%s, never started, waited %.2fs), id=%s, reason=%s",
+                            self.pid, info.name, info.state, info.age, info.id, why)
             else:
-                log.warning("worker %d: abandoned task %s (running, ran %.2fs), reason=%s",
-                            self.pid, info.name, info.running_for, why)
+                log.warning("worker %d: abandoned task %s (running, ran %.2fs), id=%s, reason=%s",
+                            self.pid, info.name, info.running_for, info.id, why)
         return abandoned
 
     # -- observability -------------------------------------------------------------
