@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from . import _events
 from ._config import Settings, load_settings
+from ._context import isolate
 from ._events import BeforeUnloadEvent, TaskInfo, UnhandledRejectionEvent
 from ._identity import task_name
 from ._invocation import Tracker
@@ -130,6 +131,7 @@ class Runtime:
     def _submit(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Future[Any]:
         context = copy_context()
         named = args[0] if fn is run_awaitable else fn
+        fn, context = isolate(fn, context)  # no framework request state (edgesync._context)
         if _task_hooks:
             for hook in _task_hooks:
                 fn, context = hook(fn, context)
