@@ -33,6 +33,7 @@ from ._events import (
 from ._identity import named, task_id
 from ._invocation import InvocationCancelled
 from ._pool import QueueFull
+from ._process import first_runtime as _first_runtime
 from ._runtime import current as _current_runtime
 from ._runtime import peek as _peek_runtime
 from ._worker import Worker
@@ -83,12 +84,14 @@ def wait_until(fn: Union[Callable[..., Any], Future[Any], Awaitable[Any]], /,
     id, shown in every log line about it; the logs name the task after its function
     (or ``edgesync.named(name, fn)``), never after its argument values.
 
-    Raises ``TypeError`` for anything else, ``QueueFull`` when
+    Raises ``TypeError`` for anything else, ``RuntimeError`` in the gunicorn master
+    before fork (an app imported with ``--preload``: schedule from a request or
+    gunicorn's ``post_worker_init`` instead), ``QueueFull`` when
     ``max_pending_tasks`` tasks are pending already, and ``RuntimeError`` once the
     instance is unloading and accepts no more background work. A task that raises
     dispatches an ``unhandledrejection`` event and never affects other tasks.
     """
-    return (_runtime._current or _current_runtime()).wait_until(fn, args, kwargs)
+    return (_runtime._current or _first_runtime()).wait_until(fn, args, kwargs)
 
 
 def runtime_metrics() -> Dict[str, Any]:
