@@ -34,7 +34,7 @@ from ._identity import named, task_id
 from ._invocation import InvocationCancelled
 from ._pool import QueueFull
 from ._process import first_runtime as _first_runtime
-from ._runtime import current as _current_runtime
+from ._process import metrics_runtime as _metrics_runtime
 from ._runtime import peek as _peek_runtime
 from ._worker import Worker
 
@@ -102,9 +102,10 @@ def runtime_metrics() -> Dict[str, Any]:
     tracked, completed, failed, abandoned), ``background_threads``,
     ``invocations_cancelled``, ``retire_reason``, ``terminate_reason`` and
     ``beforeunload_dispatched`` (reasons, in order). Outside gunicorn this creates
-    the default runtime if needed (no thread starts until work arrives).
+    the default runtime if needed (no thread starts until work arrives); in the
+    gunicorn master (``--preload``) it describes a runtime that is never installed.
     """
     rt = _peek_runtime()
     if rt is None:
-        rt = _current_runtime()
+        rt = _metrics_runtime()
     return rt.metrics()

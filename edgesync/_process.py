@@ -32,6 +32,7 @@ import threading
 from typing import Any, Optional, Tuple
 
 from . import _runtime
+from ._config import load_settings
 from ._runtime import Runtime
 
 log = logging.getLogger("edgesync")
@@ -85,4 +86,16 @@ def first_runtime() -> Runtime:
                 "graceful_timeout (gunicorn may kill the worker while tasks run, with no log line) and no "
                 "replacement before the worker exits. Serve with: gunicorn -k edgesync.Worker",
                 cls.__module__, cls.__qualname__)
+    return _runtime.current()
+
+
+def metrics_runtime() -> Runtime:
+    """The runtime ``runtime_metrics()`` reads when none is installed.
+
+    In the gunicorn master a throwaway one (never installed: it starts no thread,
+    registers no exit drain, so the master never fires ``beforeunload``, and a later
+    ``wait_until`` there is still refused); elsewhere the default runtime.
+    """
+    if gunicorn_role()[0] == "master":
+        return Runtime(load_settings())
     return _runtime.current()

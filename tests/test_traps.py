@@ -22,8 +22,8 @@ pytestmark = pytest.mark.slow
 
 def test_preload_refuses_work_in_the_master_and_the_master_fires_no_beforeunload(
         server_factory: Callable[..., Server]) -> None:
-    server = server_factory("--preload", "--workers", "2", app=APP, env={"SCHEDULE_AT_IMPORT": "1"},
-                            workers_ready=2)
+    server = server_factory("--preload", "--workers", "2", app=APP,
+                            env={"SCHEDULE_AT_IMPORT": "1", "METRICS_AT_IMPORT": "1"}, workers_ready=2)
     [refused] = server.wait_for_events("refused")
     master = server.proc.pid  # type: ignore[union-attr]
     assert refused["pid"] == master, "the app was imported in the master"

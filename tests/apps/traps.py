@@ -2,8 +2,9 @@
 
 ``SCHEDULE_AT_IMPORT=1`` calls ``wait_until`` while the module is imported (in the
 master with ``--preload``, in each worker otherwise) and records whether it was
-accepted or refused. ``/task`` schedules a task; every ``beforeunload`` is recorded
-with the pid that fired it.
+accepted or refused; ``METRICS_AT_IMPORT=1`` reads ``runtime_metrics()`` there
+first. ``/task`` schedules a task; every ``beforeunload`` is recorded with the pid
+that fired it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ def task(task_id: str) -> None:
 
 
 edgesync.add_event_listener("beforeunload", on_beforeunload)
+
+if os.environ.get("METRICS_AT_IMPORT"):
+    record(type="metrics_at_import", state=edgesync.runtime_metrics()["state"])
 
 if os.environ.get("SCHEDULE_AT_IMPORT"):
     try:
