@@ -211,8 +211,9 @@ def test_a_users_flask_test_suite_with_the_helpers(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_under_gunicorn_tasks_get_the_app_context(server_factory: Callable[..., Server]) -> None:
-    server = server_factory("--threads", "4", app="tests.apps.flaskapp:app")
+@pytest.mark.parametrize("name", ["app", "plain_app"])
+def test_under_gunicorn_tasks_get_the_app_context(server_factory: Callable[..., Server], name: str) -> None:
+    server = server_factory("--threads", "4", app="tests.apps.flaskapp:" + name)
     status, _ = server.get("/observe?label=gu&trace=t-gu")
     assert status == 200
 
@@ -220,8 +221,9 @@ def test_under_gunicorn_tasks_get_the_app_context(server_factory: Callable[..., 
         status, body = server.get("/seen?label=gu")
         return status == 200 and flask.json.loads(body)
     got = wait_for(seen, 10, "the task's report")
-    assert (got["app"], got["greeting"], got["g"]) == ("flaskapp", "hello from flaskapp", [])
+    app_name = "flaskapp" if name == "app" else "plain"
+    assert (got["app"], got["greeting"], got["g"]) == (app_name, "hello from " + app_name, [])
     assert got["request_error"].startswith(REQUEST_ERROR)
     assert got["trace_id"] == "t-gu"
     # app.logger works from the task (Flask's default handler writes to stderr).
-    server.wait_for_log(r"task gu ran in app flaskapp")
+    server.wait_for_log(r"task gu ran in app " + app_name)
