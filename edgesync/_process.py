@@ -40,8 +40,8 @@ log = logging.getLogger("edgesync")
 _warned = False
 
 MASTER_REFUSAL = (
-    "edgesync.wait_until() was called in the gunicorn master, before any worker exists (the app is "
-    "imported in the master with --preload / preload_app = True). The master is not an instance: it "
+    "edgesync.wait_until() was called in the gunicorn master, not in a worker (an app imported in the "
+    "master with --preload / preload_app = True, or a master-side server hook). The master is not an instance: it "
     "serves no request and its threads do not survive fork, so it runs no background work. Schedule the "
     "work from a request, or at worker start (gunicorn's post_worker_init hook), or run it inline at "
     "import; or drop --preload.")

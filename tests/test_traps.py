@@ -65,6 +65,9 @@ def test_without_preload_work_scheduled_at_import_runs_in_each_worker(server_fac
     [done] = server.wait_for_events("task_done", where=lambda e: e["id"] == "at-import")
     assert done["pid"] == int(server.get("/pid")[1])
     assert not server.events("refused")
+    # The success line, in gunicorn's error log: name, duration, id.
+    server.wait_for_log(r"worker %d: task tests\.apps\.traps\.task succeeded in \d+\.\d{3}s, id=%d-\d+$"
+                        % (done["pid"], done["pid"]))
     # Item 4: the log says where it looked for edgesync.toml.
     assert "edgesync: settings from defaults (no %s)" % (server.workdir / "edgesync.toml") in server.log
 
