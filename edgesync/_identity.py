@@ -31,13 +31,12 @@ task_log = logging.getLogger("edgesync.tasks")
 _ids = itertools.count(1)
 _pid = os.getpid()
 
-# The attribute of a Future that holds its task's number (see ``task_id``).
-_FUTURE_ATTR = "_edgesync_task_seq"
+#: The attribute of a Future that holds its task's number (see ``task_id``).
+FUTURE_ATTR = "_edgesync_task_seq"
 
 
-def next_seq() -> int:
-    """A new task number, unique in this process."""
-    return next(_ids)
+#: A new task number, unique in this process (the bound method: no Python frame per task).
+next_seq: Callable[[], int] = _ids.__next__
 
 
 def format_id(seq: int) -> str:
@@ -47,7 +46,7 @@ def format_id(seq: int) -> str:
 def mark(future: Future[Any], seq: int) -> None:
     """Make ``task_id(future)`` answer ``seq``'s id."""
     try:
-        setattr(future, _FUTURE_ATTR, seq)
+        setattr(future, FUTURE_ATTR, seq)
     except AttributeError:  # a Future subclass with __slots__: the id is in the logs only
         pass
 
@@ -59,7 +58,7 @@ def task_id(future: Future[Any]) -> str:
     abandoned, cancelled) and in ``TaskInfo.id`` of ``event.pending_tasks``. Raises
     ``ValueError`` for a future that ``wait_until`` did not return.
     """
-    seq = getattr(future, _FUTURE_ATTR, None)
+    seq = getattr(future, FUTURE_ATTR, None)
     if not isinstance(seq, int):
         raise ValueError("edgesync.task_id(%s): not a future returned by edgesync.wait_until; "
                          "pass the future that wait_until returned" % _type_name(future))

@@ -23,7 +23,7 @@ from contextvars import Context
 from typing import Any, Callable, Dict, List, Optional, Set
 
 from ._events import TaskInfo
-from ._identity import format_id, log_success, mark, next_seq, task_log, task_name
+from ._identity import FUTURE_ATTR, format_id, log_success, mark, next_seq, task_log, task_name
 from ._invocation import TASK, Invocation, InvocationCancelled, Slot, Tracker
 
 log = logging.getLogger("edgesync")
@@ -53,8 +53,11 @@ class Task:
         self.started: Optional[float] = None
         self.thread: Optional[str] = None
         self.tracked = tracked
-        self.seq = next_seq()  # see _identity: the id is formatted only when reported
-        mark(future, self.seq)
+        self.seq = seq = next_seq()  # see _identity: the id is formatted only when reported
+        if tracked:
+            mark(future, seq)  # the caller's own Future: any subclass
+        else:
+            setattr(future, FUTURE_ATTR, seq)
 
     @property
     def id(self) -> str:
