@@ -55,7 +55,7 @@ def gunicorn_role() -> Tuple[Optional[str], Any]:
     arbiter_class = getattr(arbiter_module, "Arbiter", None)
     frame = sys._current_frames().get(threading.main_thread().ident or 0)
     while frame is not None:
-        if frame.f_code.co_filename == arbiter_module.__file__:
+        if frame.f_globals.get("__name__") == "gunicorn.arbiter":
             local = frame.f_locals
             arbiter = local.get("self")
             if arbiter_class is not None and isinstance(arbiter, arbiter_class):
