@@ -30,9 +30,11 @@ from ._events import (
     add_event_listener,
     remove_event_listener,
 )
+from ._identity import named, task_id
 from ._invocation import InvocationCancelled
 from ._pool import QueueFull
-from ._runtime import current as _current_runtime
+from ._process import first_runtime as _first_runtime
+from ._process import metrics_runtime as _metrics_runtime
 from ._runtime import peek as _peek_runtime
 
 if TYPE_CHECKING:
@@ -49,8 +51,10 @@ __all__ = [
     "Worker",
     "add_event_listener",
     "load_settings",
+    "named",
     "remove_event_listener",
     "runtime_metrics",
+    "task_id",
     "wait_until",
 ]
 
@@ -78,14 +82,18 @@ def wait_until(fn: Union[Callable[..., Any], Future[Any], Awaitable[Any]], /,
     existing ``Future`` (tracked, and returned as is) or an awaitable such as a
     coroutine (run to completion on a background thread). The task runs in a copy
     of the caller's ``contextvars`` context, taken now. The instance stays up until
-    the task is done, within its limits.
+    the task is done, within its limits. ``edgesync.task_id(future)`` is the task's
+    id, shown in every log line about it; the logs name the task after its function
+    (or ``edgesync.named(name, fn)``), never after its argument values.
 
-    Raises ``TypeError`` for anything else, ``QueueFull`` when
+    Raises ``TypeError`` for anything else, ``RuntimeError`` in the gunicorn master
+    before fork (an app imported with ``--preload``: schedule from a request or
+    gunicorn's ``post_worker_init`` instead), ``QueueFull`` when
     ``max_pending_tasks`` tasks are pending already, and ``RuntimeError`` once the
     instance is unloading and accepts no more background work. A task that raises
     dispatches an ``unhandledrejection`` event and never affects other tasks.
     """
-    return (_runtime._current or _current_runtime()).wait_until(fn, args, kwargs)
+    return (_runtime._current or _first_runtime()).wait_until(fn, args, kwargs)
 
 
 def runtime_metrics() -> Dict[str, Any]:
@@ -97,11 +105,12 @@ def runtime_metrics() -> Dict[str, Any]:
     tracked, completed, failed, abandoned), ``background_threads``,
     ``invocations_cancelled``, ``retire_reason``, ``terminate_reason`` and
     ``beforeunload_dispatched`` (reasons, in order). Outside gunicorn this creates
-    the default runtime if needed (no thread starts until work arrives).
+    the default runtime if needed (no thread starts until work arrives); in the
+    gunicorn master (``--preload``) it describes a runtime that is never installed.
     """
     rt = _peek_runtime()
     if rt is None:
-        rt = _current_runtime()
+        rt = _metrics_runtime()
     return rt.metrics()
 
 

@@ -219,7 +219,8 @@ def _read_table(label: str, base: str) -> dict[str, Any]:
     # longer than sys.get_int_max_str_digits(); deeply nested arrays exhaust the parser's recursion.
     except (ValueError, RecursionError) as exc:
         raise ConfigError(f"{label}: invalid TOML: {exc}") from exc
-    table = document.get(TABLE, {})  # no table: defaults; other tables belong to other tools
+    _check_placement(label, document)
+    table = document.get(TABLE, {})  # other tables belong to other tools (Supabase's config.toml)
     if not isinstance(table, dict):
         raise ConfigError(f"{label}: [{TABLE}] must be a table, got {_show(table)}")
     values: dict[str, Any] = {}
@@ -231,6 +232,40 @@ def _read_table(label: str, base: str) -> dict[str, Any]:
         _check(f"{label}: [{TABLE}]", key, value)
         values[key] = value
     return values
+
+
+def _check_placement(label: str, document: Mapping[str, Any]) -> None:
+    """Raise ConfigError when the file holds settings edgesync would not read (issue: silent defaults).
+
+    Settings outside any table, or a non-empty file without an [edge_runtime] table, would otherwise
+    run on defaults while the log says the file was read.  A file of comments only is fine.
+    """
+    stray = [key for key, value in document.items() if key in _SPECS and not isinstance(value, dict)]
+    if stray:
+        them = "them" if len(stray) > 1 else "it"
+        raise ConfigError(f"{label}: {', '.join(stray)} outside any table; put {them} under a [{TABLE}] table "
+                          f"(a line '[{TABLE}]' above {them})")
+    if TABLE in document or not document:
+        return
+    tables = list(_table_names(document))
+    shown = tables or [_show(key) for key in document]
+    listed = ", ".join(shown[:6]) + (", ..." if len(shown) > 6 else "")
+
+    def norm(name: str) -> str:
+        return name.casefold().replace("-", "_").replace(" ", "_")
+
+    close = [t for t in tables if difflib.get_close_matches(norm(t.strip("[]").split(".")[-1]), [TABLE], 1, 0.8)]
+    hint = f"did you mean [{TABLE}]?" if close else f"put edgesync's settings under [{TABLE}]"
+    raise ConfigError(f"{label}: no [{TABLE}] table, so none of this file would apply (it has {listed}); {hint}")
+
+
+def _table_names(document: Mapping[str, Any], prefix: str = "") -> Iterable[str]:
+    """``[name]`` of every table that holds a value, nested ones dotted, in file order."""
+    for key, value in document.items():
+        if isinstance(value, dict):
+            if any(not isinstance(v, dict) for v in value.values()) or not value:
+                yield f"[{prefix}{key}]"
+            yield from _table_names(value, f"{prefix}{key}.")
 
 
 def load_settings(
@@ -278,13 +313,15 @@ def describe_source(
 ) -> str:
     """Where :func:`load_settings` takes its settings from, for log lines; reads no file, validates nothing.
 
-    E.g. ``"edgesync.toml"``, the path in ``$EDGESYNC_CONFIG`` as given, or ``"defaults"``, followed by
+    E.g. ``"edgesync.toml"``, the path in ``$EDGESYNC_CONFIG`` as given, or ``"defaults (no /srv/app/edgesync.toml)"``
+    (the absolute path looked at, so a file in the wrong directory is noticed), followed by
     ``" + EDGESYNC_X, ..."`` when environment variables override keys.
     """
     env = os.environ if environ is None else environ
     label = _config_file(env, os.getcwd() if cwd is None else os.fspath(cwd))
     overrides = sorted(n for n in env if n.startswith(ENV_PREFIX) and n != CONFIG_ENV)
-    source = "defaults" if label is None else label
+    where = os.path.abspath(os.path.join(os.getcwd() if cwd is None else os.fspath(cwd), DEFAULT_FILENAME))
+    source = f"defaults (no {where})" if label is None else label
     return source + (" + " + ", ".join(overrides) if overrides else "")
 
 

@@ -31,12 +31,21 @@ REASONS = tuple(r.value for r in Reason)
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """A background task that had not finished when an event was dispatched."""
+    """A background task that had not finished when an event was dispatched.
 
-    name: str
+    Plain data: ``info.to_dict()`` (or ``dataclasses.asdict(info)``) is JSON-serialisable.
+    """
+
+    name: str  # the name given with edgesync.named, else module.qualname; never argument values
     state: str  # "queued" | "running" | "tracked" (a future scheduled elsewhere)
     age: float  # seconds since wait_until accepted it
     running_for: Optional[float]  # seconds since it started, None while queued
+    id: str = ""  # edgesync.task_id(future) of the task, as in its log lines
+
+    def to_dict(self) -> Dict[str, Any]:
+        """``{"id", "name", "state", "age", "running_for"}``: strings, floats and None only."""
+        return {"id": self.id, "name": self.name, "state": self.state, "age": self.age,
+                "running_for": self.running_for}
 
 
 class BeforeUnloadEvent:

@@ -23,6 +23,7 @@ from contextvars import Context
 from typing import Any, Callable, Dict, List, Optional, Set
 
 from ._events import TaskInfo
+from ._identity import FUTURE_ATTR, format_id, log_success, mark, next_seq, task_log, task_name
 from ._invocation import TASK, Invocation, InvocationCancelled, Outcome, Slot, Tracker
 
 log = logging.getLogger("edgesync")
@@ -36,7 +37,7 @@ class Task:
     """One unit of background work and its bookkeeping."""
 
     __slots__ = ("future", "fn", "args", "kwargs", "context", "_name", "_named", "accepted", "started",
-                 "thread", "tracked")
+                 "thread", "tracked", "seq")
 
     def __init__(self, future: Future[Any], fn: Optional[Callable[..., Any]], args: Any,
                  kwargs: Any, context: Optional[Context], named: Any, tracked: bool = False):
@@ -52,6 +53,16 @@ class Task:
         self.started: Optional[float] = None
         self.thread: Optional[str] = None
         self.tracked = tracked
+        self.seq = seq = next_seq()  # see _identity: the id is formatted only when reported
+        if tracked:
+            mark(future, seq)  # the caller's own Future: any subclass
+        else:
+            setattr(future, FUTURE_ATTR, seq)
+
+    @property
+    def id(self) -> str:
+        """``<pid>-<n>``: what ``edgesync.task_id(future)`` returns and every log line shows."""
+        return format_id(self.seq)
 
     @property
     def name(self) -> str:
@@ -63,19 +74,10 @@ class Task:
 
     def info(self, now: float) -> TaskInfo:
         if self.tracked:
-            return TaskInfo(self.name, "tracked", now - self.accepted, None)
+            return TaskInfo(self.name, "tracked", now - self.accepted, None, self.id)
         if self.started is None:
-            return TaskInfo(self.name, "queued", now - self.accepted, None)
-        return TaskInfo(self.name, "running", now - self.accepted, now - self.started)
-
-
-def task_name(obj: Any) -> str:
-    """A readable name for a task: ``module.qualname`` of a function, else its repr."""
-    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
-    if name is None:
-        return repr(obj)[:120]
-    module = getattr(obj, "__module__", None)
-    return "%s.%s" % (module, name) if module else str(name)
+            return TaskInfo(self.name, "queued", now - self.accepted, None, self.id)
+        return TaskInfo(self.name, "running", now - self.accepted, now - self.started, self.id)
 
 
 async def _await(awaitable: Any) -> Any:
@@ -195,6 +197,8 @@ class Pool:
             slot.end_surely(inv)
         task.fn = task.args = task.kwargs = task.context = None  # drop references early
         if error is None:
+            if task_log.isEnabledFor(logging.INFO):  # one cached lookup when INFO is off
+                log_success(task.name, task.seq, task.started)
             task._named = None
             future.set_result(result)
             self._finish(task, True)

@@ -23,10 +23,12 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from . import _events
 from ._config import Settings, load_settings
+from ._context import isolate
 from ._events import BeforeUnloadEvent, TaskInfo, UnhandledRejectionEvent
+from ._identity import task_name
 from ._invocation import Kind, Outcome, Tracker
 from ._lifecycle import Budget, Lifecycle, Reason, State, Trigger, drain
-from ._pool import Pool, Task, run_awaitable, task_name
+from ._pool import Pool, Task, run_awaitable
 
 log = logging.getLogger("edgesync")
 
@@ -102,7 +104,7 @@ class Runtime:
             if asyncio.isfuture(obj):
                 _no_arguments(obj, args, kwargs)
                 future = _chain_asyncio_future(obj)
-                self.pool.track(future, "asyncio future %r" % (obj,))
+                self.pool.track(future, "asyncio future %s" % task_name(obj))
                 return future
             try:
                 _no_arguments(obj, args, kwargs)
@@ -120,6 +122,7 @@ class Runtime:
     def _submit(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Future[Any]:
         context = copy_context()
         named = args[0] if fn is run_awaitable else fn
+        fn, context = isolate(fn, context)  # no framework request state (edgesync._context)
         if _task_hooks:
             for hook in _task_hooks:
                 fn, context = hook(fn, context)
@@ -129,8 +132,8 @@ class Runtime:
         event = UnhandledRejectionEvent(exc, task.future, task.name)
         _events.dispatch(event)
         if not event.default_prevented:
-            log.error("worker %d: background task %s raised %s", self.pid, task.name,
-                      type(exc).__name__, exc_info=exc)
+            log.error("worker %d: background task %s raised %s, id=%s", self.pid, task.name,
+                      type(exc).__name__, task.id, exc_info=exc)
 
     # -- events ----------------------------------------------------------------
 
@@ -220,11 +223,11 @@ class Runtime:
             "run the work inline, or schedule it before the instance unloads" % why)
         for info in abandoned:
             if info.running_for is None:
-                log.warning("worker %d: abandoned task %s (%s, never started, waited %.2fs), reason=%s",
-                            self.pid, info.name, info.state, info.age, why)
+                log.warning("worker %d: abandoned task %s (%s, never started, waited %.2fs), id=%s, reason=%s",
+                            self.pid, info.name, info.state, info.age, info.id, why)
             else:
-                log.warning("worker %d: abandoned task %s (running, ran %.2fs), reason=%s",
-                            self.pid, info.name, info.running_for, why)
+                log.warning("worker %d: abandoned task %s (running, ran %.2fs), id=%s, reason=%s",
+                            self.pid, info.name, info.running_for, info.id, why)
         now = time.monotonic()
         requests = [inv for _, inv in self.tracker.live() if inv.kind is Kind.REQUEST]
         for inv in requests:

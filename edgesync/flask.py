@@ -18,12 +18,13 @@ The usual extension pattern, with ``init_app`` for app factories::
         edgesync.wait_until(send_welcome, email)    # ...and pass the values on
         return "ok"
 
-What a task scheduled while a request (or any app context) of an ``init_app`` app
-is active gets:
+What a task scheduled while a request (or any app context) is active gets, with
+or without ``EdgeSync(app)`` (edgesync's core does this for every Flask app, see
+the README's Flask section):
 
-- ``current_app``, ``app.config`` and ``current_app.logger`` of that app: the task
-  runs inside ``with app.app_context():``, so ``teardown_appcontext`` functions run
-  when it ends (Flask-SQLAlchemy returns its session to the pool there).
+- ``current_app``, ``app.config`` and ``current_app.logger`` of the caller's app:
+  the task runs inside ``with app.app_context():``, so ``teardown_appcontext``
+  functions run when it ends (Flask-SQLAlchemy returns its session to the pool there).
 - A fresh, empty ``g``: what the request stored in ``g`` is not shared with a
   thread that outlives the request.
 - No request: ``flask.request`` and ``flask.session`` raise Flask's own
@@ -41,37 +42,28 @@ database session; load them again in the task. ``flask.copy_current_request_cont
 is the wrong tool here: it hands the task a request that Flask has already closed.
 
 Tasks scheduled outside any app context (at import, from a CLI command without
-one) and tasks of apps that did not call ``init_app`` are left as they are.
+one) get no app context. ``EdgeSync(app)`` itself only registers the extension in
+``app.extensions["edgesync"]``; it is kept so that apps written for it keep working.
 """
 
 from __future__ import annotations
 
-import contextvars
-import inspect
-from typing import Any, Callable, Optional, Tuple
+from typing import Optional
 
 from flask import Flask
-from flask.globals import _cv_app, _cv_request
-
-from . import _runtime
-from ._pool import run_awaitable
 
 __all__ = ["EdgeSync"]
 
 #: The key this extension uses in ``app.extensions``.
 EXTENSION_KEY = "edgesync"
 
-# Flask's own context variables (flask/globals.py, Flask 3.x): the task gets its
-# own app context instead, and no request context at all.
-_FLASK_VARS = frozenset((_cv_app, _cv_request))
-
 
 class EdgeSync:
-    """Run ``edgesync.wait_until`` tasks of this Flask app inside its app context.
+    """The Flask extension object: ``EdgeSync(app)``, or ``EdgeSync().init_app(app)`` in a factory.
 
-    ``EdgeSync(app)`` or, in an app factory, ``sync = EdgeSync()`` at module level
-    and ``sync.init_app(app)`` in the factory. See the module docstring for what a
-    task sees and what to capture from the request before scheduling it.
+    Optional: every task scheduled from a Flask app context runs in a fresh app
+    context of that app, without the request, whether or not the app registered
+    this extension (see the module docstring).
     """
 
     def __init__(self, app: Optional[Flask] = None) -> None:
@@ -79,38 +71,5 @@ class EdgeSync:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
-        """Give ``app``'s background tasks an app context; idempotent.
-
-        Stores this object in ``app.extensions["edgesync"]`` and registers the task
-        hook once per process (registering it again is a no-op).
-        """
+        """Store this object in ``app.extensions["edgesync"]``; idempotent."""
         app.extensions[EXTENSION_KEY] = self
-        _runtime.add_task_hook(_task_hook)
-
-
-def _task_hook(fn: Callable[..., Any], context: contextvars.Context
-               ) -> Tuple[Callable[..., Any], contextvars.Context]:
-    """Called in the caller's thread by ``wait_until``: re-home the task in its app."""
-    app_ctx = context.get(_cv_app)
-    if app_ctx is None or EXTENSION_KEY not in app_ctx.app.extensions:
-        return fn, context
-    # A Context cannot forget a variable, so build a fresh one holding everything
-    # the caller had except Flask's own variables.
-    fresh = contextvars.Context()
-    for var, value in context.items():
-        if var not in _FLASK_VARS:
-            fresh.run(var.set, value)
-    return _in_app_context(app_ctx.app, fn), fresh
-
-
-def _in_app_context(app: Flask, fn: Callable[..., Any]) -> Callable[..., Any]:
-    def run_in_app_context(*args: Any, **kwargs: Any) -> Any:
-        with app.app_context():
-            result = fn(*args, **kwargs)
-            if inspect.isawaitable(result):
-                # An ``async def`` task: run its body here, inside the app context,
-                # not after the context has been popped.
-                result = run_awaitable(result)
-            return result
-
-    return run_in_app_context

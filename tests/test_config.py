@@ -53,7 +53,8 @@ def test_defaults_equal_design(tmp_path: Path) -> None:
     assert dataclasses.asdict(settings) == DESIGN_DEFAULTS
     assert settings == Settings()
     assert [f.name for f in dataclasses.fields(Settings)] == list(DESIGN_DEFAULTS)
-    assert describe_source({}, cwd=tmp_path) == "defaults"
+    # Says where it looked: an edgesync.toml in the wrong directory is not silently ignored.
+    assert describe_source({}, cwd=tmp_path) == "defaults (no %s)" % (tmp_path / "edgesync.toml")
 
 
 def test_full_valid_file(tmp_path: Path) -> None:
@@ -88,9 +89,49 @@ def test_file_in_working_directory_and_os_environ(tmp_path: Path, monkeypatch: p
     assert describe_source() == "edgesync.toml + EDGESYNC_BACKGROUND_THREADS"
 
 
-def test_file_without_table_gives_defaults(tmp_path: Path) -> None:
+def test_file_without_the_table_is_an_error_naming_the_table(tmp_path: Path) -> None:
+    # Issue 12, item 4: a file whose settings would all be ignored is an error, not defaults.
     write(tmp_path, '[api]\nport = 54321\n\n[other]\npolicy = "nonsense"\n')
+    message = load_error(tmp_path)
+    assert message == ("edgesync.toml: no [edge_runtime] table, so none of this file would apply (it has [api], "
+                       "[other]); put edgesync's settings under [edge_runtime]")
+
+
+@pytest.mark.parametrize("table", ["edgeruntime", "edge-runtime", "Edge_Runtime", "edge_runtme", "edge_runtimes"])
+def test_misspelled_table_suggests_edge_runtime(tmp_path: Path, table: str) -> None:
+    write(tmp_path, "[%s]\ncpu_hard_limit_ms = 5000\n" % table)
+    message = load_error(tmp_path)
+    assert message == ("edgesync.toml: no [edge_runtime] table, so none of this file would apply (it has [%s]); "
+                       "did you mean [edge_runtime]?" % table)
+
+
+def test_settings_outside_any_table_are_an_error(tmp_path: Path) -> None:
+    write(tmp_path, 'cpu_hard_limit_ms = 5000\npolicy = "oneshot"\n')
+    message = load_error(tmp_path)
+    assert message == ("edgesync.toml: cpu_hard_limit_ms, policy outside any table; put them under a "
+                       "[edge_runtime] table (a line '[edge_runtime]' above them)")
+
+
+def test_a_setting_above_the_table_header_is_an_error(tmp_path: Path) -> None:
+    write(tmp_path, "cpu_hard_limit_ms = 5000\n[edge_runtime]\npolicy = \"oneshot\"\n")
+    assert load_error(tmp_path).startswith("edgesync.toml: cpu_hard_limit_ms outside any table; put it under")
+
+
+def test_nested_table_names_where_it_belongs(tmp_path: Path) -> None:
+    write(tmp_path, "[tool.edge_runtime]\ncpu_hard_limit_ms = 5000\n")
+    assert load_error(tmp_path).endswith("(it has [tool.edge_runtime]); did you mean [edge_runtime]?")
+
+
+def test_a_file_of_comments_only_gives_defaults(tmp_path: Path) -> None:
+    write(tmp_path, "# [edge_runtime]\n# cpu_hard_limit_ms = 5000\n")
     assert dataclasses.asdict(load_settings({}, cwd=tmp_path)) == DESIGN_DEFAULTS
+
+
+def test_supabase_config_without_edge_runtime_table_is_an_error(tmp_path: Path) -> None:
+    start, end = SUPABASE_CONFIG.index("[edge_runtime]"), SUPABASE_CONFIG.index("[functions.hello]")
+    write(tmp_path, SUPABASE_CONFIG[:start] + SUPABASE_CONFIG[end:], name="supabase/config.toml")
+    message = load_error(tmp_path, {"EDGESYNC_CONFIG": "supabase/config.toml"})
+    assert message.startswith("supabase/config.toml: no [edge_runtime] table, so none of this file would apply")
 
 
 @pytest.mark.parametrize(

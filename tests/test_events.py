@@ -279,7 +279,7 @@ def test_pending_tasks_lists_unfinished_tasks(listen: Callable[..., None]) -> No
     pending = event.pending_tasks
     assert [(t.name, t.state) for t in pending[:2]] == [
         (task_name(slow_upload), "running"), (task_name(send_email), "queued")]
-    assert pending[2].state == "tracked" and pending[2].name.startswith("future <Future at "), pending[2]
+    assert pending[2].state == "tracked" and pending[2].name == "future concurrent.futures._base.Future object"
     assert all(isinstance(t, TaskInfo) for t in pending)
     assert pending[0].running_for is not None and pending[1].running_for is None
     assert isinstance(pending, tuple), "a snapshot taken at dispatch, not a live view"
@@ -365,7 +365,8 @@ def test_rejection_is_logged_once_with_its_traceback(caplog: pytest.LogCaptureFi
         fut = fail_then_drain(rt)
     [record] = rejections(caplog)
     assert record.levelno == logging.ERROR
-    assert record.getMessage() == "worker %d: background task tests.test_events.boom raised ValueError" % os.getpid()
+    assert record.getMessage() == "worker %d: background task tests.test_events.boom raised ValueError, id=%s" % (
+        os.getpid(), edgesync.task_id(fut))
     assert record.exc_info is not None and record.exc_info[1] is fut.exception()
     assert "Traceback (most recent call last)" in caplog.text
     assert 'raise ValueError("boom from a task")' in caplog.text
@@ -396,12 +397,12 @@ def test_a_raising_rejection_listener_does_not_stop_the_default_log(
 
     listen("unhandledrejection", broken)
     with testing.runtime(background_threads=1) as rt:
-        fail_then_drain(rt)
+        fut = fail_then_drain(rt)
         assert edgesync.wait_until(lambda: "still serving").result(WAIT) == "still serving"
     messages: Dict[str, int] = {}
     for r in caplog.records:
         if r.name == "edgesync" and r.levelno == logging.ERROR:
             key = "listener" if "unhandledrejection listener" in r.getMessage() else r.getMessage()
             messages[key] = messages.get(key, 0) + 1
-    assert messages == {"listener": 1,
-                        "worker %d: background task tests.test_events.boom raised ValueError" % os.getpid(): 1}
+    assert messages == {"listener": 1, "worker %d: background task tests.test_events.boom raised ValueError, "
+                        "id=%s" % (os.getpid(), edgesync.task_id(fut)): 1}

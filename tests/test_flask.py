@@ -91,13 +91,56 @@ def test_init_app_twice_is_harmless(edgesync_runtime: TestRuntime) -> None:
     assert (seen["app"], seen["g"]) == ("twice", [])
 
 
-def test_app_without_init_app_is_left_as_it_is(edgesync_runtime: TestRuntime) -> None:
+def test_app_without_init_app_gets_the_same_isolation(edgesync_runtime: TestRuntime) -> None:
+    # Forgetting EdgeSync(app) must not hand the task the finished request or its g (issue 12, item 1).
     plain = flaskapp.create_app("plain", with_edgesync=False)
+    assert "edgesync" not in plain.extensions
     seen = observe(plain.test_client(), edgesync_runtime, "plain")
-    # No hook applied: the task runs in the caller's context copy, Flask's variables
-    # included (the view's g, a request context that has since been popped).
-    assert seen["g"] == ["user"]
-    assert seen["has_request_context"] is True
+    assert (seen["app"], seen["greeting"], seen["g"]) == ("plain", "hello from plain", [])
+    assert seen["has_app_context"] is True and seen["has_request_context"] is False
+    assert seen["request_error"].startswith(REQUEST_ERROR)
+    assert seen["trace_id"] == "trace-plain", "the caller's other contextvars still reach the task"
+    assert seen["thread"] in flaskapp.seen["teardowns"], "teardown_appcontext runs for the task's context"
+
+
+def test_request_form_is_never_read_from_a_closed_request(edgesync_runtime: TestRuntime) -> None:
+    # The trap reported: request.form of a finished request read {} in the task, silently.
+    plain = Flask("form")
+    got: list[Any] = []
+
+    def task() -> None:
+        try:
+            got.append(dict(flask.request.form))
+        except RuntimeError as exc:
+            got.append(str(exc))
+
+    @plain.post("/signup")
+    def signup() -> str:
+        assert flask.request.form["email"] == "a@example.com"
+        edgesync.wait_until(task)
+        return "ok"
+
+    assert plain.test_client().post("/signup", data={"email": "a@example.com"}).status_code == 200
+    edgesync_runtime.wait(timeout=5)
+    assert len(got) == 1 and got[0].startswith(REQUEST_ERROR), got
+
+
+def test_a_task_scheduled_by_a_task_gets_its_own_app_context(edgesync_runtime: TestRuntime) -> None:
+    plain = Flask("nested")
+    inner: list[Any] = []
+
+    def child() -> None:
+        inner.append((flask.current_app.name, sorted(vars(flask.g))))
+
+    def parent() -> None:
+        flask.g.parent_was_here = True
+        edgesync.wait_until(child)
+
+    with plain.app_context():
+        flask.g.caller = True
+        edgesync.wait_until(parent)
+    edgesync_runtime.wait(timeout=5)
+    assert inner == [("nested", [])]
 
 
 def test_task_scheduled_outside_any_app_context_gets_none(edgesync_runtime: TestRuntime) -> None:
@@ -168,8 +211,9 @@ def test_a_users_flask_test_suite_with_the_helpers(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_under_gunicorn_tasks_get_the_app_context(server_factory: Callable[..., Server]) -> None:
-    server = server_factory("--threads", "4", app="tests.apps.flaskapp:app")
+@pytest.mark.parametrize("name", ["app", "plain_app"])
+def test_under_gunicorn_tasks_get_the_app_context(server_factory: Callable[..., Server], name: str) -> None:
+    server = server_factory("--threads", "4", app="tests.apps.flaskapp:" + name)
     status, _ = server.get("/observe?label=gu&trace=t-gu")
     assert status == 200
 
@@ -177,8 +221,9 @@ def test_under_gunicorn_tasks_get_the_app_context(server_factory: Callable[..., 
         status, body = server.get("/seen?label=gu")
         return status == 200 and flask.json.loads(body)
     got = wait_for(seen, 10, "the task's report")
-    assert (got["app"], got["greeting"], got["g"]) == ("flaskapp", "hello from flaskapp", [])
+    app_name = "flaskapp" if name == "app" else "plain"
+    assert (got["app"], got["greeting"], got["g"]) == (app_name, "hello from " + app_name, [])
     assert got["request_error"].startswith(REQUEST_ERROR)
     assert got["trace_id"] == "t-gu"
     # app.logger works from the task (Flask's default handler writes to stderr).
-    server.wait_for_log(r"task gu ran in app flaskapp")
+    server.wait_for_log(r"task gu ran in app " + app_name)

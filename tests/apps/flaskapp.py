@@ -117,3 +117,4 @@ def create_app(name: str = "flaskapp", with_edgesync: bool = True) -> Flask:
 
 
 app = create_app()
+plain_app = create_app("plain", with_edgesync=False)  # never called EdgeSync(app): same isolation

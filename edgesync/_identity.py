@@ -1,0 +1,160 @@
+"""What a task is called and which one it is: its name (never its arguments) and its id.
+
+Rule: every log line, event and ``TaskInfo`` that mentions a task names it through
+``task_name`` and identifies it through ``format_id``; nothing formats a task's
+``repr``, because a ``repr`` carries argument values (an email address, a token)
+into the logs: ``functools.partial(<function send>, 'alice@example.com')``.
+
+Ids are ``<pid>-<n>``: short, unique within a process and, through the pid, among
+the workers of one server. The counter is read with ``next()``, atomic under the
+GIL, and formatted only when something reports the task.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import os
+import time
+from concurrent.futures import Future
+from typing import Any, Callable, Generic, Optional, ParamSpec, TypeVar, overload
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: Success lines go to a child of the ``edgesync`` logger, so an app can silence
+#: them (``logging.getLogger("edgesync.tasks").setLevel(logging.WARNING)``) and
+#: keep every state-change line.
+task_log = logging.getLogger("edgesync.tasks")
+
+_ids = itertools.count(1)
+_pid = os.getpid()
+
+#: The attribute of a Future that holds its task's number (see ``task_id``).
+FUTURE_ATTR = "_edgesync_task_seq"
+
+
+#: A new task number, unique in this process (the bound method: no Python frame per task).
+next_seq: Callable[[], int] = _ids.__next__
+
+
+def format_id(seq: int) -> str:
+    return "%d-%d" % (_pid, seq)
+
+
+def mark(future: Future[Any], seq: int) -> None:
+    """Make ``task_id(future)`` answer ``seq``'s id."""
+    try:
+        setattr(future, FUTURE_ATTR, seq)
+    except AttributeError:  # a Future subclass with __slots__: the id is in the logs only
+        pass
+
+
+def task_id(future: Future[Any]) -> str:
+    """The id of the task behind a future returned by ``edgesync.wait_until``, e.g. ``"4242-17"``.
+
+    The same id appears in every log line about the task (success, failure,
+    abandoned, cancelled) and in ``TaskInfo.id`` of ``event.pending_tasks``. Raises
+    ``ValueError`` for a future that ``wait_until`` did not return.
+    """
+    seq = getattr(future, FUTURE_ATTR, None)
+    if not isinstance(seq, int):
+        raise ValueError("edgesync.task_id(%s): not a future returned by edgesync.wait_until; "
+                         "pass the future that wait_until returned" % _type_name(future))
+    return format_id(seq)
+
+
+_DECORATOR: Any = object()  # named(name) without fn: a decorator
+
+
+class Named(Generic[P, T]):
+    """A callable that runs ``fn`` and is reported under ``name`` (see ``edgesync.named``)."""
+
+    __slots__ = ("name", "fn")
+
+    def __init__(self, name: str, fn: Callable[P, T]):
+        self.name = name
+        self.fn = fn
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "<edgesync.named %r: %s>" % (self.name, task_name(self.fn))
+
+
+@overload
+def named(name: str) -> Callable[[Callable[P, T]], Named[P, T]]: ...
+@overload
+def named(name: str, fn: Callable[P, T]) -> Named[P, T]: ...
+
+
+def named(name: str, fn: Any = _DECORATOR) -> Any:
+    """Give a task a name for the logs, events and metrics: ``wait_until(named("send-welcome", send), email)``.
+
+    Without ``fn`` it is a decorator: ``@edgesync.named("send-welcome")``. The
+    result calls ``fn`` with the same arguments; the name takes no keyword of the
+    task's own, so it never collides with them. Raises ``TypeError`` unless
+    ``name`` is a non-empty string and ``fn`` is callable.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError("edgesync.named(name, fn): name must be a non-empty string, got %s"
+                        % ("''" if name == "" else _type_name(name)))
+
+    def wrap(target: Callable[P, T]) -> Named[P, T]:
+        if not callable(target):
+            raise TypeError("edgesync.named(%r, fn): fn must be callable (a function, a coroutine "
+                            "function or a method), got %s" % (name, _type_name(target)))
+        return Named(name, target)
+
+    return wrap if fn is _DECORATOR else wrap(fn)
+
+
+def task_name(obj: Any) -> str:
+    """How a task is named in reports: a user's ``named`` name, else ``module.qualname``.
+
+    A ``functools.partial`` is named after the function it wraps, plus ``(partial)``;
+    a coroutine after its function; an object without a name after its type,
+    plus ``object``. Never a ``repr``, never an argument value.
+    """
+    if isinstance(obj, Named):
+        return obj.name
+    suffix = ""
+    while isinstance(obj, functools.partial):
+        obj, suffix = obj.func, " (partial)"
+    name = _str_attr(obj, "__qualname__") or _str_attr(obj, "__name__")
+    if name is None:
+        return _type_name(obj) + " object" + suffix
+    module = _str_attr(obj, "__module__")
+    if module is None:  # a coroutine: its function's module is its frame's
+        frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
+        module = frame.f_globals.get("__name__") if frame is not None else None
+    return ("%s.%s" % (module, name) if isinstance(module, str) else name) + suffix
+
+
+def _str_attr(obj: Any, attr: str) -> Optional[str]:
+    try:
+        value = getattr(obj, attr, None)
+    except Exception:  # a misbehaving __getattr__: fall back to the type name
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _type_name(obj: Any) -> str:
+    t = type(obj)
+    return t.__qualname__ if t.__module__ == "builtins" else "%s.%s" % (t.__module__, t.__qualname__)
+
+
+def log_success(name: str, seq: int, started: Optional[float]) -> None:
+    """One INFO line for a task that returned (the caller checked ``task_log.isEnabledFor``)."""
+    took = time.monotonic() - started if started is not None else 0.0
+    task_log.info("worker %d: task %s succeeded in %.3fs, id=%s", _pid, name, took, format_id(seq))
+
+
+def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

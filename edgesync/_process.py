@@ -1,0 +1,101 @@
+"""Which process a ``wait_until`` with no runtime installed runs in, and what that means.
+
+``edgesync.Worker`` installs its runtime in ``init_process``, before it loads the
+app, so inside it ``wait_until`` never gets here. Everywhere else the first
+``wait_until`` asks ``first_runtime()``:
+
+- In the gunicorn master, before any fork (the app imported there by
+  ``--preload`` / ``preload_app = True``): refused with ``RuntimeError``. The
+  master is not an instance: it serves no request, the threads a runtime would
+  start there do not survive ``fork`` (and a fork taken while one holds a lock
+  can deadlock the worker), and a master that drained tasks and fired
+  ``beforeunload`` at its exit would run the app's listeners in a process that
+  has nothing to save.
+- In a worker of another gunicorn worker class (``-k gthread``, ``sync``...):
+  the default in-process runtime runs the task, and one warning says what does
+  not apply there (limits, drain within ``graceful_timeout``, replacement).
+- Anywhere else (``flask run``, a script, a test): the default runtime, silently.
+
+How the gunicorn process is recognised without importing gunicorn: the arbiter
+module is imported only by a gunicorn server, and the main thread's stack holds
+the ``Arbiter`` (its ``spawn_worker`` frame for the whole life of a worker, with
+the worker in its locals; ``setup`` or ``reload`` while the master preloads the
+app). The stack is read once, on the first ``wait_until``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from typing import Any, Optional, Tuple
+
+from . import _runtime
+from ._config import load_settings
+from ._runtime import Runtime
+
+log = logging.getLogger("edgesync")
+
+_warned = False
+
+MASTER_REFUSAL = (
+    "edgesync.wait_until() was called in the gunicorn master, not in a worker (an app imported in the "
+    "master with --preload / preload_app = True, or a master-side server hook). The master is not an instance: it "
+    "serves no request and its threads do not survive fork, so it runs no background work. Schedule the "
+    "work from a request, or at worker start (gunicorn's post_worker_init hook), or run it inline at "
+    "import; or drop --preload.")
+
+
+def gunicorn_role() -> Tuple[Optional[str], Any]:
+    """``("master", arbiter)``, ``("worker", worker)`` or ``(None, None)`` for this process."""
+    arbiter_module = sys.modules.get("gunicorn.arbiter")
+    if arbiter_module is None:
+        return None, None
+    arbiter_class = getattr(arbiter_module, "Arbiter", None)
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    while frame is not None:
+        if frame.f_globals.get("__name__") == "gunicorn.arbiter":
+            local = frame.f_locals
+            arbiter = local.get("self")
+            if arbiter_class is not None and isinstance(arbiter, arbiter_class):
+                worker = local.get("worker")
+                # Arbiter.pid is set by start(); a preload runs in setup(), before it.
+                if getattr(arbiter, "pid", None) in (None, os.getpid()):
+                    return "master", arbiter
+                return ("worker", worker) if worker is not None else (None, None)
+        frame = frame.f_back
+    return None, None
+
+
+def first_runtime() -> Runtime:
+    """The runtime for a ``wait_until`` made while none is installed (see the module docstring)."""
+    global _warned
+    role, owner = gunicorn_role()
+    if role == "master":
+        raise RuntimeError(MASTER_REFUSAL)
+    if role == "worker" and not _warned:
+        from ._worker import Worker
+
+        if not isinstance(owner, Worker):
+            _warned = True
+            cls = type(owner)
+            log.warning(
+                "edgesync: wait_until() in a gunicorn worker of class %s.%s, not edgesync.Worker: tasks run on "
+                "a plain in-process pool with no CPU, memory or wall-clock limits, no drain within "
+                "graceful_timeout (gunicorn may kill the worker while tasks run, with no log line) and no "
+                "replacement before the worker exits. Serve with: gunicorn -k edgesync.Worker",
+                cls.__module__, cls.__qualname__)
+    return _runtime.current()
+
+
+def metrics_runtime() -> Runtime:
+    """The runtime ``runtime_metrics()`` reads when none is installed.
+
+    In the gunicorn master a throwaway one (never installed: it starts no thread,
+    registers no exit drain, so the master never fires ``beforeunload``, and a later
+    ``wait_until`` there is still refused); elsewhere the default runtime.
+    """
+    if gunicorn_role()[0] == "master":
+        return Runtime(load_settings())
+    return _runtime.current()
