@@ -252,8 +252,8 @@ def _results_kept(alias: str, options: Dict[str, Any]) -> int:
     kept = options.get("RESULTS_KEPT", _OPTIONS["RESULTS_KEPT"])
     if not isinstance(kept, int) or isinstance(kept, bool) or kept < 0:
         raise ImproperlyConfigured(
-            "TASKS[%r]['OPTIONS']['RESULTS_KEPT'] must be an integer >= 0 (how many finished "
-            "results get_result() can still find), got %r" % (alias, kept))
+            "TASKS[%r]['OPTIONS']['RESULTS_KEPT'] must be an integer >= 0, got %r (it is how "
+            "many finished results get_result() can still find)" % (alias, kept))
     return kept
 
 
