@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,28 +23,18 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Tuple
 
-import pytest
-
-if importlib.util.find_spec("django.tasks") is None and importlib.util.find_spec("django_tasks") is None:
-    pytest.skip("needs django.tasks (Django >= 6) or the django-tasks backport", allow_module_level=True)
-
 import django
+import pytest
 from django.conf import settings
-
-DB_DIR = tempfile.mkdtemp(prefix="edgesync-djangotasks-")  # removed by db_dir_removed
-if not settings.configured:
-    from tests.apps.djangotasks import settings as site_settings
-    settings.configure(**{**{k: getattr(site_settings, k) for k in dir(site_settings) if k.isupper()},
-                          "DATABASES": {"default": {"ENGINE": "django.db.backends.sqlite3",
-                                                    "NAME": os.path.join(DB_DIR, "db.sqlite3")}}})
-    django.setup()
 
 import edgesync
 import edgesync.django
 from edgesync.testing import TestRuntime, runtime
 
-from .apps.djangotasks import tasks
 from .conftest import REPO, Server, wait_for
+
+if importlib.util.find_spec("django.tasks") is None and importlib.util.find_spec("django_tasks") is None:
+    pytest.skip("needs django.tasks (Django >= 6) or the django-tasks backport", allow_module_level=True)
 
 try:
     from django.tasks import TaskResultStatus, signals, task, task_backends
@@ -58,6 +48,16 @@ except ImportError:  # Django < 6: the backport
         TaskResultMismatch,
     )
     API = "django_tasks"
+
+DB_DIR = tempfile.mkdtemp(prefix="edgesync-djangotasks-")  # removed by db_dir_removed
+if not settings.configured:
+    from tests.apps.djangotasks import settings as site_settings
+    settings.configure(**{**{k: getattr(site_settings, k) for k in dir(site_settings) if k.isupper()},
+                          "DATABASES": {"default": {"ENGINE": "django.db.backends.sqlite3",
+                                                    "NAME": os.path.join(DB_DIR, "db.sqlite3")}}})
+    django.setup()
+
+from .apps.djangotasks import tasks  # noqa: E402  (@task needs the settings above)
 
 WORKER_ID = "%s:%d" % (socket.gethostname()[:40], os.getpid())
 
@@ -121,7 +121,7 @@ def test_enqueue_runs_the_task_in_the_background_and_the_result_follows(
     wait_for(lambda: result.status == TaskResultStatus.RUNNING, 5, "the task to start")
     assert result.started_at is not None and result.worker_ids == [WORKER_ID]
     with pytest.raises(ValueError, match="not finished"):
-        result.return_value
+        _ = result.return_value
     assert tasks.blocked.get_result(result.id) is result
     gates("g").set()
     edgesync_runtime.wait()
@@ -157,7 +157,7 @@ def test_a_failing_task_is_failed_with_its_error_and_not_swallowed(
     assert error.exception_class is ValueError
     assert "ValueError: boom" in error.traceback and "in fail" in error.traceback
     with pytest.raises(ValueError, match="Task failed"):
-        result.return_value
+        _ = result.return_value
     assert result.finished_at is not None and result.worker_ids == [WORKER_ID]
     assert signal_log[-1] == ("task_finished", result.id, "FAILED")
     # edgesync sees the failure too: counted, and an unhandledrejection event.
