@@ -32,6 +32,7 @@ import edgesync.django
 from edgesync.testing import TestRuntime, runtime
 
 from .conftest import REPO, Server, wait_for
+from .test_examples import call, run_example
 
 if importlib.util.find_spec("django.tasks") is None and importlib.util.find_spec("django_tasks") is None:
     pytest.skip("needs django.tasks (Django >= 6) or the django-tasks backport", allow_module_level=True)
@@ -330,3 +331,17 @@ def test_under_gunicorn_an_enqueued_task_runs_after_the_response(
     report = wait_for(finished, 5, "the result to read SUCCESSFUL")
     assert report["return_value"] == text
     assert report["worker_ids"] == ["%s:%d" % (socket.gethostname()[:40], worker)]
+
+
+@pytest.mark.slow
+def test_the_django_example_runs_its_tasks_unchanged_on_another_backend(
+        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    # tests/test_examples.py runs examples/django_app on edgesync's backend; here only
+    # the TASKS setting changes (to Django's inline backend) and the same task code runs.
+    immediate = API + ".backends.immediate.ImmediateBackend"
+    server = run_example(server_factory, "django_app.wsgi",
+                         {"DJANGO_DB": str(tmp_path / "db.sqlite3"), "DJANGO_TASKS_BACKEND": immediate})
+    assert server.get("/") == (202, b"Request accepted\n")
+    # Inline: the row exists as soon as the response does.
+    visits = call(server, "GET", "/visits")[1]
+    assert visits["count"] == 1 and visits["latest"][0]["path"] == "/"
