@@ -34,6 +34,23 @@ instances or the request (the request is finished by the time the task runs)::
 With persistent connections (``CONN_MAX_AGE > 0`` or ``None``) each background
 thread keeps its connection between tasks, as a request thread does, so a worker
 holds at most ``background_threads`` extra connections per database alias.
+
+Django's Tasks framework (``django.tasks``, or the ``django-tasks`` backport before
+Django 6) gets a backend that runs each enqueued task through ``wait_until``, with
+the same hygiene::
+
+    TASKS = {"default": {"BACKEND": "edgesync.django.TasksBackend"}}
+
+    @task
+    def record_visit(path: str) -> None:
+        Visit.objects.create(path=path)
+
+    def index(request):
+        record_visit.enqueue(request.path)
+        return HttpResponse("Request accepted", status=202)
+
+Tasks and results live in the worker's memory: see README.md, "Django Tasks
+backend", for what that guarantees and what the backend declares it supports.
 """
 
 from __future__ import annotations
@@ -59,6 +76,8 @@ from django.utils.crypto import get_random_string  # type: ignore[import-untyped
 from . import _runtime, wait_until
 from ._pool import run_awaitable
 
+# TasksBackend is public too, but built on first access (see ``__getattr__``), so a
+# star import does not need Django's Tasks framework.
 __all__ = ["EdgeSyncConfig", "install", "uninstall"]
 
 
