@@ -191,6 +191,8 @@ def _tasks_backend_class() -> type:
     with _backend_lock:
         if _backend_class is None:
             _backend_class = _define_tasks_backend(_TasksAPI())
+            # From now on a plain module attribute: __getattr__ is not consulted again.
+            globals()["TasksBackend"] = _backend_class
         return _backend_class
 
 

@@ -237,9 +237,10 @@ def test_results_are_found_by_id_in_this_process(edgesync_runtime: TestRuntime) 
     assert seen == [result]
 
 
-def test_only_the_most_recent_finished_results_are_kept(edgesync_runtime: TestRuntime) -> None:
-    results = [tasks.small.enqueue(n) for n in range(4)]
-    edgesync_runtime.wait()
+def test_only_the_most_recent_finished_results_are_kept() -> None:
+    with runtime(background_threads=1) as rt:  # one thread: they finish in order
+        results = [tasks.small.enqueue(n) for n in range(4)]
+        rt.wait()
     assert [r.return_value for r in results] == [0, 1, 2, 3]
     backend = task_backends["small"]
     assert backend.results_kept == 2
