@@ -9,6 +9,7 @@ response. They run with ``django.tasks`` (Django >= 6, Python >= 3.12) and with 
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
@@ -50,7 +51,8 @@ except ImportError:  # Django < 6: the backport
     )
     API = "django_tasks"
 
-DB_DIR = tempfile.mkdtemp(prefix="edgesync-djangotasks-")  # removed by db_dir_removed
+DB_DIR = tempfile.mkdtemp(prefix="edgesync-djangotasks-")
+atexit.register(shutil.rmtree, DB_DIR, True)  # even if no test of this module runs
 if not settings.configured:
     from tests.apps.djangotasks import settings as site_settings
     settings.configure(**{**{k: getattr(site_settings, k) for k in dir(site_settings) if k.isupper()},
@@ -61,12 +63,6 @@ if not settings.configured:
 from .apps.djangotasks import tasks  # noqa: E402  (@task needs the settings above)
 
 WORKER_ID = "%s:%d" % (socket.gethostname()[:40], os.getpid())
-
-
-@pytest.fixture(autouse=True, scope="module")
-def db_dir_removed() -> Iterator[None]:
-    yield
-    shutil.rmtree(DB_DIR, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
