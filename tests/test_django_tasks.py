@@ -134,6 +134,17 @@ def test_enqueue_runs_the_task_in_the_background_and_the_result_follows(
     assert edgesync_runtime.metrics()["tasks"]["completed"] == 1
 
 
+def test_beforeunload_names_pending_tasks_by_function_and_result_id(
+        edgesync_runtime: TestRuntime, gates: Callable[[str], threading.Event]) -> None:
+    events = edgesync_runtime.record("beforeunload")
+    result = tasks.blocked.enqueue("named")
+    edgesync_runtime.fire_beforeunload("wall_clock")
+    [event] = events
+    assert [t.name for t in event.pending_tasks] == ["tests.apps.djangotasks.tasks.blocked[%s]" % result.id]
+    gates("named").set()
+    edgesync_runtime.wait()
+
+
 def test_arguments_and_return_values_are_json(edgesync_runtime: TestRuntime) -> None:
     result = tasks.add.enqueue(2, b=3)
     edgesync_runtime.wait()
@@ -342,3 +353,22 @@ def test_the_django_example_runs_its_tasks_unchanged_on_another_backend(
     # Inline: the row exists as soon as the response does.
     visits = call(server, "GET", "/visits")[1]
     assert visits["count"] == 1 and visits["latest"][0]["path"] == "/"
+
+
+@pytest.mark.slow
+def test_under_gunicorn_the_cpu_limit_cancels_a_task_and_its_result_says_so(
+        server_factory: Callable[..., Server]) -> None:
+    no_other_limits = {"EDGESYNC_WALL_CLOCK_LIMIT_MS": "0", "EDGESYNC_CPU_SOFT_LIMIT_MS": "0",
+                       "EDGESYNC_MEMORY_LIMIT_MB": "0", "EDGESYNC_REQUEST_IDLE_TIMEOUT_MS": "0"}
+    server = server_factory("--threads", "2", app="tests.apps.djangotasks.wsgi",
+                            env={**no_other_limits, "EDGESYNC_CPU_HARD_LIMIT_MS": "300"})
+    status, body = server.get("/spin?s=30", timeout=5)
+    assert status == 200, body
+    result_id = json.loads(body)["id"]
+    server.wait_for_log(r"cancelled task tests\.apps\.djangotasks\.tasks\.spin\[%s\] \(reason=cpu\)" % result_id)
+
+    def failed() -> Any:
+        report = server.get_json("/result?id=%s" % result_id)
+        return report["status"] == "FAILED" and report
+    report = wait_for(failed, 10, "the result to read FAILED")
+    assert report["errors"] == ["edgesync._invocation.InvocationCancelled"]

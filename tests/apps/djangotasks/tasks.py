@@ -89,3 +89,12 @@ def write_when_released(directory: str, text: str) -> str:
         time.sleep(0.01)
     (folder / "done").write_text(text)
     return text
+
+
+@task
+def spin(seconds: float) -> int:
+    """Burn CPU in Python for up to ``seconds`` (a CPU limit should cancel it first)."""
+    deadline, n = time.monotonic() + seconds, 0
+    while time.monotonic() < deadline:
+        n += 1
+    return n
