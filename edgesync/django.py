@@ -65,7 +65,7 @@ import threading
 import traceback
 from concurrent.futures import CancelledError, Future
 from contextvars import Context
-from typing import Any, Callable, Coroutine, Deque, Dict, Optional, Tuple
+from typing import Any, Awaitable, Callable, Deque, Dict, Optional, Tuple
 
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.apps import AppConfig  # type: ignore[import-untyped]
@@ -375,7 +375,7 @@ class _TaskRun:
             if task.takes_context:
                 args.insert(0, api.TaskContext(task_result=result))
             value = task.func(*args, **result.kwargs)
-            if inspect.iscoroutine(value):
+            if inspect.isawaitable(value):
                 value = run_awaitable(_with_async_connection_hygiene(value))
             object.__setattr__(result, "_return_value", api.normalize_json(value))
         # why BaseException: a cancellation by a CPU limit (InvocationCancelled) fails
@@ -411,7 +411,7 @@ class _TaskRun:
             self._finish(self.api.TaskResultStatus.FAILED, exc)
 
 
-async def _with_async_connection_hygiene(coro: Coroutine[Any, Any, Any]) -> Any:
+async def _with_async_connection_hygiene(awaitable: Awaitable[Any]) -> Any:
     """Await an ``async def`` task's coroutine with its own thread for sync ORM calls.
 
     Outside a request, asgiref sends ``sync_to_async`` calls (every async ORM method)
@@ -421,6 +421,6 @@ async def _with_async_connection_hygiene(coro: Coroutine[Any, Any, Any]) -> Any:
     """
     async with ThreadSensitiveContext():
         try:
-            return await coro
+            return await awaitable
         finally:
             await sync_to_async(connections.close_all)()
