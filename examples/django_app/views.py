@@ -1,19 +1,13 @@
 from django.http import HttpResponse, JsonResponse
 
-import edgesync
-
 from .models import Visit
-
-
-def record_visit(path: str, user_agent: str) -> None:
-    # Runs on a background thread after the response; edgesync.django closes its
-    # database connection afterwards, as Django does at the end of a request.
-    Visit.objects.create(path=path, user_agent=user_agent[:200])
+from .tasks import record_visit
 
 
 def index(request):
-    # Pass plain values, not the request: it is finished by the time the task runs.
-    edgesync.wait_until(record_visit, request.path, request.headers.get("User-Agent", ""))
+    # Pass plain values, not the request: arguments are stored as JSON, and the
+    # request is finished by the time the task runs.
+    record_visit.enqueue(request.path, request.headers.get("User-Agent", ""))
     return HttpResponse("Request accepted\n", status=202)
 
 
