@@ -27,6 +27,7 @@ from ._events import (
     BeforeUnloadEvent,
     TaskInfo,
     UnhandledRejectionEvent,
+    UnloadEvent,
     add_event_listener,
     remove_event_listener,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "Settings",
     "TaskInfo",
     "UnhandledRejectionEvent",
+    "UnloadEvent",
     "Worker",
     "add_event_listener",
     "load_settings",
@@ -102,7 +104,8 @@ def runtime_metrics() -> Dict[str, Any]:
     Keys: ``pid``, ``state`` (serving / draining / terminating / unloaded), ``cause``
     (why it drains: retire, oneshot, stop, quick, exit, close), ``policy``, ``age_s``,
     ``rss_bytes``, ``rss_baseline_bytes``, ``requests``, ``tasks`` (queued, running,
-    tracked, completed, failed, abandoned), ``background_threads``,
+    tracked, completed, failed, abandoned), ``background_threads`` (the setting) and
+    ``background_threads_started``,
     ``invocations_cancelled``, ``retire_reason``, ``terminate_reason`` and
     ``beforeunload_dispatched`` (reasons, in order). Outside gunicorn this creates
     the default runtime if needed (no thread starts until work arrives); in the

@@ -142,6 +142,11 @@ class Settings:
         1000, doc="Queued plus running wait_until tasks before wait_until raises QueueFull.",
         minimum=1, maximum=10_000_000,
     )
+    exit_drain_timeout_ms: int = _setting(
+        30000, doc="Outside gunicorn (flask run, a script): how long the exit drain waits for tasks. "
+        "Under gunicorn, graceful_timeout bounds every drain. 0: abandon them at once (logged).",
+        maximum=_MAX_MS, open_ended=True,
+    )
 
     def __post_init__(self) -> None:
         values = dataclasses.asdict(self)

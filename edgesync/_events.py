@@ -23,7 +23,8 @@ log = logging.getLogger("edgesync")
 
 BEFOREUNLOAD = "beforeunload"
 UNHANDLEDREJECTION = "unhandledrejection"
-EVENT_TYPES = (BEFOREUNLOAD, UNHANDLEDREJECTION)
+UNLOAD = "unload"
+EVENT_TYPES = (BEFOREUNLOAD, UNHANDLEDREJECTION, UNLOAD)
 
 #: The reasons a ``beforeunload`` event carries (README, "Lifecycle"), declared in ``_lifecycle.Reason``.
 REASONS = tuple(r.value for r in Reason)
@@ -101,7 +102,32 @@ class UnhandledRejectionEvent:
         return "<UnhandledRejectionEvent task=%s reason=%r>" % (self.task_name, self.reason)
 
 
-Event = Union[BeforeUnloadEvent, UnhandledRejectionEvent]
+class UnloadEvent:
+    """The drain is over: sent once, at the very end, with the tasks it abandoned.
+
+    It extends the seed's model the way the DOM's ``unload`` follows
+    ``beforeunload``: ``beforeunload`` (``termination``) fires when a stop *begins*,
+    so that the app has the whole window; ``unload`` fires when the drain has
+    *ended*, so that a listener saving progress saves the final state and knows
+    exactly what did not finish. ``reason`` is the drain's (``early_drop``,
+    ``termination``, the limit that terminated the instance, or ``close``);
+    ``abandoned_tasks`` lists every task given up (each also logged), empty when all
+    finished. Listeners run on the events thread and have ``UNLOAD_BUDGET`` seconds
+    together (``_lifecycle.UNLOAD_BUDGET``, 0.5 s: the process is about to exit).
+    """
+
+    type = UNLOAD
+
+    def __init__(self, reason: str, abandoned_tasks: Tuple[TaskInfo, ...]):
+        self.reason = reason
+        self.detail: Dict[str, str] = {"reason": reason}
+        self.abandoned_tasks = abandoned_tasks
+
+    def __repr__(self) -> str:
+        return "<UnloadEvent reason=%r abandoned=%d>" % (self.reason, len(self.abandoned_tasks))
+
+
+Event = Union[BeforeUnloadEvent, UnhandledRejectionEvent, UnloadEvent]
 Listener = Callable[[Any], Any]
 
 _lock = threading.Lock()
@@ -111,13 +137,13 @@ _listeners: Dict[str, List[Listener]] = {t: [] for t in EVENT_TYPES}
 def _check_type(type: str) -> None:
     if not isinstance(type, str) or type not in _listeners:
         raise ValueError(
-            "unknown event type %r: edgesync dispatches %s" % (type, " and ".join(map(repr, EVENT_TYPES))))
+            "unknown event type %r: edgesync dispatches %s" % (type, ", ".join(map(repr, EVENT_TYPES))))
 
 
 def add_event_listener(type: str, listener: Listener) -> None:
     """Call ``listener(event)`` on every ``type`` event of this process.
 
-    ``type`` is ``"beforeunload"`` or ``"unhandledrejection"``; anything else raises
+    ``type`` is ``"beforeunload"``, ``"unhandledrejection"`` or ``"unload"``; anything else raises
     ``ValueError``. A non-callable listener raises ``TypeError``. Adding a listener
     that is already registered for ``type`` does nothing (as in the DOM).
     """

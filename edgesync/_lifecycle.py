@@ -209,6 +209,8 @@ LIMIT_BUDGET = 1.0
 MAX_SAFETY_MARGIN = 1.0
 #: The least time ``at_end`` listeners get, even when the drain used its whole budget.
 AT_END_MINIMUM = 1.0
+#: How long ``unload`` listeners have, together, once the drain is over.
+UNLOAD_BUDGET = 0.5
 #: The longest a drain waits between two looks at its host (heartbeat, signals).
 DRAIN_TICK = 0.05
 
@@ -342,7 +344,18 @@ class Drain:
         announced = (lc.terminate_reason if lc.state is State.TERMINATING
                      else plan.at_start or plan.at_end)
         why = announced.value if announced is not None else (lc.cause or Trigger.UNLOAD).value
-        return rt.unload(why)
+        abandoned = rt.unload(why)
+        done = rt.unload_done
+        if done is not None:
+            # The unload listeners run in the safety margin before the process exits.
+            until = time.monotonic() + UNLOAD_BUDGET
+            while not done.wait(min(DRAIN_TICK, max(0.0, until - time.monotonic()))):
+                self.host.heartbeat()
+                if time.monotonic() >= until:
+                    log.warning("worker %d: unload listeners still running after %.1fs; exiting "
+                                "without them", rt.pid, UNLOAD_BUDGET)
+                    break
+        return abandoned
 
 
 def drain(rt: Runtime, host: Host) -> Tuple[Plan, List[TaskInfo]]:
@@ -353,7 +366,8 @@ def drain(rt: Runtime, host: Host) -> Tuple[Plan, List[TaskInfo]]:
     done or the deadline passes (a stronger cause arriving meanwhile takes over, with
     the earlier of the two deadlines); dispatch ``at_end`` and wait for what it
     scheduled; then close the pool, so later work is refused with a RuntimeError, and
-    unload: every task still pending is abandoned and logged. Nothing accepted is
+    unload: every task still pending is abandoned and logged, and the ``unload``
+    event lists them (its listeners get ``UNLOAD_BUDGET``). Nothing accepted is
     dropped without a log line. Returns the plan that ended the drain (its
     ``exit_status``) and the tasks abandoned.
     """

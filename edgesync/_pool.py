@@ -310,6 +310,29 @@ class Pool:
         self._queue.put(None)
 
 
+class EagerPool(Pool):
+    """A pool that runs each task inline, in ``submit`` (Celery's ``task_always_eager``).
+
+    For an app's tests (``edgesync.testing.runtime(eager=True)``): the task runs on
+    the caller's thread, in its copied context, through the same path as a pooled
+    task (name, id, limits' bookkeeping, ``unhandledrejection``, counts), and its
+    future is done when ``wait_until`` returns.
+    """
+
+    def submit(self, fn: Callable[..., Any], args: Any, kwargs: Any, context: Context,
+               named: Any = None) -> Future[Any]:
+        task = Task(Future(), fn, args, kwargs, context, fn if named is None else named)
+        with self._lock:
+            self._accept(task)
+        slot = self._tracker.slot()
+        outer = slot.current  # wait_until from inside a request or a task: restored below
+        try:
+            self._run(task, slot)
+        finally:
+            slot.current = outer
+        return task.future
+
+
 def _work(pool: Pool, work_queue: queue.SimpleQueue[Optional[Task]], tracker: Tracker) -> None:
     slot = tracker.register_thread()
     try:

@@ -15,6 +15,7 @@ import inspect
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from concurrent.futures import Future
@@ -24,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 from . import _events
 from ._config import Settings, load_settings
 from ._context import isolate
-from ._events import BeforeUnloadEvent, TaskInfo, UnhandledRejectionEvent
+from ._events import BeforeUnloadEvent, TaskInfo, UnhandledRejectionEvent, UnloadEvent
 from ._identity import task_name
 from ._invocation import Kind, Outcome, Tracker
 from ._lifecycle import Budget, Lifecycle, Reason, State, Trigger, drain
@@ -32,8 +33,6 @@ from ._pool import Pool, Task, run_awaitable
 
 log = logging.getLogger("edgesync")
 
-#: How long the default runtime (outside gunicorn) waits for its tasks at exit.
-EXIT_DRAIN_SECONDS = 30.0
 
 #: ``hook(fn, context) -> (fn, context)``, applied in the caller's thread when
 #: ``wait_until`` accepts a callable: framework integrations (edgesync.flask,
@@ -82,9 +81,10 @@ class Runtime:
         self.pool = Pool(settings.background_threads, settings.max_pending_tasks, self.tracker,
                          self._task_failed)
         self.rss_baseline: Optional[int] = None
+        self.unload_done: Optional[threading.Event] = None  # the unload event's listeners returned
         self._lock = threading.Lock()
         self._dispatched: List[Reason] = []
-        self._events: queue.SimpleQueue[Optional[Tuple[BeforeUnloadEvent, threading.Event]]] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[Optional[Tuple[_events.Event, threading.Event]]] = queue.SimpleQueue()
         self._event_thread: Optional[threading.Thread] = None
         self._process: Optional[_RssReader] = None  # created on first use (after fork)
         self.stats: Optional[StatsSink] = None
@@ -157,20 +157,24 @@ class Runtime:
             if reason in self._dispatched:
                 return None
             self._dispatched.append(reason)
-            if self._event_thread is None:
-                self._event_thread = threading.Thread(target=_dispatch_events, args=(self._events,),
-                                                      name="edgesync-events", daemon=True)
-                self._event_thread.start()
         pending = tuple(self.pool.snapshot())
         event = BeforeUnloadEvent(reason.value, deadline, pending)
         left = event.time_remaining
         log.info("worker %d: beforeunload (reason=%s, %d tasks pending%s)", self.pid, reason,
                  len(pending), "" if left is None else ", %.1fs left" % left)
         self._increment("beforeunload." + reason)
+        return self._post(event)
+
+    def _post(self, event: _events.Event) -> threading.Event:
+        """Queue ``event`` for the events thread (started on first use); set when dispatched."""
         done = threading.Event()
         with self._lock:
+            if self._event_thread is None:
+                self._event_thread = threading.Thread(target=_dispatch_events, args=(self._events,),
+                                                      name="edgesync-events", daemon=True)
+                self._event_thread.start()
             self._events.put((event, done))
-            if self.lifecycle.state is State.UNLOADED and self._event_thread is not None:
+            if self.lifecycle.state is State.UNLOADED:
                 # Nothing will stop this thread later: let it exit after this event.
                 self._events.put(None)
                 self._event_thread = None
@@ -213,11 +217,6 @@ class Runtime:
         ``LifecycleError`` if the instance is unloaded already.
         """
         self.lifecycle.request(Trigger.UNLOAD)
-        with self._lock:
-            if self._event_thread is not None:
-                # After the events already queued, the thread reads this and exits.
-                self._events.put(None)
-                self._event_thread = None
         abandoned = self.pool.abandon(
             "edgesync: this instance is unloading (%s) and accepts no more background work; "
             "run the work inline, or schedule it before the instance unloads" % why)
@@ -237,6 +236,15 @@ class Runtime:
         log.info("worker %d: unloaded (%s; %d requests served, %d tasks abandoned)", self.pid,
                  why, self.tracker.requests(), len(abandoned))
         self.flush_stats()
+        if _events.listeners(_events.UNLOAD):
+            # The last event; the events thread exits after it (see _post).
+            self.unload_done = self._post(UnloadEvent(why, tuple(abandoned)))
+        else:
+            with self._lock:
+                if self._event_thread is not None:
+                    # After the events already queued, the thread reads this and exits.
+                    self._events.put(None)
+                    self._event_thread = None
         return abandoned
 
     # -- observability -------------------------------------------------------------
@@ -295,7 +303,9 @@ class Runtime:
             "requests": self.tracker.requests(),
             "tasks": {k: counts[k] for k in ("queued", "running", "tracked", "completed",
                                               "failed", "abandoned")},
-            "background_threads": counts["threads"],
+            # The setting, as the worker's "serving" line shows it; and how many started.
+            "background_threads": self.settings.background_threads,
+            "background_threads_started": counts["threads"],
             "invocations_cancelled": self.tracker.cancelled(),
             "retire_reason": lc.retire_reason,
             "terminate_reason": None if lc.terminate_reason is None else lc.terminate_reason.value,
@@ -346,7 +356,7 @@ def _chain_asyncio_future(afut: asyncio.Future[Any]) -> Future[Any]:
     return future
 
 
-def _dispatch_events(events: queue.SimpleQueue[Optional[Tuple[BeforeUnloadEvent, threading.Event]]]) -> None:
+def _dispatch_events(events: queue.SimpleQueue[Optional[Tuple[_events.Event, threading.Event]]]) -> None:
     while True:
         item = events.get()
         if item is None:
@@ -396,15 +406,48 @@ def _start_default() -> Runtime:
 def _drain_default_at_exit(rt: Runtime) -> None:
     if rt is not _default or rt.pid != os.getpid():
         return  # a forked child inherited the registration, not the runtime
-    drain_default(rt, EXIT_DRAIN_SECONDS)
+    timeout = rt.settings.exit_drain_timeout_ms / 1000.0
+    # Before anything is said: a Ctrl-C answering the announcement must find it.
+    host = ProcessHost(rt, timeout, catch_ctrl_c=True)
+    pending = rt.pool.pending
+    reloading = any(os.environ.get(name) == "true" for name in _RELOADER_CHILD)
+    if reloading:
+        host.timeout = 0.0
+        if pending:
+            log.warning("edgesync: the reloader restarts this process: abandoning %d background "
+                        "task(s) now", pending)
+    elif pending:
+        # Said at once, at WARNING so that it shows without any logging set up.
+        log.warning("edgesync: the process is exiting: waiting up to %.0fs (exit_drain_timeout_ms) "
+                    "for %d background task(s); press Ctrl-C again to abandon them", timeout, pending)
+    drain_default(rt, timeout, host=host)
 
 
 class ProcessHost:
-    """The drain's host outside gunicorn: no requests, no heartbeat, a fixed budget."""
+    """The drain's host outside gunicorn: no requests, no heartbeat, a fixed budget.
 
-    def __init__(self, timeout: float):
+    With ``catch_ctrl_c`` (the exit drain, on the main thread) a Ctrl-C during the
+    drain does not raise into it: it turns the drain into a quick one, which
+    abandons what is left at once, each task logged.
+    """
+
+    def __init__(self, rt: Runtime, timeout: float, catch_ctrl_c: bool = False):
+        self.rt = rt
         self.timeout = timeout
         self._never = threading.Event()
+        self._interrupted = False
+        self._previous: Any = None
+        if catch_ctrl_c and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, sig: int, frame: Any) -> None:
+        self._interrupted = True  # only a flag: the handler may run inside a lock holder
+        self._never.set()
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
     def stop_accepting(self) -> None:
         """Nothing to stop: there is no listening socket."""
@@ -416,7 +459,8 @@ class ProcessHost:
         """Nothing to answer: there are no requests."""
 
     def poll(self) -> None:
-        """Nothing arrives through signals: Ctrl-C raises KeyboardInterrupt instead."""
+        if self._interrupted and self.rt.lifecycle.request(Trigger.QUICK):
+            log.warning("edgesync: Ctrl-C again: abandoning %d background task(s)", self.rt.pool.pending)
 
     def tick(self, timeout: float) -> None:
         self._never.wait(timeout)
@@ -425,18 +469,30 @@ class ProcessHost:
         """Nobody watches a plain process."""
 
     def budget(self, budget: Budget, since: float) -> float:
-        return since + self.timeout
+        return since if budget is Budget.QUICK else since + self.timeout
 
 
-def drain_default(rt: Runtime, timeout: float, trigger: Trigger = Trigger.EXIT) -> List[TaskInfo]:
+def drain_default(rt: Runtime, timeout: float, trigger: Trigger = Trigger.EXIT,
+                  host: Optional[ProcessHost] = None) -> List[TaskInfo]:
     """Drain ``rt`` (a runtime outside gunicorn) within ``timeout`` s and unload it.
 
-    ``Trigger.EXIT`` fires ``beforeunload`` (termination) first; ``Trigger.CLOSE`` fires
-    nothing. The drain is ``_lifecycle.drain``, the one a gunicorn worker runs.
+    ``Trigger.EXIT`` fires ``beforeunload`` (termination) first, and a Ctrl-C during
+    it abandons what is left; ``Trigger.CLOSE`` fires nothing. The drain is
+    ``_lifecycle.drain``, the one a gunicorn worker runs.
     """
     rt.lifecycle.request(trigger)
-    _plan, abandoned = drain(rt, ProcessHost(timeout))
+    if host is None:
+        host = ProcessHost(rt, timeout, catch_ctrl_c=trigger is Trigger.EXIT)
+    try:
+        _plan, abandoned = drain(rt, host)
+    finally:
+        host.restore()
     return abandoned
+
+
+#: Set in the child process of a development reloader (Werkzeug's, Django's
+#: runserver): it exits to be restarted on every code change, and must not wait.
+_RELOADER_CHILD = ("WERKZEUG_RUN_MAIN", "RUN_MAIN")
 
 
 def _after_fork_in_child() -> None:

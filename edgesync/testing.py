@@ -14,8 +14,11 @@ The equivalent of Cloudflare's ``waitOnExecutionContext``::
 
 ``edgesync_runtime`` is a pytest fixture (registered through the ``pytest11`` entry
 point): each test gets a fresh runtime, installed as the process's runtime, that
-is torn down afterwards, so no task or state crosses from one test to the next.
-Outside pytest use ``with edgesync.testing.runtime() as rt: ...``.
+is drained afterwards (by the same drain a worker runs); a test that ends with a
+task still pending after ``TEARDOWN_TIMEOUT`` fails, naming the task, instead of
+letting it run on into the next test. ``edgesync_eager`` runs every task inline,
+in ``wait_until`` (Celery's ``task_always_eager``). Outside pytest use
+``with edgesync.testing.runtime() as rt: ...`` (``runtime(eager=True)`` too).
 """
 
 from __future__ import annotations
@@ -29,9 +32,13 @@ from . import _events, _runtime
 from ._config import Settings
 from ._events import TaskInfo
 from ._lifecycle import Reason, State, Trigger
+from ._pool import EagerPool
 from ._runtime import Runtime, drain_default
 
-__all__ = ["TaskTimeout", "TestRuntime", "edgesync_runtime", "runtime"]
+__all__ = ["TaskTimeout", "TestRuntime", "edgesync_eager", "edgesync_runtime", "runtime"]
+
+#: How long the ``edgesync_runtime`` fixture waits for pending tasks when a test ends.
+TEARDOWN_TIMEOUT = 5.0
 
 
 class TaskTimeout(AssertionError):
@@ -43,10 +50,15 @@ class TestRuntime:
 
     __test__ = False  # not a test class, whatever pytest's name matching thinks
 
-    def __init__(self, settings: Optional[Settings] = None, **overrides: Any):
+    def __init__(self, settings: Optional[Settings] = None, *, eager: bool = False, **overrides: Any):
         base = settings if settings is not None else Settings()
         self.settings = dataclasses.replace(base, **overrides) if overrides else base
         self.runtime = Runtime(self.settings)
+        if eager:
+            # Every task runs inline in wait_until, which returns a done future.
+            rt = self.runtime
+            rt.pool = EagerPool(self.settings.background_threads, self.settings.max_pending_tasks,
+                                rt.tracker, rt._task_failed)
         self._previous = _runtime.peek()
         self._recorders: List[Any] = []
         _runtime.install(self.runtime)
@@ -102,9 +114,14 @@ class TestRuntime:
 
 
 @contextlib.contextmanager
-def runtime(settings: Optional[Settings] = None, **overrides: Any) -> Iterator[TestRuntime]:
-    """A ``TestRuntime`` installed for the ``with`` block, closed after it."""
-    rt = TestRuntime(settings, **overrides)
+def runtime(settings: Optional[Settings] = None, *, eager: bool = False,
+            **overrides: Any) -> Iterator[TestRuntime]:
+    """A ``TestRuntime`` installed for the ``with`` block, closed after it.
+
+    ``eager=True`` runs every task inline, in ``wait_until`` (Celery's
+    ``task_always_eager``, RQ's ``is_async=False``).
+    """
+    rt = TestRuntime(settings, eager=eager, **overrides)
     try:
         yield rt
     finally:
@@ -118,6 +135,26 @@ except ImportError:  # the helpers above work without pytest; only the fixture n
 else:
     @pytest.fixture
     def edgesync_runtime() -> Iterator[TestRuntime]:
-        """A fresh edgesync runtime for this test (see ``edgesync.testing``)."""
-        with runtime() as rt:
+        """A fresh edgesync runtime for this test (see ``edgesync.testing``).
+
+        Fails the test if tasks are still pending when it ends (after up to
+        ``TEARDOWN_TIMEOUT`` s): a task that runs on into the next test is a bug in
+        the test (call ``edgesync_runtime.wait()``) or in the task.
+        """
+        rt = TestRuntime()
+        try:
+            yield rt
+        finally:
+            abandoned = rt.close(TEARDOWN_TIMEOUT)
+        if abandoned:
+            pytest.fail("edgesync: %d task(s) still pending when the test ended (waited %.1fs): %s; "
+                        "call edgesync_runtime.wait() in the test, or fix the task"
+                        % (len(abandoned), TEARDOWN_TIMEOUT,
+                           ", ".join("%s (%s, id=%s)" % (t.name, t.state, t.id) for t in abandoned)),
+                        pytrace=False)
+
+    @pytest.fixture
+    def edgesync_eager() -> Iterator[TestRuntime]:
+        """Like ``edgesync_runtime``, but every task runs inline, in ``wait_until``."""
+        with runtime(eager=True) as rt:
             yield rt

@@ -331,7 +331,8 @@ def test_misuse_removing_an_unknown_listener_does_nothing() -> None:
 
 
 METRIC_KEYS = {"pid", "state", "cause", "policy", "age_s", "rss_bytes", "rss_baseline_bytes", "requests", "tasks",
-               "background_threads", "invocations_cancelled", "retire_reason", "terminate_reason",
+               "background_threads", "background_threads_started", "invocations_cancelled", "retire_reason",
+               "terminate_reason",
                "beforeunload_dispatched"}
 TASK_KEYS = {"queued", "running", "tracked", "completed", "failed", "abandoned"}
 
@@ -340,7 +341,8 @@ def test_runtime_metrics_keys_and_plain_data(release: threading.Event) -> None:
     with testing.runtime(background_threads=2) as rt:
         fresh = edgesync.runtime_metrics()
         assert set(fresh) == METRIC_KEYS and set(fresh["tasks"]) == TASK_KEYS
-        assert fresh["tasks"] == dict.fromkeys(TASK_KEYS, 0) and fresh["background_threads"] == 0
+        assert fresh["tasks"] == dict.fromkeys(TASK_KEYS, 0) and fresh["background_threads_started"] == 0
+        assert fresh["background_threads"] == 2, "the setting, as the serving line shows it"
         assert (fresh["pid"], fresh["state"], fresh["policy"]) == (os.getpid(), "serving", "per_worker")
         assert fresh["beforeunload_dispatched"] == [] and fresh["invocations_cancelled"] == 0
         assert fresh["retire_reason"] is None and fresh["terminate_reason"] is None
@@ -372,7 +374,7 @@ def test_runtime_metrics_keys_and_plain_data(release: threading.Event) -> None:
         tasks = snapshot["tasks"]
         assert (tasks["completed"], tasks["failed"], tasks["tracked"], tasks["abandoned"]) == (1, 1, 1, 0)
         assert tasks["queued"] + tasks["running"] == 1
-        assert 1 <= snapshot["background_threads"] <= 2
+        assert 1 <= snapshot["background_threads_started"] <= 2
         assert snapshot["age_s"] >= fresh["age_s"]
 
     closed = rt.metrics()

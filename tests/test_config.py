@@ -26,6 +26,7 @@ DESIGN_DEFAULTS = {
     "beforeunload_memory_ratio": 90,
     "background_threads": 8,
     "max_pending_tasks": 1000,
+    "exit_drain_timeout_ms": 30000,
 }
 
 
@@ -70,6 +71,7 @@ def test_full_valid_file(tmp_path: Path) -> None:
         "beforeunload_memory_ratio": 75,
         "background_threads": 1,
         "max_pending_tasks": 10_000_000,
+        "exit_drain_timeout_ms": 5000,
     }
     body = "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in wanted.items())
     write(tmp_path, f"# comment\n[edge_runtime]\n{body}\n")

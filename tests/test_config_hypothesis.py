@@ -33,6 +33,7 @@ RANGES = {
     "beforeunload_memory_ratio": (0, 100),
     "background_threads": (1, 1024),
     "max_pending_tasks": (1, 10_000_000),
+    "exit_drain_timeout_ms": (0, 2**31 - 1),
 }
 KEYS = ["policy", *RANGES]
 DEFAULTS = dataclasses.asdict(Settings())

@@ -58,7 +58,7 @@ def boom() -> None:
 
 
 def test_event_types_and_reasons_match_the_design() -> None:
-    assert EVENT_TYPES == ("beforeunload", "unhandledrejection")
+    assert EVENT_TYPES == ("beforeunload", "unhandledrejection", "unload")
     assert REASONS == DESIGN_REASONS
     assert BeforeUnloadEvent.type == "beforeunload"
     assert UnhandledRejectionEvent.type == "unhandledrejection"

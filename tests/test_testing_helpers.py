@@ -161,7 +161,7 @@ def test_record_collects_events_until_close() -> None:
 
 
 def test_record_of_an_unknown_type_raises(edgesync_runtime: TestRuntime) -> None:
-    with pytest.raises(ValueError, match="'beforeunload' and 'unhandledrejection'"):
+    with pytest.raises(ValueError, match="'beforeunload', 'unhandledrejection', 'unload'"):
         edgesync_runtime.record("rejection")
 
 

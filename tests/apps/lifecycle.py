@@ -39,6 +39,9 @@ def on_beforeunload(event: edgesync.BeforeUnloadEvent) -> None:
 
 
 edgesync.add_event_listener("beforeunload", on_beforeunload)
+if os.environ.get("UNLOAD_RECORDS"):
+    edgesync.add_event_listener("unload", lambda ev: record(
+        type="unload", reason=ev.reason, abandoned=[t.to_dict() for t in ev.abandoned_tasks]))
 
 
 def _spin(seconds: float) -> None:
