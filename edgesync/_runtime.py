@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from contextvars import Context, copy_context
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
-from . import _events
+from . import _events, _recovery
 from ._config import Settings, load_settings
 from ._events import BeforeUnloadEvent, TaskInfo, UnhandledRejectionEvent
 from ._invocation import Tracker
@@ -227,6 +227,8 @@ class Runtime:
             else:
                 log.warning("worker %d: abandoned task %s (running, ran %.2fs), reason=%s",
                             self.pid, info.name, info.running_for, why)
+        # durable hook: durable tasks not done go to the hand-off target or stay in the journal.
+        _recovery.unload(self, why)
         return abandoned
 
     # -- observability -------------------------------------------------------------
@@ -290,6 +292,7 @@ class Runtime:
             "retire_reason": self.retire_reason,
             "terminate_reason": self.terminate_reason,
             "beforeunload_dispatched": self.dispatched(),
+            "durable": _recovery.metrics(self),  # durable hook: pending / re-run / given up
         }
 
 
