@@ -62,6 +62,7 @@ class _Spec:
     open_ended: bool  # True: `maximum` is a sanity ceiling, mentioned only when a value exceeds it
     text: str = ""  # non-empty: a free-form string that fully matches `pattern`; `text` says what is accepted
     pattern: str = ""
+    is_path: bool = False  # a file path whose directory must exist (checked when the base directory is known)
 
     def problem(self, value: object) -> str | None:
         """Return what is accepted (e.g. ``"an integer >= 0"``) when `value` is not, else None."""
@@ -92,9 +93,10 @@ def _setting(
     open_ended: bool = False,
     text: str = "",
     pattern: str = "",
+    is_path: bool = False,
 ) -> _T:
     """Declare one setting: a dataclass field with its default and its :class:`_Spec` in the metadata."""
-    spec = _Spec(doc, choices, minimum, maximum, open_ended, text, pattern)
+    spec = _Spec(doc, choices, minimum, maximum, open_ended, text, pattern, is_path)
     assert spec.problem(default) is None, f"default {default!r} violates its own spec"
     return dataclasses.field(default=default, metadata={"edgesync": spec})
 
@@ -157,7 +159,7 @@ class Settings:
     durable_journal: str = _setting(
         "", doc="SQLite file recording durable tasks until they complete (relative to the working "
         "directory); \"\" keeps them in memory only.",
-        text='a file path, or "" (off)', pattern=r"[^\x00]*",
+        text='a file path, or "" (off)', pattern=r"[^\x00]*", is_path=True,
     )
     durable_max_attempts: int = _setting(
         3, doc="Runs of a durable task (first run plus re-runs after its worker died) before it is given "
@@ -204,12 +206,21 @@ def _show(value: object) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
-def _check(where: str, key: str, value: object, shown: str | None = None) -> None:
-    """Raise ConfigError unless `value` is accepted for `key`; `shown` is the raw text, if any."""
-    accepted = _SPECS[key].problem(value)
+def _check(where: str, key: str, value: object, shown: str | None = None, base: str | None = None) -> None:
+    """Raise ConfigError unless `value` is accepted for `key`; `shown` is the raw text, if any.
+
+    `base` is the directory relative paths are taken from (unknown for ``Settings()``).
+    """
+    spec = _SPECS[key]
+    accepted = spec.problem(value)
+    got = _show(value) if shown is None else _show(shown)
     if accepted is not None:
-        got = _show(value) if shown is None else _show(shown)
         raise ConfigError(f"{where} {key} must be {accepted}, got {got}")
+    if spec.is_path and value and base is not None:
+        folder = os.path.dirname(os.path.join(base, str(value))) or base
+        if not os.path.isdir(folder):
+            raise ConfigError(f"{where} {key} must be a path in an existing directory, got {got} "
+                              f"({folder!r} does not exist: create it, or name a file in an existing one)")
 
 
 def _check_cpu_pair(values: Mapping[str, Any], where: Mapping[str, str]) -> None:
@@ -280,7 +291,7 @@ def _read_table(label: str, base: str) -> dict[str, Any]:
             continue
         if key not in _SPECS:
             raise _unknown(f"{label}: [{TABLE}] unknown key", key, _SPECS)
-        _check(f"{label}: [{TABLE}]", key, value)
+        _check(f"{label}: [{TABLE}]", key, value, base=base)
         values[key] = value
     return values
 
@@ -319,16 +330,10 @@ def load_settings(
             except ValueError:  # '', '1.5', '1e3', 'abc': reported below with the raw text
                 pass
         where[key] = f"environment variable {name}:"
-        _check(where[key], key, value, shown=raw)
+        _check(where[key], key, value, shown=raw, base=base)
         values[key] = value
     _check_cpu_pair({**_DEFAULTS, **values}, where)
     _check_handoff({**_DEFAULTS, **values}, where)
-    journal = values.get("durable_journal", "")
-    if journal:
-        folder = os.path.dirname(os.path.join(base, journal)) or base
-        if not os.path.isdir(folder):
-            raise ConfigError(f"{where['durable_journal']} durable_journal = {_show(journal)}: the directory "
-                              f"{folder!r} does not exist; create it, or name a file in an existing one")
     return Settings(**values)
 
 

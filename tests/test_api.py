@@ -332,7 +332,7 @@ def test_misuse_removing_an_unknown_listener_does_nothing() -> None:
 
 METRIC_KEYS = {"pid", "state", "policy", "age_s", "rss_bytes", "rss_baseline_bytes", "requests", "tasks",
                "background_threads", "invocations_cancelled", "retire_reason", "terminate_reason",
-               "beforeunload_dispatched"}
+               "beforeunload_dispatched", "durable"}
 TASK_KEYS = {"queued", "running", "tracked", "completed", "failed", "abandoned"}
 
 
