@@ -156,3 +156,22 @@ def test_hard_limit_termination_leaves_tasks_for_a_live_worker(server_factory: C
     tally.show("%s hard limit terminates the instance" % limit)
     assert tally.lost == set() and set(planted) <= tally.reruns
     assert re.search(r"Worker \(pid:%d\) exited with code 1" % victim, log)
+
+
+def test_reruns_show_in_metrics_and_statsd(server_factory: Callable[..., Server]) -> None:
+    from .test_statsd import StatsdListener
+    statsd = StatsdListener()
+    try:
+        server = start(server_factory, "--statsd-host", "127.0.0.1:%d" % statsd.port, "--statsd-prefix", "myapp")
+        victim, survivor = server.worker_pids()
+        plant(server, victim, "first=60&rerun=30&n=3")
+        statsd.wait_for("myapp.edgesync.durable.pending:3|g")
+        os.kill(victim, signal.SIGKILL)
+        statsd.wait_for("myapp.edgesync.durable.rerun:3|c")
+        # The worker that claimed them (the survivor or the replacement) says so in runtime_metrics().
+        claimer = wait_for(lambda: [m for m in [server.get_json("/metrics")["durable"]] if m["rerun"] == 3],
+                           10, "the claiming worker to answer /metrics")[0]
+        assert (claimer["pending"], claimer["journal_pending"], claimer["given_up"]) == (3, 3, 0)
+        assert claimer["journal"].endswith("journal.db")
+    finally:
+        statsd.close()
