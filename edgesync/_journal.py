@@ -56,8 +56,11 @@ class Entry(NamedTuple):
 def process_start(pid: int) -> Optional[int]:
     """The start time of live process ``pid`` in clock ticks since boot; None if it is gone.
 
-    A zombie (killed, not yet reaped by the gunicorn arbiter) counts as gone.
+    A zombie (killed, not yet reaped by the gunicorn arbiter) counts as gone. Without
+    ``/proc`` (not Linux), psutil's creation time in milliseconds.
     """
+    if not _PROC:
+        return _psutil_start(pid)
     try:
         with open("/proc/%d/stat" % pid, "rb") as f:
             stat = f.read()
@@ -68,6 +71,20 @@ def process_start(pid: int) -> Optional[int]:
     if fields[0] in (b"Z", b"X"):
         return None
     return int(fields[19])  # field 22, starttime
+
+
+_PROC = os.path.isdir("/proc/self")
+
+
+def _psutil_start(pid: int) -> Optional[int]:
+    import psutil
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return int(process.create_time() * 1000)
+    except psutil.Error:
+        return None
 
 
 class Journal:

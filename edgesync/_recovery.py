@@ -120,8 +120,8 @@ class _Keeper:
         self.held[task_id] = held
         with self._lock:
             self.counts["recorded"] += 1
-        if self._thread is None:
-            self.start()
+        if self._thread is None and self.journal is not None:
+            self.start()  # the default runtime (outside gunicorn) claims from its first durable task on
         try:
             return rt.wait_until(self._runner(task_id, held, fn, args, kwargs), (), {})
         except QueueFull:
@@ -360,7 +360,10 @@ def metrics(rt: _Runtime) -> Optional[Dict[str, Any]]:
 
 
 def _after_fork_in_child() -> None:
-    global _keepers_lock, _journals_lock
+    # The parent's keepers and journals (their locks may be held by threads that did not survive the
+    # fork, their connections belong to the parent) are not this process's.
+    global _keepers_lock, _journals_lock, _journals
+    _journals = {}
     _keepers.clear()
     _keepers_lock = threading.Lock()
     _journals_lock = threading.Lock()
