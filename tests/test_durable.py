@@ -226,7 +226,8 @@ CLAIMER = textwrap.dedent("""
     j.open()
     while time.time() < {start}:
         pass
-    print(json.dumps([e.id for e in j.claim(1000)]))
+    print(json.dumps([e.id for e in j.claim(1000)]), flush=True)
+    sys.stdin.read()  # stay alive (a live owner) until every claimer has claimed
 """)
 
 
@@ -245,10 +246,14 @@ def test_two_processes_never_claim_the_same_row(tmp_path: Path) -> None:
         start = time.time() + 1.0
         procs = [subprocess.Popen([sys.executable, "-c", CLAIMER.format(repo=str(REPO), path=str(path),
                                                                         start=start)],
-                                  stdout=subprocess.PIPE, text=True) for _ in range(3)]
-        claimed = [json.loads(p.communicate(timeout=30)[0]) for p in procs]
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(3)]
+        assert all(p.stdout is not None for p in procs)
+        claimed = [json.loads(p.stdout.readline()) for p in procs]  # type: ignore[union-attr]
+        for p in procs:
+            p.communicate(timeout=30)
         together = [i for c in claimed for i in c]
-        assert sorted(together) == sorted(ids), "a row claimed twice, or not at all"
+        assert sorted(together) == sorted(ids), "claimed %s rows (%d distinct) of %d, by process: %s" % (
+            len(together), len(set(together)), len(ids), [len(c) for c in claimed])
         conn.execute("DELETE FROM edgesync_tasks")
         conn.commit()
     conn.close()
