@@ -238,6 +238,8 @@ class _Keeper:
     # -- unloading ------------------------------------------------------------------------------
 
     def unload(self, why: str) -> None:
+        if self._stop.is_set():
+            return  # unloaded already (an instance unloads once; a test runtime may be closed after)
         self._stop.set()
         held = list(self.held.items())
         handed = kept = 0

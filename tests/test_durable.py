@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -282,3 +283,33 @@ def test_new_keys_are_validated(tmp_path: Path) -> None:
         load_settings({"EDGESYNC_HANDOFF_ON": "sometimes"}, cwd=tmp_path)
     settings = load_settings({"EDGESYNC_HANDOFF": "rq", "EDGESYNC_HANDOFF_QUEUE": "mail"}, cwd=tmp_path)
     assert (settings.handoff, settings.handoff_queue) == ("rq", "mail")
+
+
+def test_without_a_journal_a_durable_task_runs_and_says_it_is_kept_in_memory(
+        edgesync_runtime: TestRuntime, caplog: pytest.LogCaptureFixture) -> None:
+    edgesync.wait_until(durable_tasks.note, "m1", {}).result(5)
+    edgesync.wait_until(durable_tasks.note, "m2", {}).result(5)
+    warnings = [r.getMessage() for r in caplog.records if "kept in memory only" in r.getMessage()]
+    assert len(warnings) == 1 and "set durable_journal" in warnings[0]
+    metrics = edgesync_runtime.metrics()["durable"]
+    assert (metrics["recorded"], metrics["journal"], metrics["journal_pending"]) == (2, None, None)
+
+
+def test_a_function_of_main_is_refused(tmp_path: Path) -> None:
+    script = "import edgesync\n@edgesync.durable\ndef job() -> None: ...\n"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
+                          cwd=REPO)
+    assert proc.returncode == 1
+    assert "TypeError: @edgesync.durable cannot take <function job" in proc.stderr
+    assert "it is defined in __main__" in proc.stderr
+
+
+def test_hand_off_always_to_an_unreachable_redis_raises_at_the_call(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]  # nothing listens once this socket is closed
+    with runtime(handoff="rq", handoff_on="always", handoff_redis_url="redis://127.0.0.1:%d/0" % closed_port):
+        import redis
+        with pytest.raises(redis.ConnectionError):
+            edgesync.wait_until(durable_tasks.note, "r", {})
+        assert durable_tasks.ran == []
