@@ -233,3 +233,22 @@ def test_queue_full_hand_off(server_factory: Callable[..., Server], redis_server
     where = [runs[0] for runs in tally.done.values()]
     assert tally.lost == set() and (where.count("gunicorn"), where.count("rq")) == (3, 17)
     assert not server.events("queue_full")
+
+
+def test_hand_off_at_a_hard_limit_termination(server_factory: Callable[..., Server], redis_server: Redis,
+                                              rq_workers: Callable[[Redis, Server], RQWorker]) -> None:
+    # The wall-clock hard limit (4 s) terminates the instance with a 60 s task running and two waiting
+    # behind it on its one background thread: all three go to RQ (the running one as attempt 2).
+    server = start(server_factory, redis_server, "deadline", journal=False,
+                   env={"EDGESYNC_WALL_CLOCK_LIMIT_MS": "4000", "EDGESYNC_BACKGROUND_THREADS": "1"})
+    rq_workers(redis_server, server)
+    victim = server.worker_pids()[0]
+    planted = plant(server, victim, "first=60&rerun=0.05") + plant(server, victim, "first=0.05&n=2")
+    server.wait_for_log(r"worker %d: terminating \(reason=wall_clock\)" % victim, timeout=15)
+    server.wait_for_log(r"worker %d: handed 3 durable task\(s\) to rq queue" % victim, timeout=10)
+    settle(server, redis_server)
+    stop_cleanly(server)
+    tally = durable_tally(server)
+    tally.show("handoff at a wall-clock hard-limit termination, no journal")
+    assert tally.lost == set() and all(tally.done[i] == ["rq"] for i in planted)
+    assert set(planted) & tally.reruns == {planted[0]}
