@@ -108,8 +108,9 @@ def runtime_metrics() -> Dict[str, Any]:
     ``beforeunload_dispatched`` (reasons, in order), and ``durable`` (None unless
     durable tasks are configured or used: ``pending`` held by this instance,
     ``recorded``, ``completed``, ``rerun``, ``given_up``, ``handed_off``,
-    ``left_pending`` and ``journal_pending``, the rows of the whole journal). Outside gunicorn this creates
-    the default runtime if needed (no thread starts until work arrives).
+    ``left_pending`` and ``journal_pending``, the rows of the whole journal).
+    Outside gunicorn this creates the default runtime if needed (no thread starts
+    until work arrives).
     """
     rt = _peek_runtime()
     if rt is None:
