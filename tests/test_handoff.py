@@ -3,7 +3,8 @@
 Every case reconciles each durable task id the app accepted: completed in a gunicorn
 worker, completed by the RQ worker, or still pending in Redis (an RQ job whose
 arguments carry the id): 0 lost. redis-server runs on 127.0.0.1 on a port the OS
-assigned, with no persistence (``--save '' --appendonly no``).
+assigned, with no persistence (``--save '' --appendonly no``). Without redis-server these
+tests skip, unless ``ESTEST_REQUIRE_REDIS=1`` (set by .ci/run).
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ class Redis:
     def __init__(self, workdir: Path):
         exe = shutil.which("redis-server")
         if exe is None:
-            pytest.fail("redis-server is not installed: apt-get install -y redis-server (.ci/run does)")
+            if os.environ.get("ESTEST_REQUIRE_REDIS") == "1":
+                pytest.fail("redis-server is not installed and ESTEST_REQUIRE_REDIS=1: apt-get install -y "
+                            "redis-server (.ci/run does)")
+            pytest.skip("redis-server is not installed (the hand-off tests start their own); set "
+                        "ESTEST_REQUIRE_REDIS=1 to make this a failure")
         self.port = free_port()
         self.url = "redis://127.0.0.1:%d/0" % self.port
         self.log_path = workdir / "redis.log"
