@@ -344,7 +344,10 @@ def submit(rt: _Runtime, fn: DurableFunction[Any, Any], args: Any, kwargs: Any) 
 def boot(rt: _Runtime) -> None:
     """The instance is ready: claim dead workers' tasks now and every ``CLAIM_INTERVAL``."""
     if rt.settings.durable_journal or rt.settings.handoff:
-        _keeper(rt).start()
+        try:
+            _keeper(rt).start()
+        except Exception:  # an unusable journal must not crash the worker: a durable wait_until raises it
+            log.exception("worker %d: durable tasks of dead workers will not be re-run by this worker", rt.pid)
 
 
 def unload(rt: _Runtime, why: str) -> None:
