@@ -21,8 +21,9 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, ParamSpec, TypeVar, Union, overload
 
-from . import _runtime
+from . import _recovery, _runtime
 from ._config import ConfigError, Settings, load_settings
+from ._durable import DurableFunction, current_attempt, durable
 from ._events import (
     BeforeUnloadEvent,
     TaskInfo,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BeforeUnloadEvent",
     "ConfigError",
+    "DurableFunction",
     "InvocationCancelled",
     "QueueFull",
     "Settings",
@@ -52,6 +54,8 @@ __all__ = [
     "UnloadEvent",
     "Worker",
     "add_event_listener",
+    "current_attempt",
+    "durable",
     "load_settings",
     "named",
     "remove_event_listener",
@@ -94,8 +98,16 @@ def wait_until(fn: Union[Callable[..., Any], Future[Any], Awaitable[Any]], /,
     ``max_pending_tasks`` tasks are pending already, and ``RuntimeError`` once the
     instance is unloading and accepts no more background work. A task that raises
     dispatches an ``unhandledrejection`` event and never affects other tasks.
+
+    A function declared with ``@edgesync.durable`` is recorded before this returns
+    and run again by a live worker if its worker dies first (see ``durable``); its
+    arguments must be JSON values, else ``TypeError``.
     """
-    return (_runtime._current or _first_runtime()).wait_until(fn, args, kwargs)
+    rt = _runtime._current or _first_runtime()
+    # A @durable function is recorded (journal / hand-off) before this returns.
+    if type(fn) is DurableFunction:
+        return _recovery.submit(rt, fn, args, kwargs)
+    return rt.wait_until(fn, args, kwargs)
 
 
 def runtime_metrics() -> Dict[str, Any]:
@@ -107,9 +119,13 @@ def runtime_metrics() -> Dict[str, Any]:
     tracked, completed, failed, abandoned), ``background_threads`` (the setting) and
     ``background_threads_started``,
     ``invocations_cancelled``, ``retire_reason``, ``terminate_reason`` and
-    ``beforeunload_dispatched`` (reasons, in order). Outside gunicorn this creates
-    the default runtime if needed (no thread starts until work arrives); in the
-    gunicorn master (``--preload``) it describes a runtime that is never installed.
+    ``beforeunload_dispatched`` (reasons, in order), and ``durable`` (None unless
+    durable tasks are configured or used: ``pending`` held by this instance,
+    ``recorded``, ``completed``, ``rerun``, ``given_up``, ``handed_off``,
+    ``left_pending`` and ``journal_pending``, the rows of the whole journal).
+    Outside gunicorn this creates the default runtime if needed (no thread starts
+    until work arrives); in the gunicorn master (``--preload``) it describes a
+    runtime that is never installed.
     """
     rt = _peek_runtime()
     if rt is None:

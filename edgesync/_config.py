@@ -2,15 +2,18 @@
 
 Rule: every setting is declared exactly once, as a field of :class:`Settings` whose spec (doc, accepted
 values) lives in the field's metadata.  Parsing, validation, error messages and the README table are all
-derived from those declarations; the only place that names individual keys is the one cross-field rule
-in :func:`_check_cpu_pair`.  Every problem with the configuration is raised as :class:`ConfigError`.
+derived from those declarations; the only places that name individual keys are the cross-field rules
+:func:`_check_cpu_pair` and :func:`_check_handoff`.  Every problem with the configuration is raised as
+:class:`ConfigError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
@@ -50,16 +53,23 @@ class ConfigError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-    """What one setting accepts: a choice of strings, or an integer range."""
+    """What one setting accepts: a choice of strings, a string matching a pattern, or an integer range."""
 
     doc: str
     choices: tuple[str, ...]
     minimum: int
     maximum: int
     open_ended: bool  # True: `maximum` is a sanity ceiling, mentioned only when a value exceeds it
+    text: str = ""  # non-empty: a free-form string that fully matches `pattern`; `text` says what is accepted
+    pattern: str = ""
+    is_path: bool = False  # a file path whose directory must exist (checked when the base directory is known)
 
     def problem(self, value: object) -> str | None:
         """Return what is accepted (e.g. ``"an integer >= 0"``) when `value` is not, else None."""
+        if self.text:
+            if isinstance(value, str) and re.fullmatch(self.pattern, value):
+                return None
+            return self.text
         if self.choices:
             if isinstance(value, str) and value in self.choices:
                 return None
@@ -81,9 +91,12 @@ def _setting(
     minimum: int = 0,
     maximum: int = 0,
     open_ended: bool = False,
+    text: str = "",
+    pattern: str = "",
+    is_path: bool = False,
 ) -> _T:
     """Declare one setting: a dataclass field with its default and its :class:`_Spec` in the metadata."""
-    spec = _Spec(doc, choices, minimum, maximum, open_ended)
+    spec = _Spec(doc, choices, minimum, maximum, open_ended, text, pattern, is_path)
     assert spec.problem(default) is None, f"default {default!r} violates its own spec"
     return dataclasses.field(default=default, metadata={"edgesync": spec})
 
@@ -147,12 +160,41 @@ class Settings:
         "Under gunicorn, graceful_timeout bounds every drain. 0: abandon them at once (logged).",
         maximum=_MAX_MS, open_ended=True,
     )
+    # -- durable tasks (@edgesync.durable) and hand-off ------------------------------------------------
+    durable_journal: str = _setting(
+        "", doc="SQLite file recording durable tasks until they complete (relative to the working "
+        "directory); \"\" keeps them in memory only.",
+        text='a file path, or "" (off)', pattern=r"[^\x00]*", is_path=True,
+    )
+    durable_max_attempts: int = _setting(
+        3, doc="Runs of a durable task (first run plus re-runs after its worker died) before it is given "
+        "up, unless @durable(max_attempts=...) says otherwise.",
+        minimum=1, maximum=1000,
+    )
+    handoff: str = _setting(
+        "", doc="'rq': hand durable tasks to RQ over Redis (see handoff_on); '': never.",
+        choices=("", "rq"),
+    )
+    handoff_on: str = _setting(
+        "deadline", doc="When durable tasks go to the hand-off target: 'deadline' (pending when the instance "
+        "unloads), 'deadline_or_queue_full' (also instead of QueueFull), 'always' (wait_until enqueues).",
+        choices=("deadline", "deadline_or_queue_full", "always"),
+    )
+    handoff_redis_url: str = _setting(
+        "redis://127.0.0.1:6379/0", doc="The Redis that RQ uses, for handoff = 'rq'.",
+        text="a redis://, rediss:// or unix:// URL", pattern=r"(redis|rediss|unix)://\S+",
+    )
+    handoff_queue: str = _setting(
+        "default", doc="The RQ queue durable tasks are handed to.",
+        text="a queue name (letters, digits, _ . : -)", pattern=r"[A-Za-z0-9_.:-]+",
+    )
 
     def __post_init__(self) -> None:
         values = dataclasses.asdict(self)
         for key, value in values.items():
             _check("Settings():", key, value)
         _check_cpu_pair(values, dict.fromkeys(values, "Settings():"))
+        _check_handoff(values, dict.fromkeys(values, "Settings():"))
 
 
 _SPECS: dict[str, _Spec] = {f.name: f.metadata["edgesync"] for f in dataclasses.fields(Settings)}
@@ -169,12 +211,21 @@ def _show(value: object) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
-def _check(where: str, key: str, value: object, shown: str | None = None) -> None:
-    """Raise ConfigError unless `value` is accepted for `key`; `shown` is the raw text, if any."""
-    accepted = _SPECS[key].problem(value)
+def _check(where: str, key: str, value: object, shown: str | None = None, base: str | None = None) -> None:
+    """Raise ConfigError unless `value` is accepted for `key`; `shown` is the raw text, if any.
+
+    `base` is the directory relative paths are taken from (unknown for ``Settings()``).
+    """
+    spec = _SPECS[key]
+    accepted = spec.problem(value)
+    got = _show(value) if shown is None else _show(shown)
     if accepted is not None:
-        got = _show(value) if shown is None else _show(shown)
         raise ConfigError(f"{where} {key} must be {accepted}, got {got}")
+    if spec.is_path and value and base is not None:
+        folder = os.path.dirname(os.path.join(base, str(value))) or base
+        if not os.path.isdir(folder):
+            raise ConfigError(f"{where} {key} must be a path in an existing directory, got {got} "
+                              f"({folder!r} does not exist: create it, or name a file in an existing one)")
 
 
 def _check_cpu_pair(values: Mapping[str, Any], where: Mapping[str, str]) -> None:
@@ -193,6 +244,18 @@ def _check_cpu_pair(values: Mapping[str, Any], where: Mapping[str, str]) -> None
     raise ConfigError(
         f"{lead} {rule}, got cpu_soft_limit_ms = {soft}{note(w_soft)}, cpu_hard_limit_ms = {hard}{note(w_hard)}"
     )
+
+
+def _check_handoff(values: Mapping[str, Any], where: Mapping[str, str]) -> None:
+    """Raise ConfigError if a hand-off target is named whose client library is not installed."""
+    if values["handoff"] == "rq":
+        missing = [m for m in ("rq", "redis") if importlib.util.find_spec(m) is None]
+        if missing:
+            lead = where.get("handoff", "default")
+            raise ConfigError(
+                f"{lead} handoff = 'rq' needs the {' and '.join(missing)} package(s), which are not installed: "
+                "pip install 'edgesync-wsgi[rq]', or set handoff = ''"
+            )
 
 
 def _unknown(what: str, name: str, known: Iterable[str]) -> ConfigError:
@@ -234,7 +297,7 @@ def _read_table(label: str, base: str) -> dict[str, Any]:
             continue
         if key not in _SPECS:
             raise _unknown(f"{label}: [{TABLE}] unknown key", key, _SPECS)
-        _check(f"{label}: [{TABLE}]", key, value)
+        _check(f"{label}: [{TABLE}]", key, value, base=base)
         values[key] = value
     return values
 
@@ -301,15 +364,16 @@ def load_settings(
             raise _unknown("unknown environment variable", name, [CONFIG_ENV, *_ENV_NAMES])
         key, raw = _ENV_NAMES[name], env[name]
         value: object = raw.strip()
-        if not _SPECS[key].choices:
+        if not (_SPECS[key].choices or _SPECS[key].text):
             try:
                 value = int(raw.strip())
             except ValueError:  # '', '1.5', '1e3', 'abc': reported below with the raw text
                 pass
         where[key] = f"environment variable {name}:"
-        _check(where[key], key, value, shown=raw)
+        _check(where[key], key, value, shown=raw, base=base)
         values[key] = value
     _check_cpu_pair({**_DEFAULTS, **values}, where)
+    _check_handoff({**_DEFAULTS, **values}, where)
     return Settings(**values)
 
 
@@ -336,7 +400,9 @@ def settings_reference_markdown() -> str:
     for key, spec in _SPECS.items():
         default = _DEFAULTS[key]
         shown = f'"{default}"' if isinstance(default, str) else str(default)
-        if spec.choices:
+        if spec.text:
+            accepted = spec.text
+        elif spec.choices:
             accepted = ", ".join(f'`"{c}"`' for c in spec.choices)
         elif spec.open_ended:
             accepted = f"integer >= {spec.minimum} (at most {spec.maximum})"

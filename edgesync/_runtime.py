@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from contextvars import Context, copy_context
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
-from . import _events
+from . import _events, _recovery
 from ._config import Settings, load_settings
 from ._context import isolate
 from ._events import BeforeUnloadEvent, TaskInfo, UnhandledRejectionEvent, UnloadEvent
@@ -233,6 +233,8 @@ class Runtime:
             log.warning("worker %d: abandoned %s (running, ran %.2fs), reason=%s", self.pid,
                         inv.describe(), now - inv.started, why)
         self.tracker.record(Kind.REQUEST, Outcome.ABANDONED, len(requests))
+        # Durable tasks not done go to the hand-off target or stay in the journal.
+        _recovery.unload(self, why)
         log.info("worker %d: unloaded (%s; %d requests served, %d tasks abandoned)", self.pid,
                  why, self.tracker.requests(), len(abandoned))
         self.flush_stats()
@@ -310,6 +312,7 @@ class Runtime:
             "retire_reason": lc.retire_reason,
             "terminate_reason": None if lc.terminate_reason is None else lc.terminate_reason.value,
             "beforeunload_dispatched": self.dispatched(),
+            "durable": _recovery.metrics(self),  # durable hook: pending / re-run / given up
         }
 
 

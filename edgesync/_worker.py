@@ -23,7 +23,7 @@ from typing import Any, ClassVar, List, Optional
 from gunicorn.http.body import LengthReader
 from gunicorn.workers import gthread
 
-from . import _runtime
+from . import _recovery, _runtime
 from ._config import ConfigError, Settings, describe_source, load_settings
 from ._invocation import REQUEST, InvocationCancelled, Tracker
 from ._lifecycle import (
@@ -248,6 +248,8 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
                  rt.pid, st.policy, st.wall_clock_limit_ms, st.cpu_soft_limit_ms, st.cpu_hard_limit_ms,
                  st.memory_limit_mb, (rt.rss_baseline or 0) / 2**20, st.request_idle_timeout_ms,
                  st.background_threads)
+        # Re-run the durable tasks of dead workers, now and every second.
+        _recovery.boot(rt)
         parent_alive = self._serve()
         self.poll()
         if rt.lifecycle.serving:

@@ -285,8 +285,8 @@ MISUSE: List[Any] = [
     pytest.param(_unload_then_wait_until, RuntimeError, ["unloading"], id="wait_until-after-unload"),
     pytest.param(lambda rt: edgesync.add_event_listener("load", _listener), ValueError,
                  ["'load'", "'beforeunload'", "'unhandledrejection'"], id="add-unknown-type"),
-    pytest.param(lambda rt: edgesync.remove_event_listener("unload", _listener), ValueError,
-                 ["'unload'", "'beforeunload'"], id="remove-unknown-type"),
+    pytest.param(lambda rt: edgesync.remove_event_listener("pagehide", _listener), ValueError,
+                 ["'pagehide'", "'beforeunload'", "'unload'"], id="remove-unknown-type"),
     pytest.param(lambda rt: edgesync.add_event_listener("beforeunload", None), TypeError,
                  ["None", "callable"], id="add-non-callable"),
     pytest.param(lambda rt: edgesync.add_event_listener(["beforeunload"], _listener), ValueError,
@@ -333,7 +333,7 @@ def test_misuse_removing_an_unknown_listener_does_nothing() -> None:
 METRIC_KEYS = {"pid", "state", "cause", "policy", "age_s", "rss_bytes", "rss_baseline_bytes", "requests", "tasks",
                "background_threads", "background_threads_started", "invocations_cancelled", "retire_reason",
                "terminate_reason",
-               "beforeunload_dispatched"}
+               "beforeunload_dispatched", "durable"}
 TASK_KEYS = {"queued", "running", "tracked", "completed", "failed", "abandoned"}
 
 

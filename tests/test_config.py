@@ -27,6 +27,13 @@ DESIGN_DEFAULTS = {
     "background_threads": 8,
     "max_pending_tasks": 1000,
     "exit_drain_timeout_ms": 30000,
+    # Durable tasks and hand-off (README "Durable tasks"): added after section 5, off by default.
+    "durable_journal": "",
+    "durable_max_attempts": 3,
+    "handoff": "",
+    "handoff_on": "deadline",
+    "handoff_redis_url": "redis://127.0.0.1:6379/0",
+    "handoff_queue": "default",
 }
 
 
@@ -72,6 +79,12 @@ def test_full_valid_file(tmp_path: Path) -> None:
         "background_threads": 1,
         "max_pending_tasks": 10_000_000,
         "exit_drain_timeout_ms": 5000,
+        "durable_journal": "journal.db",
+        "durable_max_attempts": 1000,
+        "handoff": "rq",
+        "handoff_on": "always",
+        "handoff_redis_url": "unix:///run/redis.sock",
+        "handoff_queue": "edge.tasks",
     }
     body = "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in wanted.items())
     write(tmp_path, f"# comment\n[edge_runtime]\n{body}\n")

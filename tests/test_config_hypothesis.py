@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,8 @@ else:
     import tomli as tomllib
 
 # The contract, written out independently of the module's declaration (the README's settings table).
-CHOICES = {"policy": ("per_worker", "oneshot")}
+CHOICES = {"policy": ("per_worker", "oneshot"), "handoff": ("", "rq"),
+           "handoff_on": ("deadline", "deadline_or_queue_full", "always")}
 RANGES = {
     "wall_clock_limit_ms": (0, 2**31 - 1),
     "cpu_soft_limit_ms": (0, 2**31 - 1),
@@ -34,8 +37,12 @@ RANGES = {
     "background_threads": (1, 1024),
     "max_pending_tasks": (1, 10_000_000),
     "exit_drain_timeout_ms": (0, 2**31 - 1),
+    "durable_max_attempts": (1, 1000),
 }
-KEYS = ["policy", *RANGES]
+TEXTS = {"durable_journal": r"[^\x00]*", "handoff_redis_url": r"(redis|rediss|unix)://\S+",
+         "handoff_queue": r"[A-Za-z0-9_.:-]+"}
+KEYS = ["policy", *list(RANGES)[:-1], "durable_journal", "durable_max_attempts", "handoff", "handoff_on",
+        "handoff_redis_url", "handoff_queue"]
 DEFAULTS = dataclasses.asdict(Settings())
 SUPABASE_KEYS = {"enabled", "inspector_port", "deno_version", "secrets"}
 
@@ -43,7 +50,13 @@ SUPABASE_KEYS = {"enabled", "inspector_port", "deno_version", "secrets"}
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def acceptable(key: str, value: object) -> bool:
+def acceptable(key: str, value: object, base: Path | None = None) -> bool:
+    """`base`: the directory the file or environment is read from (a path's directory must exist there)."""
+    if key in TEXTS:
+        if not (isinstance(value, str) and re.fullmatch(TEXTS[key], value)):
+            return False
+        return key != "durable_journal" or not value or base is None or os.path.isdir(
+            os.path.dirname(os.path.join(base, value)) or base)
     if key in CHOICES:
         return isinstance(value, str) and value in CHOICES[key]
     low, high = RANGES[key]
@@ -135,7 +148,7 @@ def test_the_writer_round_trips(value: Any) -> None:
 @FAST
 def test_any_value_for_a_known_key(tmp_path: Path, key: str, value: Any) -> None:
     (tmp_path / "edgesync.toml").write_text(toml_table({key: value}), encoding="utf-8")
-    expected_ok = acceptable(key, value) and cpu_pair_ok({**DEFAULTS, key: value})
+    expected_ok = acceptable(key, value, tmp_path) and cpu_pair_ok({**DEFAULTS, key: value})
     try:
         result = load_settings({}, cwd=tmp_path)
     except ConfigError as exc:
@@ -159,7 +172,7 @@ def test_any_table(tmp_path: Path, table: dict[str, Any]) -> None:
             continue
         if key not in KEYS:
             expected = f"edgesync.toml: [edge_runtime] unknown key {key!r}; "
-        elif not acceptable(key, value):
+        elif not acceptable(key, value, tmp_path):
             expected = f"edgesync.toml: [edge_runtime] {key} must be "
         else:
             continue
@@ -207,7 +220,7 @@ ENV_TEXT = st.text(st.characters(blacklist_characters="\x00"), max_size=20) | st
 
 
 def env_parse(key: str, raw: str) -> object:
-    if key in CHOICES:
+    if key in CHOICES or key in TEXTS:
         return raw.strip()
     try:
         return int(raw.strip())
@@ -220,7 +233,7 @@ def env_parse(key: str, raw: str) -> object:
 def test_any_environment_value(tmp_path: Path, key: str, raw: str) -> None:
     name = "EDGESYNC_" + key.upper()
     value = env_parse(key, raw)
-    expected_ok = acceptable(key, value) and cpu_pair_ok({**DEFAULTS, key: value})
+    expected_ok = acceptable(key, value, tmp_path) and cpu_pair_ok({**DEFAULTS, key: value})
     try:
         result = load_settings({name: raw}, cwd=tmp_path)
     except ConfigError as exc:
