@@ -282,7 +282,9 @@ class Drain:
             terminating = self.lc.state is State.TERMINATING
             work_done = (not (plan.await_requests and host.requests_busy(terminating))
                          and not (plan.await_tasks and rt.pool.pending))
-            waiting = [done for done, _ in self._waits if not done.is_set()]
+            # Every event dispatched so far, by the drain or earlier (a limit's warning the
+            # monitor sent just before it terminated the instance), must reach its listeners.
+            waiting = [done for done in rt.posted if not done.is_set()]
             now = time.monotonic()
             if work_done and not waiting and plan.at_end is not None and not self._end_fired:
                 # The end event may schedule work of its own: drain again after it.
@@ -327,7 +329,7 @@ class Drain:
             self._waits.append((done, deadline))
 
     def _listeners_done(self) -> bool:
-        return all(done.is_set() for done, _ in self._waits)
+        return all(done.is_set() for done in self.rt.posted)
 
     def _wait_deadline(self) -> float:
         # Listeners keep their own deadline (an at_end event gets AT_END_MINIMUM).

@@ -82,6 +82,7 @@ class Runtime:
                          self._task_failed)
         self.rss_baseline: Optional[int] = None
         self.unload_done: Optional[threading.Event] = None  # the unload event's listeners returned
+        self.posted: List[threading.Event] = []  # one per event queued, set once dispatched
         self._lock = threading.Lock()
         self._dispatched: List[Reason] = []
         self._events: queue.SimpleQueue[Optional[Tuple[_events.Event, threading.Event]]] = queue.SimpleQueue()
@@ -169,6 +170,7 @@ class Runtime:
         """Queue ``event`` for the events thread (started on first use); set when dispatched."""
         done = threading.Event()
         with self._lock:
+            self.posted.append(done)
             if self._event_thread is None:
                 self._event_thread = threading.Thread(target=_dispatch_events, args=(self._events,),
                                                       name="edgesync-events", daemon=True)

@@ -130,14 +130,8 @@ class Boundary:
                             verdict.reason, sent)
             slot.end_surely(inv, Outcome.CANCELLED if verdict is not None else Outcome.FAILED)
             raise  # the InvocationCancelled being handled (called from its except block)
-        status, headers, body = worker_limit_response(verdict.status, verdict.message)
-        try:
-            # exc_info lets WSGI replace a status the app had set but not sent.
-            start_response(status, headers, sys.exc_info())
-            slot.gate_response(inv)
-        finally:
-            slot.end_surely(inv, Outcome.CANCELLED)
-        return [body]
+        return _replace(slot, inv, start_response, worker_limit_response(verdict.status, verdict.message),
+                        Outcome.CANCELLED)
 
     def _answer_500(self, slot: Slot, inv: Invocation, start_response: StartResponse) -> List[bytes]:
         log.exception("worker %d: %s raised %s", self.pid, inv.describe(),
@@ -145,13 +139,20 @@ class Boundary:
         if inv.response_started or inv.answered:
             slot.end_surely(inv, Outcome.FAILED)
             raise InvocationCancelled("the response had started: the connection is closed")
-        status, headers, body = _ERROR_500
-        try:
-            start_response(status, headers, sys.exc_info())
-            slot.gate_response(inv)
-        finally:
-            slot.end_surely(inv, Outcome.FAILED)
-        return [body]
+        return _replace(slot, inv, start_response, _ERROR_500, Outcome.FAILED)
+
+
+def _replace(slot: Slot, inv: Invocation, start_response: StartResponse,
+             response: Tuple[str, List[Tuple[str, str]], bytes], outcome: Outcome) -> List[bytes]:
+    """Answer ``response`` instead of what the app was producing (nothing was sent yet)."""
+    status, headers, body = response
+    try:
+        # exc_info lets WSGI replace a status the app had set but not sent.
+        start_response(status, headers, sys.exc_info())
+        slot.gate_response(inv)
+    finally:
+        slot.end_surely(inv, outcome)
+    return [body]
 
 
 def _is_file_wrapper(result: Any, environ: dict[str, Any]) -> bool:

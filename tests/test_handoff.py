@@ -138,8 +138,12 @@ def start(server_factory: Callable[..., Server], redis: Redis, handoff_on: str, 
                           workers_ready=workers)
 
 
-def settle(server: Server, redis: Redis, timeout: float = 30) -> None:
-    """Wait until every accepted id completed somewhere (RQ worker running)."""
+def settle(server: Server, redis: Redis, timeout: float = 120) -> None:
+    """Wait until every accepted id completed somewhere (RQ worker running).
+
+    One RQ worker runs the jobs one by one (about 20 ms each on a loaded 2-core machine), and a
+    run can hand it over a thousand: the deadline is generous, and reached only on a failure.
+    """
     def check() -> bool:
         tally = durable_tally(server)
         return bool(tally.accepted) and not (tally.accepted - set(tally.done))

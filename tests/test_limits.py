@@ -130,7 +130,9 @@ def test_memory_hard_limit_terminates(server_factory: Callable[..., Server]) -> 
     server = server_factory(env=limits(memory_limit_mb=60))
     first = int(server.get("/pid")[1])
     server.get("/task?id=cut&sleep=60")
-    assert server.get("/mem?mb=80")[0] == 200
+    # 200 if the monitor samples after the response, 546 if it catches the request still
+    # touching its pages: an in-flight request of a terminated instance is answered 546.
+    assert server.get("/mem?mb=80")[0] in (200, 546)
     line = server.wait_for_log(r"worker %d: terminating \(reason=memory\)" % first)[0]
     assert "memory_limit_mb=60" in line
     server.wait_for_log(r"worker %d: abandoned task tests\.apps\.core\.sleepy_task \(running" % first)
