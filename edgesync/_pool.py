@@ -23,7 +23,7 @@ from contextvars import Context
 from typing import Any, Callable, Dict, List, Optional, Set
 
 from ._events import TaskInfo
-from ._identity import FUTURE_ATTR, format_id, log_success, mark, next_seq, task_log, task_name
+from ._identity import format_id, log_success, mark, next_seq, task_log, task_name
 from ._invocation import TASK, Invocation, InvocationCancelled, Outcome, Slot, Tracker
 
 log = logging.getLogger("edgesync")
@@ -57,7 +57,7 @@ class Task:
         if tracked:
             mark(future, seq)  # the caller's own Future: any subclass
         else:
-            setattr(future, FUTURE_ATTR, seq)
+            future._edgesync_task_seq = seq  # type: ignore[attr-defined]  # _identity.FUTURE_ATTR
 
     @property
     def id(self) -> str:

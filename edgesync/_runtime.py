@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -24,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from . import _events, _recovery
 from ._config import Settings, load_settings
-from ._context import isolate
+from ._context import _FLASK_GLOBALS, isolate
 from ._events import BeforeUnloadEvent, TaskInfo, UnhandledRejectionEvent, UnloadEvent
 from ._identity import task_name
 from ._invocation import Kind, Outcome, Tracker
@@ -32,6 +33,7 @@ from ._lifecycle import Budget, Lifecycle, Reason, State, Trigger, drain
 from ._pool import Pool, Task, run_awaitable
 
 log = logging.getLogger("edgesync")
+_modules = sys.modules
 
 
 #: ``hook(fn, context) -> (fn, context)``, applied in the caller's thread when
@@ -123,7 +125,8 @@ class Runtime:
     def _submit(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Future[Any]:
         context = copy_context()
         named = args[0] if fn is run_awaitable else fn
-        fn, context = isolate(fn, context)  # no framework request state (edgesync._context)
+        if _FLASK_GLOBALS in _modules:  # (checked here: one dict lookup on every submit)
+            fn, context = isolate(fn, context)  # no framework request state (edgesync._context)
         if _task_hooks:
             for hook in _task_hooks:
                 fn, context = hook(fn, context)
