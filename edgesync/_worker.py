@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar, Iterable, List, Optional, Tuple
 from gunicorn.http.body import LengthReader
 from gunicorn.workers import gthread
 
-from . import _runtime
+from . import _recycle, _runtime
 from ._config import ConfigError, Settings, describe_source, load_settings
 from ._invocation import REQUEST, InvocationCancelled, Tracker, raw_response, worker_limit_response
 from ._limits import EXIT_TERMINATED, Monitor, describe
@@ -146,6 +146,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
     # The last settings that validated, in the master: a HUP that brings a broken
     # edgesync.toml keeps serving with these instead of failing every new worker.
     _settings: ClassVar[Optional[Settings]] = None
+    max_requests: int  # gunicorn's Worker.__init__ sets it (cfg.max_requests plus its jitter)
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -156,6 +157,9 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         super().check_config(cfg, log)
         cls._settings = load_settings()
         log.info("edgesync: settings from %s", describe_source())
+        # [recycle 1/6] share the retire table with the workers, patch the arbiter.
+        if cls._settings.replace_before_retire:
+            _recycle.install(log)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -177,6 +181,8 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         self._in_run = False
         self._quitting = False
         self._listener_waits: List[Tuple[threading.Event, float]] = []
+        # [recycle] set while retiring and still accepting until the replacement serves.
+        self._handoff: Optional[_recycle.Handoff] = None
 
     # -- set-up, after fork -----------------------------------------------------
 
@@ -272,8 +278,32 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         raise _QuickExit(0)
 
     def _wake_for_retire(self, reason: str) -> None:
-        self.alive = False
+        # [recycle 2/6] have the arbiter fork the replacement now; unless this is a
+        # oneshot instance (one request, no second connection), serve on until the
+        # replacement serves.
+        if self._stop_at is None and self._terminating is None:
+            self._handoff = _recycle.announce(self.runtime, keep_accepting=self.settings.policy != "oneshot")
+        if self._handoff is None:
+            self.alive = False
         self.method_queue.defer(_nothing)
+
+    def _serving_on(self) -> bool:
+        """[recycle 3/6] The main loop's condition once ``alive`` is False: serve on while handing off.
+
+        gthread ends the loop at ``max_requests`` by clearing ``alive`` from a
+        request thread: that becomes a retire like any other.
+        """
+        if self._stop_at is not None or self._terminating is not None:
+            return False
+        if self.runtime.state == SERVING and self.nr >= self.max_requests:
+            self.runtime.retire("max_requests")
+            if self._handoff is not None:
+                self.max_requests = sys.maxsize  # or gthread clears `alive` after every request
+        if self._handoff is None:
+            return False
+        self.alive = True
+        # A SIGTERM that landed since the first check (handlers run between bytecodes).
+        return self._stop_at is None and self._terminating is None
 
     def _wake_for_terminate(self, reason: str, message: str) -> None:
         self._terminating = (reason, message)
@@ -298,6 +328,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
                  rt.pid, st.policy, st.wall_clock_limit_ms, st.cpu_soft_limit_ms, st.cpu_hard_limit_ms,
                  st.memory_limit_mb, (rt.rss_baseline or 0) / 2**20, st.request_idle_timeout_ms,
                  st.background_threads)
+        _recycle.ready()  # [recycle 4/6] a retiree waiting for a replacement may now stop accepting
         try:
             self._serve()
             self._shutdown()
@@ -315,13 +346,18 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         # The arbiter kills a worker silent for cfg.timeout (= 2 * self.timeout).
         beat = min(0.5, self.timeout / 2) if self.timeout else 0.5
         next_beat = 0.0
-        while self.alive:
+        while self.alive or self._serving_on():  # [recycle 3/6]
             now = time.monotonic()
             beat_due = now >= next_beat
             if beat_due:
                 self.notify()
                 next_beat = now + beat
-            can_accept = self.nr_conns < self.worker_connections and self.runtime.state == SERVING
+                if self._handoff is not None and self._handoff.done():  # [recycle 5/6]
+                    self._handoff = None
+                    self.alive = False
+                    break
+            can_accept = self.nr_conns < self.worker_connections and (
+                self.runtime.state == SERVING or self._handoff is not None)  # [recycle 5/6]
             if can_accept != self._accepting:
                 self.set_accept_enabled(can_accept)
             self.wait_for_and_dispatch_events(timeout=beat)
@@ -337,6 +373,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
     def _shutdown(self) -> None:
         rt = self.runtime
         self.set_accept_enabled(False)
+        _recycle.close_listeners(self)  # [recycle 6/6] reuse_port: the kernel routes to open sockets
         self._cap_keepalive(time.monotonic() + gthread.STOP_KEEPALIVE_LINGER)
         if rt.state == SERVING and self._stop_at is None and self._terminating is None:
             rt.retire("max_requests" if self.nr >= self.max_requests else "parent_exited")

@@ -34,7 +34,8 @@ RANGES = {
     "background_threads": (1, 1024),
     "max_pending_tasks": (1, 10_000_000),
 }
-KEYS = ["policy", *RANGES]
+BOOLEANS = {"replace_before_retire"}
+KEYS = ["policy", *RANGES, *BOOLEANS]
 DEFAULTS = dataclasses.asdict(Settings())
 SUPABASE_KEYS = {"enabled", "inspector_port", "deno_version", "secrets"}
 
@@ -45,6 +46,8 @@ FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCh
 def acceptable(key: str, value: object) -> bool:
     if key in CHOICES:
         return isinstance(value, str) and value in CHOICES[key]
+    if key in BOOLEANS:
+        return isinstance(value, bool)
     low, high = RANGES[key]
     return type(value) is int and low <= value <= high
 
@@ -201,13 +204,17 @@ def test_any_file_content(tmp_path: Path, content: bytes) -> None:
 
 
 ENV_TEXT = st.text(st.characters(blacklist_characters="\x00"), max_size=20) | st.sampled_from(
-    ["0", " 1 ", "+5", "-0", "1_000", "2000", "2001", "100", "101", "1.5", "1e3", "per_worker", "oneshot\n"]
+    ["0", " 1 ", "+5", "-0", "1_000", "2000", "2001", "100", "101", "1.5", "1e3", "per_worker", "oneshot\n",
+     "true", " False ", "YES", "off", "maybe"]
 )
 
 
 def env_parse(key: str, raw: str) -> object:
     if key in CHOICES:
         return raw.strip()
+    if key in BOOLEANS:
+        return {"true": True, "1": True, "yes": True, "on": True,
+                "false": False, "0": False, "no": False, "off": False}.get(raw.strip().lower())
     try:
         return int(raw.strip())
     except ValueError:
@@ -237,7 +244,8 @@ def test_any_environment_name(tmp_path: Path, suffix: str) -> None:
     name = "EDGESYNC_" + suffix
     known = {"EDGESYNC_CONFIG", *("EDGESYNC_" + k.upper() for k in KEYS)}
     try:
-        load_settings({name: "oneshot" if suffix == "POLICY" else "7"}, cwd=tmp_path)
+        value = {"POLICY": "oneshot", "REPLACE_BEFORE_RETIRE": "true"}.get(suffix, "7")
+        load_settings({name: value}, cwd=tmp_path)
     except ConfigError as exc:
         if name == "EDGESYNC_CONFIG":
             assert "EDGESYNC_CONFIG" in str(exc)
