@@ -352,15 +352,16 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
             if beat_due:
                 self.notify()
                 next_beat = now + beat
-                if self._handoff is not None and self._handoff.done():  # [recycle 5/6]
-                    self._handoff = None
-                    self.alive = False
-                    break
+            if self._handoff is not None and self._handoff.done():  # [recycle 5/6]
+                self._handoff = None
+                self.alive = False
+                break
             can_accept = self.nr_conns < self.worker_connections and (
                 self.runtime.state == SERVING or self._handoff is not None)  # [recycle 5/6]
             if can_accept != self._accepting:
                 self.set_accept_enabled(can_accept)
-            self.wait_for_and_dispatch_events(timeout=beat)
+            # [recycle 5/6] a retiree looks for its replacement every HANDOFF_POLL seconds.
+            self.wait_for_and_dispatch_events(timeout=beat if self._handoff is None else _recycle.HANDOFF_POLL)
             if beat_due and not self.is_parent_alive():
                 break
             self.murder_keepalived()
