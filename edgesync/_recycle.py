@@ -265,7 +265,7 @@ def _wake_master() -> None:
 def ready() -> None:
     """In a worker entering its serving loop: mark it READY, so the arbiter can release a retiree."""
     rec = _record()
-    if rec is None:
+    if rec is None or rec.state != BOOTING:  # a retire already announced stays announced
         return
     rec.ready = time.monotonic()
     rec.state = READY

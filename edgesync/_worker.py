@@ -316,6 +316,9 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         rt = self.runtime
         # Memory is counted from here: the app is loaded and the worker is ready.
         rt.rss_baseline = rt.rss()
+        # [recycle 4/6] ready: a retiree waiting for a replacement may now stop accepting. Before the
+        # monitor starts, whose retire (already due if the boot was slow) must come after it.
+        _recycle.ready()
         # Workers booted together take different places in the retire window.
         workers = max(1, int(self.cfg.workers))
         self.monitor = Monitor(rt, stagger=(self.age % workers) / workers)
@@ -328,7 +331,6 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
                  rt.pid, st.policy, st.wall_clock_limit_ms, st.cpu_soft_limit_ms, st.cpu_hard_limit_ms,
                  st.memory_limit_mb, (rt.rss_baseline or 0) / 2**20, st.request_idle_timeout_ms,
                  st.background_threads)
-        _recycle.ready()  # [recycle 4/6] a retiree waiting for a replacement may now stop accepting
         try:
             self._serve()
             self._shutdown()
