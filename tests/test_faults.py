@@ -812,3 +812,56 @@ def test_replace_before_retire_off(server_factory: Callable[..., Server]) -> Non
     settled(server, 2)
     stop_cleanly(server)
     check_log(server)
+
+
+HOOKS_CONF = '''
+import json, os, time
+
+def _record(**fields):
+    fields["t"] = time.time()
+    with open(os.environ["EVENTS_FILE"], "a") as f:
+        f.write(json.dumps(fields) + "\\n")
+
+def pre_fork(server, worker):
+    _record(type="hook", hook="pre_fork", age=worker.age, workers=len(server.WORKERS))
+
+def post_fork(server, worker):
+    _record(type="hook", hook="post_fork", worker=worker.pid)
+
+def child_exit(server, worker):
+    _record(type="hook", hook="child_exit", worker=worker.pid)
+
+def worker_exit(server, worker):
+    _record(type="hook", hook="worker_exit", worker=worker.pid)
+
+def nworkers_changed(server, new_value, old_value):
+    _record(type="hook", hook="nworkers_changed", new=new_value, old=old_value)
+'''
+
+
+def test_server_hooks_see_a_retire_as_gunicorn_documents(server_factory: Callable[..., Server],
+                                                         tmp_path: Path) -> None:
+    conf = tmp_path / "hooks.py"
+    conf.write_text(HOOKS_CONF)
+    server = start(server_factory, "-c", str(conf), env=RETIRE_ENV)
+    retiree, other = server.worker_pids()
+    retire(server, retiree)
+    wait_for(lambda: handed_off(server, retiree), SETTLE, "the retiree to hand off")
+    server.signal(signal.SIGTTIN)
+    settled(server, 3)
+    server.signal(signal.SIGTTOU)
+    settled(server, 2)
+    stop_cleanly(server)
+    check_log(server)
+    hooks = server.events("hook")
+
+    def of(name: str) -> List[Dict[str, object]]:
+        return [h for h in hooks if h["hook"] == name]
+    booted = [int(p) for p in re.findall(r"Booting worker with pid: (\d+)", server.log)]
+    assert len(booted) == 4  # the first two, the retiree's replacement, the TTIN one
+    assert len(of("pre_fork")) == 4 and sorted(h["worker"] for h in of("post_fork")) == sorted(booted)
+    # pre_fork sees every worker of the arbiter, the retiree included.
+    assert of("pre_fork")[2]["workers"] == 2
+    assert sorted(h["worker"] for h in of("child_exit")) == sorted(booted)  # retiree, TTOU'd one, the stop
+    assert sorted(h["worker"] for h in of("worker_exit")) == sorted(booted)
+    assert [(h["new"], h["old"]) for h in of("nworkers_changed")] == [(2, None), (3, 2), (2, 3)]
