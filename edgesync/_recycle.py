@@ -220,9 +220,9 @@ def install(glog: Any) -> bool:
     ``gunicorn --check-config``. Idempotent.
     """
     global _master
-    if _master is not None and _master.in_master():
-        return True
     arbiter = _find_arbiter()
+    if _master is not None and _master.arbiter is arbiter and _master.in_master():
+        return True
     if arbiter is None:
         glog.debug("edgesync: no running gunicorn arbiter in this process; workers retire without a "
                    "replacement serving first")
