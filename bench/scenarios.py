@@ -496,33 +496,34 @@ def _picture(o: Options, es: Server, gt: Server, out: Outcome) -> None:
     t0 = min(tr["t0"] for _, tr in traces)
     fig, ax = plt.subplots(figsize=(11, 4.5))
     colours = {"edgesync": "tab:blue", "gthread": "tab:red"}
-    labels = {"edgesync": "edgesync.Worker, wall_clock_limit_ms=4000 (replace before retire)",
+    labels = {"edgesync": "edgesync, wall_clock_limit_ms=4000 (its replacement is forked at the retire)",
               "gthread": "gthread --max-requests (same lifetime)"}
     bin_s = 0.25
     for name, tr in traces:
         bins: Dict[int, List[float]] = {}
         for sent, ms, _status in tr["requests"]:
             bins.setdefault(int((sent - t0) / bin_s), []).append(ms)
-        xs = sorted(bins)
-        p99 = [sorted(bins[x])[int(0.99 * (len(bins[x]) - 1))] for x in xs]
-        top = [max(bins[x]) for x in xs]
-        ax.plot([x * bin_s for x in xs], p99, color=colours[name], label=labels[name] + ": p99 per 250 ms")
-        ax.plot([x * bin_s for x in xs], top, color=colours[name], alpha=0.3, linewidth=0.8,
-                label=labels[name] + ": max per 250 ms")
+        xs = list(range(0, int(seconds / bin_s) + 1))
+        # A bin in which no request was sent stays empty (a gap), not a line across it.
+        p99 = [sorted(bins[x])[int(0.99 * (len(bins[x]) - 1))] if x in bins else float("nan") for x in xs]
+        ax.scatter([sent - t0 for sent, _, _ in tr["requests"]], [ms for _, ms, _ in tr["requests"]],
+                   s=1, color=colours[name], alpha=0.15, linewidths=0)
+        ax.plot([(x + 0.5) * bin_s for x in xs], p99, color=colours[name], label=labels[name] + ": p99 per 250 ms")
         all_ms = sorted(ms for _, ms, _ in tr["requests"])
         out.details.append("  picture run, %s: %d requests, %d errors, p50 %.2f ms, p99 %.2f ms, max %.1f ms"
                            % (name, len(all_ms), len(tr["errors"]), all_ms[len(all_ms) // 2],
                               all_ms[int(0.99 * (len(all_ms) - 1))], all_ms[-1]))
     for name, watch in (("edgesync", wes), ("gthread", wgt)):
-        first = True
-        for t in sorted(watch.gone.values()):
-            if 0 <= t - t0 <= seconds:
-                ax.axvline(t - t0, color=colours[name], linestyle="--", linewidth=0.8, alpha=0.7,
-                           label="%s worker exits (end of a retire)" % name if first else None)
-                first = False
+        for what, times, style in (("exits", watch.gone.values(), "--"), ("forked", watch.born.values(), ":")):
+            first = True
+            for t in sorted(times):
+                if 0 < t - t0 <= seconds:
+                    ax.axvline(t - t0, color=colours[name], linestyle=style, linewidth=0.9, alpha=0.7,
+                               label="%s: a worker %s" % (name, what) if first else None)
+                    first = False
     ax.set_yscale("log")
     ax.set_xlabel("seconds")
-    ax.set_ylabel("latency (ms)")
+    ax.set_ylabel("latency (ms), dots: every request at the time it was sent")
     ax.set_title("Recycling under load: 2 workers each, both loaded at once (%d connections each), shared 2-core "
                  "machine" % o.connections, fontsize=10)
     ax.legend(fontsize=7, loc="upper right")
