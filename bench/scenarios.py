@@ -435,8 +435,28 @@ def s6_recycling(o: Options) -> Outcome:
                                "booted, %d terminations; %d worker exits seen, median lifetime %.2fs (fork to "
                                "exit), median gap from an exit to the nearest other exit %.2fs"
                                % (retired, handed, gave_up, replaced, terminated, len(exits), life, gap))
-        # Reference: gunicorn's own recycling (gthread --max-requests) at the same lifetime, in requests.
+        # Reference: the same recycling with replace_before_retire off (the retiree stops accepting at once
+        # and is replaced once it has exited), to tell the hand-off's effect from the machine's mood.
         rec = variants[0][1]
+        off = _server(o, "s6-recycling-off", ES, workers=2, env={**WALL_4S, "EDGESYNC_REPLACE_BEFORE_RETIRE": "false"})
+        try:
+            rec.start()
+            off.start()
+            ra, rb, _, _ = _recycle_rounds(o, rec, off, "recycling", "recycling, replace_before_retire off")
+        finally:
+            off.stop()
+        for metric, what in (("p99", "p99 latency"), ("rps", "req/s"), ("max", "max latency")):
+            vals = [getattr(a, metric) / getattr(b, metric) for a, b in zip(ra, rb, strict=True)]
+            out.rows.append(Row("6", "recycling workers, replace_before_retire on / off: %s" % what, median(vals),
+                                "x", values=vals))
+        out.rows.append(Row("6", "recycling workers, replace_before_retire off: failed requests",
+                            sum(b.failed for b in rb), "count", values=[b.failed for b in rb]))
+        out.details.append("6. recycling, replace_before_retire on (A) vs off (B), %d x %ds:"
+                           % (len(ra), o.recycle_seconds))
+        for i, (a, b) in enumerate(zip(ra, rb, strict=True)):
+            out.details.append("  round %d: A %s, max %.0f ms | B %s, max %.0f ms" % (i + 1, a.brief(), a.max,
+                                                                                      b.brief(), b.max))
+        # Reference: gunicorn's own recycling (gthread --max-requests) at the same lifetime, in requests.
         n = max(50, int(per_life))
         gthread = _server(o, "s6-gthread-max-requests", "gthread", workers=2,
                           args=["--max-requests", str(int(n * 0.9)), "--max-requests-jitter", str(int(n * 0.2))])
