@@ -460,8 +460,7 @@ def s6_recycling(o: Options) -> Outcome:
         n = max(50, int(per_life))
         gthread = _server(o, "s6-gthread-max-requests", "gthread", workers=2,
                           args=["--max-requests", str(int(n * 0.9)), "--max-requests-jitter", str(int(n * 0.2))])
-        rec.start()
-        gthread.start()
+        gthread.start()  # `rec` is still running
         ra, rb, wa, wb = _recycle_rounds(o, rec, gthread, "edgesync recycling", "gthread --max-requests")
         p99 = [a.p99 / b.p99 for a, b in zip(ra, rb, strict=True)]
         rps = [a.rps / b.rps for a, b in zip(ra, rb, strict=True)]
