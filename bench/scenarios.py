@@ -384,7 +384,7 @@ def s6_recycling(o: Options) -> Outcome:
                 ("recycling --preload", _server(o, "s6-recycling-preload", ES, workers=2, env=WALL_4S,
                                                 args=["--preload"]))]
     gthread: Optional[Server] = None
-    per_life = 0.0
+    life_s = float("nan")
     try:
         steady.start()
         for label, rec in variants:
@@ -406,7 +406,7 @@ def s6_recycling(o: Options) -> Outcome:
                 if len(exits) > 1 else []
             life, gap = median(lives), median(gaps)
             if label == "recycling":
-                per_life = sum(a.requests for a in ra) / max(1, len(exits))
+                life_s = life
             tag = label.replace("recycling", "recycling workers")
             failed = sum(a.failed for a in ra)
             p99 = [a.p99 / b.p99 for a, b in zip(ra, rb, strict=True)]
@@ -437,7 +437,9 @@ def s6_recycling(o: Options) -> Outcome:
                                % (retired, handed, gave_up, replaced, terminated, len(exits), life, gap))
         # Reference: the same recycling with replace_before_retire off (the retiree stops accepting at once
         # and is replaced once it has exited), to tell the hand-off's effect from the machine's mood.
-        rec = variants[0][1]
+        # New servers (not restarts) for each comparison, so that every log is kept.
+        rec = _server(o, "s6-recycling-vs-off", ES, workers=2, env=WALL_4S)
+        variants.append(("", rec))
         off = _server(o, "s6-recycling-off", ES, workers=2, env={**WALL_4S, "EDGESYNC_REPLACE_BEFORE_RETIRE": "false"})
         try:
             rec.start()
@@ -456,11 +458,28 @@ def s6_recycling(o: Options) -> Outcome:
         for i, (a, b) in enumerate(zip(ra, rb, strict=True)):
             out.details.append("  round %d: A %s, max %.0f ms | B %s, max %.0f ms" % (i + 1, a.brief(), a.max,
                                                                                       b.brief(), b.max))
-        # Reference: gunicorn's own recycling (gthread --max-requests) at the same lifetime, in requests.
+        # Reference: gunicorn's own recycling (gthread --max-requests) at the same lifetime. The lifetime is
+        # edgesync's median (fork to exit) in the first comparison; gthread's request rate next to the
+        # recycling server is probed first (3 s, no max_requests), so N requests take about that long.
+        rec.stop()
+        rec = _server(o, "s6-recycling-vs-gthread", ES, workers=2, env=WALL_4S)
+        variants.append(("", rec))
+        probe = _server(o, "s6-gthread-probe", "gthread", workers=2)
+        try:
+            rec.start()
+            probe.start()
+            side_by_side([Load("x", rec, "/hello"), Load("y", probe, "/hello")], 1, o.connections, o.client_cpu)
+            _, rate = side_by_side([Load("x", rec, "/hello"), Load("y", probe, "/hello")], 3, o.connections,
+                                   o.client_cpu)
+        finally:
+            probe.stop()
+        per_life = rate.rps / 2 * (life_s if life_s == life_s else 2.0)
         n = max(50, int(per_life))
+        o.log("  gthread alone next to the recycling server: %.0f req/s; %.2fs x %.0f req/s per worker = %d "
+              "requests per lifetime" % (rate.rps, life_s, rate.rps / 2, n))
         gthread = _server(o, "s6-gthread-max-requests", "gthread", workers=2,
                           args=["--max-requests", str(int(n * 0.9)), "--max-requests-jitter", str(int(n * 0.2))])
-        gthread.start()  # `rec` is still running
+        gthread.start()
         ra, rb, wa, wb = _recycle_rounds(o, rec, gthread, "edgesync recycling", "gthread --max-requests")
         p99 = [a.p99 / b.p99 for a, b in zip(ra, rb, strict=True)]
         rps = [a.rps / b.rps for a, b in zip(ra, rb, strict=True)]
@@ -476,7 +495,7 @@ def s6_recycling(o: Options) -> Outcome:
         out.rows.append(Row("6", "gthread --max-requests: failed requests", sum(b.failed for b in rb), "count",
                             values=[b.failed for b in rb]))
         out.details.append("6. edgesync recycling (wall_clock_limit_ms=4000) vs gthread --max-requests %d "
-                           "--max-requests-jitter %d (%.0f requests per edgesync lifetime), %d x %ds:"
+                           "--max-requests-jitter %d (%.0f requests per edgesync lifetime at gthread's rate), %d x %ds:"
                            % (int(n * 0.9), int(n * 0.2), per_life, len(ra), o.recycle_seconds))
         for i, (a, b) in enumerate(zip(ra, rb, strict=True)):
             out.details.append("  round %d: edgesync: %s, max %.0f ms | gthread: %s, max %.0f ms"
