@@ -535,7 +535,7 @@ def _picture(o: Options, es: Server, gt: Server, out: Outcome) -> None:
     fig, ax = plt.subplots(figsize=(11, 4.5))
     colours = {"edgesync": "tab:blue", "gthread": "tab:red"}
     labels = {"edgesync": "edgesync, wall_clock_limit_ms=4000 (its replacement is forked at the retire)",
-              "gthread": "gthread --max-requests (same lifetime)"}
+              "gthread": "gthread --max-requests (%s)" % " ".join(gt.args[1::2])}
     bin_s = 0.25
     for name, tr in traces:
         bins: Dict[int, List[float]] = {}
@@ -562,8 +562,10 @@ def _picture(o: Options, es: Server, gt: Server, out: Outcome) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("seconds")
     ax.set_ylabel("latency (ms), dots: every request at the time it was sent")
+    lives = [median([w.gone[p] - w.born[p] for p in w.gone if p in w.born]) for w in (wes, wgt)]
     ax.set_title("Recycling under load: 2 workers each, both loaded at once (%d connections each), shared 2-core "
-                 "machine" % o.connections, fontsize=10)
+                 "machine; median worker lifetime: edgesync %.1fs, gthread %.1fs"
+                 % (o.connections, lives[0], lives[1]), fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(PICTURE, dpi=110)
