@@ -451,6 +451,8 @@ def s6_recycling(o: Options) -> Outcome:
             vals = [getattr(a, metric) / getattr(b, metric) for a, b in zip(ra, rb, strict=True)]
             out.rows.append(Row("6", "recycling workers, replace_before_retire on / off: %s" % what, median(vals),
                                 "x", values=vals))
+        out.rows.append(Row("6", "recycling workers, replace_before_retire on: failed requests",
+                            sum(a.failed for a in ra), "count", values=[a.failed for a in ra]))
         out.rows.append(Row("6", "recycling workers, replace_before_retire off: failed requests",
                             sum(b.failed for b in rb), "count", values=[b.failed for b in rb]))
         out.details.append("6. recycling, replace_before_retire on (A) vs off (B), %d x %ds:"
@@ -492,6 +494,8 @@ def s6_recycling(o: Options) -> Outcome:
                             at_least(median(rps), 1.001), rps))
         out.rows.append(Row("6", "edgesync recycling / gthread --max-requests: max latency", median(mx), "x",
                             values=mx))
+        out.rows.append(Row("6", "edgesync recycling (next to gthread): failed requests", sum(a.failed for a in ra),
+                            "count", values=[a.failed for a in ra]))
         out.rows.append(Row("6", "gthread --max-requests: failed requests", sum(b.failed for b in rb), "count",
                             values=[b.failed for b in rb]))
         out.details.append("6. edgesync recycling (wall_clock_limit_ms=4000) vs gthread --max-requests %d "
