@@ -12,8 +12,9 @@
 # The worker class; "egg:edgesync-wsgi#edgesync" names the same class.
 # worker_class = "edgesync.Worker"
 
-# At least 2: a retiring worker stops accepting connections while it drains, and
-# the arbiter starts its replacement only once it has exited.
+# At least 2: a retiring worker keeps accepting until its replacement serves, but
+# a stop or a hard limit does not wait for one (README, "Recycling without losing
+# capacity").
 # workers = 2
 
 # Request threads per worker. Background tasks have their own threads

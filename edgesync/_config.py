@@ -44,7 +44,7 @@ _MAX_MB = 1_048_576
 # they are accepted and ignored rather than reported as unknown.
 _SUPABASE_KEYS = frozenset({"enabled", "inspector_port", "deno_version", "secrets"})
 
-_T = TypeVar("_T", int, str)
+_T = TypeVar("_T", bool, int, str)
 
 
 class ConfigError(RuntimeError):
@@ -53,7 +53,8 @@ class ConfigError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-    """What one setting accepts: a choice of strings, a string matching a pattern, or an integer range."""
+    """What one setting accepts: a choice of strings, true or false, a string matching a pattern, or an
+    integer range."""
 
     doc: str
     choices: tuple[str, ...]
@@ -63,9 +64,12 @@ class _Spec:
     text: str = ""  # non-empty: a free-form string that fully matches `pattern`; `text` says what is accepted
     pattern: str = ""
     is_path: bool = False  # a file path whose directory must exist (checked when the base directory is known)
+    boolean: bool = False
 
     def problem(self, value: object) -> str | None:
         """Return what is accepted (e.g. ``"an integer >= 0"``) when `value` is not, else None."""
+        if self.boolean:
+            return None if isinstance(value, bool) else "true or false"
         if self.text:
             if isinstance(value, str) and re.fullmatch(self.pattern, value):
                 return None
@@ -96,7 +100,8 @@ def _setting(
     is_path: bool = False,
 ) -> _T:
     """Declare one setting: a dataclass field with its default and its :class:`_Spec` in the metadata."""
-    spec = _Spec(doc, choices, minimum, maximum, open_ended, text, pattern, is_path)
+    spec = _Spec(doc, choices, minimum, maximum, open_ended, text, pattern, is_path,
+                 boolean=isinstance(default, bool))
     assert spec.problem(default) is None, f"default {default!r} violates its own spec"
     return dataclasses.field(default=default, metadata={"edgesync": spec})
 
@@ -188,6 +193,11 @@ class Settings:
         "default", doc="The RQ queue durable tasks are handed to.",
         text="a queue name (letters, digits, _ . : -)", pattern=r"[A-Za-z0-9_.:-]+",
     )
+    replace_before_retire: bool = _setting(
+        True, doc="A retiring instance keeps accepting until the arbiter's replacement for it serves "
+        "(at most 30 s, and 75% of wall_clock_limit_ms); false: it stops at once and gunicorn "
+        "replaces it once it has exited.",
+    )
 
     def __post_init__(self) -> None:
         values = dataclasses.asdict(self)
@@ -200,6 +210,9 @@ class Settings:
 _SPECS: dict[str, _Spec] = {f.name: f.metadata["edgesync"] for f in dataclasses.fields(Settings)}
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Settings)}
 _ENV_NAMES: dict[str, str] = {ENV_PREFIX + key.upper(): key for key in _SPECS}
+# How an environment variable spells a boolean (TOML has its own true and false).
+_BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+             "off": False}
 
 
 def _show(value: object) -> str:
@@ -364,7 +377,9 @@ def load_settings(
             raise _unknown("unknown environment variable", name, [CONFIG_ENV, *_ENV_NAMES])
         key, raw = _ENV_NAMES[name], env[name]
         value: object = raw.strip()
-        if not (_SPECS[key].choices or _SPECS[key].text):
+        if _SPECS[key].boolean:
+            value = _BOOLEANS.get(raw.strip().lower(), raw)
+        elif not (_SPECS[key].choices or _SPECS[key].text):
             try:
                 value = int(raw.strip())
             except ValueError:  # '', '1.5', '1e3', 'abc': reported below with the raw text
@@ -400,7 +415,9 @@ def settings_reference_markdown() -> str:
     for key, spec in _SPECS.items():
         default = _DEFAULTS[key]
         shown = f'"{default}"' if isinstance(default, str) else str(default)
-        if spec.text:
+        if spec.boolean:
+            shown, accepted = str(default).lower(), "`true`, `false`"
+        elif spec.text:
             accepted = spec.text
         elif spec.choices:
             accepted = ", ".join(f'`"{c}"`' for c in spec.choices)

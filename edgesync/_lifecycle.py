@@ -198,6 +198,10 @@ class Plan:
     await_tasks: bool  # let background tasks finish (else they are abandoned)
     budget: Budget
     exit_status: int = 0
+    # Have the arbiter fork a replacement at once (README, "Recycling without losing
+    # capacity"): None no; False yes, and stop accepting now; True yes, and keep
+    # accepting until it serves.
+    replace: Optional[bool] = None
 
 
 #: Exit status of a worker terminated by a hard limit (never 3 or 4: those halt gunicorn).
@@ -217,9 +221,9 @@ DRAIN_TICK = 0.05
 #: The drain of each cause (README, "Lifecycle"). The limit's own reason is the
 #: ``at_start`` event of TERMINATE (when its ratio is on); it is filled in by ``drain``.
 PLANS: Dict[Trigger, Plan] = {
-    Trigger.RETIRE: Plan(None, Reason.EARLY_DROP, True, True, Budget.GRACEFUL),
-    # oneshot: "background work cut off" once the one response is out.
-    Trigger.ONESHOT: Plan(None, Reason.EARLY_DROP, True, False, Budget.GRACEFUL),
+    Trigger.RETIRE: Plan(None, Reason.EARLY_DROP, True, True, Budget.GRACEFUL, replace=True),
+    # oneshot: "background work cut off" once the one response is out; no second connection.
+    Trigger.ONESHOT: Plan(None, Reason.EARLY_DROP, True, False, Budget.GRACEFUL, replace=False),
     # termination fires at once, so the app gets the whole window.
     Trigger.STOP: Plan(Reason.TERMINATION, None, True, True, Budget.GRACEFUL),
     Trigger.QUICK: Plan(Reason.TERMINATION, None, False, False, Budget.QUICK),
@@ -229,8 +233,18 @@ PLANS: Dict[Trigger, Plan] = {
 }
 
 
+class Handoff(Protocol):
+    """A retiree waiting for its replacement to serve."""
+
+    def done(self) -> bool:
+        """True once the replacement serves, or the wait is over (then it says why)."""
+
+
 class Host(Protocol):
     """What the drain needs from whoever runs the instance."""
+
+    def replace(self, keep_accepting: bool) -> Optional[Handoff]:
+        """Have a replacement started now; a ``Handoff`` if this instance should serve on until it does."""
 
     def stop_accepting(self) -> None:
         """Take no new connections (idempotent)."""
@@ -266,6 +280,7 @@ class Drain:
         self.phase: Optional[Phase] = None
         self._end_fired = False
         self._waits: List[Tuple[threading.Event, float]] = []
+        self.handoff: Optional[Handoff] = None  # serving on until the replacement serves
 
     def run(self) -> Tuple[Plan, List[TaskInfo]]:
         """Drain until quiet or the deadline; unload; return the plan that ended it and the
@@ -279,6 +294,14 @@ class Drain:
                 self._enter()
             plan = self.plan
             assert plan is not None
+            if self.handoff is not None:
+                if not self.handoff.done():
+                    host.tick(DRAIN_TICK)  # serving on: accepting, answering, heartbeat
+                    continue
+                # The drain proper starts now, with its whole budget.
+                self.handoff = None
+                host.stop_accepting()
+                self.deadline = host.budget(plan.budget, time.monotonic())
             terminating = self.lc.state is State.TERMINATING
             work_done = (not (plan.await_requests and host.requests_busy(terminating))
                          and not (plan.await_tasks and rt.pool.pending))
@@ -312,7 +335,10 @@ class Drain:
         now = time.monotonic()
         self.deadline = min(self.deadline, self.host.budget(plan.budget, now))
         log.info("worker %d: %s", rt.pid, lc.describe())
-        self.host.stop_accepting()
+        # A stronger cause does not wait for a replacement that is still booting.
+        self.handoff = None if plan.replace is None else self.host.replace(plan.replace)
+        if self.handoff is None:
+            self.host.stop_accepting()
         if trigger is Trigger.TERMINATE:
             reason = lc.terminate_reason
             assert reason is not None

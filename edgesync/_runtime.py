@@ -457,6 +457,9 @@ class ProcessHost:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
 
+    def replace(self, keep_accepting: bool) -> None:
+        """Nothing replaces a plain process."""
+
     def stop_accepting(self) -> None:
         """Nothing to stop: there is no listening socket."""
 

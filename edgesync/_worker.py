@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import selectors
+import sys
 import threading
 import time
 from typing import Any, ClassVar, List, Optional
@@ -23,7 +24,7 @@ from typing import Any, ClassVar, List, Optional
 from gunicorn.http.body import LengthReader
 from gunicorn.workers import gthread
 
-from . import _recovery, _runtime
+from . import _recovery, _recycle, _runtime
 from ._config import ConfigError, Settings, describe_source, load_settings
 from ._invocation import REQUEST, InvocationCancelled, Tracker
 from ._lifecycle import (
@@ -119,6 +120,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
     # The last settings that validated, in the master: a HUP that brings a broken
     # edgesync.toml keeps serving with these instead of failing every new worker.
     _settings: ClassVar[Optional[Settings]] = None
+    max_requests: int  # gunicorn's Worker.__init__ sets it (cfg.max_requests plus its jitter)
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -129,6 +131,9 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         super().check_config(cfg, log)
         cls._settings = load_settings()
         log.info("edgesync: settings from %s", describe_source())
+        if cls._settings.replace_before_retire:
+            # Share the retire table with the workers to come; wrap the arbiter's counting.
+            _recycle.install(log)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -148,6 +153,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         self._stop_at: Optional[float] = None  # when the first SIGTERM came
         self._signalled: List[Trigger] = []  # what signal handlers asked for (see poll)
         self._in_run = False
+        self._stopped_accepting = False
 
     # -- set-up, after fork -----------------------------------------------------
 
@@ -227,7 +233,10 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         self._wake()
 
     def _wake(self, trigger: Optional[Trigger] = None) -> None:
-        self.alive = False
+        # A retiree may serve on until its replacement serves (the drain decides), and
+        # gthread closes connections and HTTP/2 streams once `alive` is off.
+        if trigger not in (Trigger.RETIRE, Trigger.ONESHOT):
+            self.alive = False
         self.method_queue.defer(_nothing)
 
     # -- the main loop ------------------------------------------------------------
@@ -236,6 +245,9 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         rt = self.runtime
         # Memory is counted from here: the app is loaded and the worker is ready.
         rt.rss_baseline = rt.rss()
+        # Ready, so a retiree waiting for this worker may stop accepting. Before the
+        # monitor starts: its retire (due at once after a slow boot) must come after.
+        _recycle.ready()
         # Workers booted together take different places in the retire window.
         workers = max(1, int(self.cfg.workers))
         self.monitor = Monitor(rt, stagger=(self.age % workers) / workers)
@@ -299,9 +311,22 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         while self._signalled:
             self.runtime.lifecycle.request(self._signalled.pop(0))
 
+    def replace(self, keep_accepting: bool) -> Optional[_recycle.Handoff]:
+        handoff = _recycle.announce(self.runtime, keep_accepting=keep_accepting)
+        if handoff is not None:
+            # Serve on as before: gthread ended the serving loop at max_requests by
+            # turning `alive` off, and would close every connection after that.
+            self.alive = True
+            self.max_requests = sys.maxsize
+        return handoff
+
     def stop_accepting(self) -> None:
         self.alive = False
+        if self._stopped_accepting:
+            return
+        self._stopped_accepting = True
         self.set_accept_enabled(False)
+        _recycle.close_listeners(self)  # reuse_port: the kernel routes to open sockets
         # As gthread's run does when it stops (gthread.py 443-449): kept-alive
         # connections stay open for STOP_KEEPALIVE_LINGER at most, and a request
         # arriving on one meanwhile is answered with "Connection: close".
@@ -324,6 +349,8 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
 
     def tick(self, timeout: float) -> None:
         self.notify()
+        if not self._stopped_accepting:  # a retiree serving on until its replacement serves
+            self.set_accept_enabled(self.nr_conns < self.worker_connections)
         self.wait_for_and_dispatch_events(timeout=timeout)
         self.murder_keepalived()
         self.murder_pending()
@@ -341,6 +368,9 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         return since + grace - min(MAX_SAFETY_MARGIN, grace * 0.1)
 
     def _close(self) -> None:
+        if self.monitor is not None:
+            # The faulthandler watchdog must not fire while the process exits.
+            self.monitor.stop()
         self.murder_keepalived(force=True)
         self.tpool.shutdown(wait=False)
         self.poller.close()

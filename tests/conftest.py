@@ -57,16 +57,20 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESYNC_")}
         env.update({"EVENTS_FILE": str(self.events_path), "PYTHONUNBUFFERED": "1"})
         env.update(self.env)
-        cmd = [sys.executable, "-m", "gunicorn", "-k", "edgesync.Worker", "-b", "127.0.0.1:0",
+        # A test that passes its own -b (--reuse-port: every worker binds the address itself, so
+        # port 0 would give each its own port) names the port; otherwise the OS picks one.
+        bind = [] if "-b" in self.args else ["-b", "127.0.0.1:0"]
+        cmd = [sys.executable, "-m", "gunicorn", "-k", "edgesync.Worker", *bind,
                "--no-control-socket", "--pythonpath", str(REPO), "--log-level", "info",
                "--graceful-timeout", "5", "--timeout", "10", *self.args, self.app]
         self.log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=self.log_file,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        match = wait_for(lambda: self.exited() is None and re.search(
-            r"Listening at: http://127\.0\.0\.1:(\d+)", self.log) or self._fail_if_exited(),
-            timeout, "gunicorn to listen")
-        self.port = int(match.group(1))
+        pattern = (r"Listening at: http://127\.0\.0\.1:(\d+)" if bind else
+                   r"Listening at: .*()")
+        match = wait_for(lambda: self.exited() is None and re.search(pattern, self.log)
+                         or self._fail_if_exited(), timeout, "gunicorn to listen")
+        self.port = int(match.group(1) or self.args[self.args.index("-b") + 1].rsplit(":", 1)[1])
         if workers_ready:
             self.wait_for_log(r"Booting worker with pid", count=workers_ready, timeout=timeout)
             self.wait_ready(timeout)

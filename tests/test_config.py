@@ -34,6 +34,7 @@ DESIGN_DEFAULTS = {
     "handoff_on": "deadline",
     "handoff_redis_url": "redis://127.0.0.1:6379/0",
     "handoff_queue": "default",
+    "replace_before_retire": True,  # issue 10: a replacement serves before a retiring worker stops accepting
 }
 
 
@@ -85,8 +86,10 @@ def test_full_valid_file(tmp_path: Path) -> None:
         "handoff_on": "always",
         "handoff_redis_url": "unix:///run/redis.sock",
         "handoff_queue": "edge.tasks",
+        "replace_before_retire": False,
     }
-    body = "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in wanted.items())
+    body = "\n".join(f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}".replace("'", '"')
+                     for k, v in wanted.items())
     write(tmp_path, f"# comment\n[edge_runtime]\n{body}\n")
     assert dataclasses.asdict(load_settings({}, cwd=tmp_path)) == wanted
     assert describe_source({}, cwd=tmp_path) == "edgesync.toml"
@@ -387,11 +390,23 @@ def test_settings_reference_markdown_lists_every_key() -> None:
     assert lines[0] == "| key | default | accepted | meaning |"
     assert len(lines) == 2 + len(DESIGN_DEFAULTS)
     for line, (key, default) in zip(lines[2:], DESIGN_DEFAULTS.items(), strict=True):
-        shown = f'"{default}"' if isinstance(default, str) else str(default)
+        shown = f'"{default}"' if isinstance(default, str) else str(default).lower()
         assert line.startswith(f"| `{key}` | `{shown}` | "), line
         assert line.count("|") == 5, line
     assert "integer 0 to 100" in table and '`"oneshot"`' in table
     assert table.count("0 disables") == 8  # every limit and every ratio says what 0 means
+
+
+def test_boolean_setting_from_file_and_environment(tmp_path: Path) -> None:
+    assert load_settings({"EDGESYNC_REPLACE_BEFORE_RETIRE": " Off "}, cwd=tmp_path).replace_before_retire is False
+    assert load_settings({"EDGESYNC_REPLACE_BEFORE_RETIRE": "1"}, cwd=tmp_path).replace_before_retire is True
+    assert load_error(tmp_path, {"EDGESYNC_REPLACE_BEFORE_RETIRE": "maybe"}) == (
+        "environment variable EDGESYNC_REPLACE_BEFORE_RETIRE: replace_before_retire must be true or false, "
+        "got 'maybe'")
+    write(tmp_path, "[edge_runtime]\nreplace_before_retire = 0\n")
+    assert load_error(tmp_path) == "edgesync.toml: [edge_runtime] replace_before_retire must be true or false, got 0"
+    write(tmp_path, "[edge_runtime]\nreplace_before_retire = false\n")
+    assert load_settings({}, cwd=tmp_path).replace_before_retire is False
 
 
 def test_settings_constructed_directly() -> None:

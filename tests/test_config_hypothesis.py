@@ -42,7 +42,8 @@ RANGES = {
 TEXTS = {"durable_journal": r"[^\x00]*", "handoff_redis_url": r"(redis|rediss|unix)://\S+",
          "handoff_queue": r"[A-Za-z0-9_.:-]+"}
 KEYS = ["policy", *list(RANGES)[:-1], "durable_journal", "durable_max_attempts", "handoff", "handoff_on",
-        "handoff_redis_url", "handoff_queue"]
+        "handoff_redis_url", "handoff_queue", "replace_before_retire"]
+BOOLEANS = {"replace_before_retire"}
 DEFAULTS = dataclasses.asdict(Settings())
 SUPABASE_KEYS = {"enabled", "inspector_port", "deno_version", "secrets"}
 
@@ -59,6 +60,8 @@ def acceptable(key: str, value: object, base: Path | None = None) -> bool:
             os.path.dirname(os.path.join(base, value)) or base)
     if key in CHOICES:
         return isinstance(value, str) and value in CHOICES[key]
+    if key in BOOLEANS:
+        return isinstance(value, bool)
     low, high = RANGES[key]
     return type(value) is int and low <= value <= high
 
@@ -215,13 +218,17 @@ def test_any_file_content(tmp_path: Path, content: bytes) -> None:
 
 
 ENV_TEXT = st.text(st.characters(blacklist_characters="\x00"), max_size=20) | st.sampled_from(
-    ["0", " 1 ", "+5", "-0", "1_000", "2000", "2001", "100", "101", "1.5", "1e3", "per_worker", "oneshot\n"]
+    ["0", " 1 ", "+5", "-0", "1_000", "2000", "2001", "100", "101", "1.5", "1e3", "per_worker", "oneshot\n",
+     "true", " False ", "YES", "off", "maybe"]
 )
 
 
 def env_parse(key: str, raw: str) -> object:
     if key in CHOICES or key in TEXTS:
         return raw.strip()
+    if key in BOOLEANS:
+        return {"true": True, "1": True, "yes": True, "on": True,
+                "false": False, "0": False, "no": False, "off": False}.get(raw.strip().lower())
     try:
         return int(raw.strip())
     except ValueError:
@@ -251,7 +258,8 @@ def test_any_environment_name(tmp_path: Path, suffix: str) -> None:
     name = "EDGESYNC_" + suffix
     known = {"EDGESYNC_CONFIG", *("EDGESYNC_" + k.upper() for k in KEYS)}
     try:
-        load_settings({name: "oneshot" if suffix == "POLICY" else "7"}, cwd=tmp_path)
+        value = {"POLICY": "oneshot", "REPLACE_BEFORE_RETIRE": "true"}.get(suffix, "7")
+        load_settings({name: value}, cwd=tmp_path)
     except ConfigError as exc:
         if name == "EDGESYNC_CONFIG":
             assert "EDGESYNC_CONFIG" in str(exc)

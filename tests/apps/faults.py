@@ -16,13 +16,20 @@ Routes: ``/ok``; ``/task?lo=&hi=&n=&only=`` (n tasks, each sleeping a random tim
 worker answers 409 and schedules nothing); ``/fail`` (a task that raises);
 ``/ctx?id=`` (isolation: the task checks it sees its own request's context and
 data); ``/stubborn?cpu=0|1`` (a task that swallows every exception, cancellation
-included); ``/sleep?s=``; ``/pid``; ``/metrics``.
+included); ``/burn?ms=&only=`` (spins that many ms of CPU in the request: with a
+low ``cpu_soft_limit_ms`` the worker that answers retires); ``/sleep?s=``;
+``/pid``; ``/metrics``.
 
 Environment: ``LISTENER_RAISES=1`` adds a ``beforeunload`` listener that raises
 (and one after it that records ``after_raising``); ``LISTENER_BLOCKS=<seconds>``
 adds one that sleeps that long; ``LOG_EVERY_FAILURE=<n>`` lets every n-th failing
 task reach edgesync's default logging (the others call ``prevent_default()``, so a
 storm of thousands does not write thousands of tracebacks).
+
+Files that change how a worker boots (the app is imported in each worker, after
+the fork, unless ``--preload``): while ``$BOOT_HOLD_FILE`` exists, the import
+waits (at most 60 s), writing a ``boot_held`` record first; if ``$BOOT_FAIL_FILE``
+exists, the import raises (gunicorn's boot-error handling then halts the master).
 """
 
 from __future__ import annotations
@@ -85,6 +92,19 @@ def on_rejection(event: edgesync.UnhandledRejectionEvent) -> None:
         event.prevent_default()
 
 
+def _boot_switches() -> None:
+    fail = os.environ.get("BOOT_FAIL_FILE")
+    if fail and os.path.exists(fail):
+        raise RuntimeError("the app fails to import on purpose (%s exists)" % fail)
+    hold = os.environ.get("BOOT_HOLD_FILE")
+    if hold and os.path.exists(hold):
+        record(type="boot_held")
+        deadline = time.monotonic() + 60
+        while os.path.exists(hold) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+_boot_switches()
 edgesync.add_event_listener("beforeunload", on_beforeunload)
 edgesync.add_event_listener("unhandledrejection", on_rejection)
 # When the worker process ends (gunicorn's worker exits through SystemExit, so atexit
@@ -190,6 +210,13 @@ def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable
     except edgesync.QueueFull:
         record(type="queue_full", id=task_id)
         return _text(start_response, "queue full", "503 Service Unavailable")
+    if path == "/burn":
+        if q.get("only", str(os.getpid())) != str(os.getpid()):
+            return _text(start_response, "not worker %s" % q["only"], "409 Conflict")
+        end = time.thread_time() + float(q.get("ms", "100")) / 1000.0
+        while time.thread_time() < end:
+            pass
+        return _text(start_response, "burnt %d" % os.getpid())
     if path == "/sleep":
         time.sleep(float(q.get("s", "1")))
         return _text(start_response, "slept %d" % os.getpid())

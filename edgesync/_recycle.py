@@ -1,0 +1,357 @@
+"""Replace before retire: a retiring worker's replacement serves before it stops accepting.
+
+design: gunicorn's arbiter forks a replacement only when a worker has exited, so
+a retire (soft limit, ``max_requests``, ``oneshot``) costs the server one worker
+for the retiree's drain plus the replacement's boot. Instead the retiree says
+"retiring" in memory shared with the arbiter and keeps accepting; the arbiter,
+which does not count a retiree as serving, forks its replacement at once; when
+the replacement serves, the arbiter releases the retiree, which then stops
+accepting and drains as before. One record per worker, in an anonymous shared
+mapping created in the master before any fork (``install``, from the worker
+class's ``check_config``) and inherited by every worker.
+
+Rule: each field of a record has one writer. The master writes ``token``,
+``state`` = BOOTING/FREE (before the fork, and after the reap) and
+``released``; the worker writes ``state`` = READY/RETIRING and its times. So no
+lock is needed, and a worker that dies mid-write blocks nobody.
+
+The arbiter is patched on its instance, in the master only (every patched
+method checks that it runs in the master: the same object is copied into every
+forked worker). gunicorn's own ``manage_workers`` still decides everything; it
+just does not see retirees, so it spawns one replacement per retiree and, when
+there are too many workers (TTOU, HUP), SIGTERMs the oldest *serving* worker,
+never a retiree that is leaving anyway.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import signal
+import time
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+from ._runtime import Runtime
+
+log = logging.getLogger("edgesync")
+
+#: Workers (serving, booting and retiring) the shared table holds. A worker forked
+#: while every record is taken retires the old way (it is counted as serving).
+SLOTS = 1024
+#: Longest wait for a replacement. A retiree also stops waiting at
+#: WAIT_LIFE_FRACTION of its wall-clock limit, so that its drain ends before the
+#: hard limit terminates it.
+MAX_WAIT = 30.0
+WAIT_LIFE_FRACTION = 0.75
+#: How often a retiree looks whether the arbiter released it (a read of shared memory).
+HANDOFF_POLL = 0.05
+
+FREE, BOOTING, READY, RETIRING = 0, 1, 2, 3
+#: Signals with which the arbiter stops a worker (its kill_worker): a worker it
+#: signalled so no longer counts as serving, even while it drains.
+_STOPPING_SIGNALS = frozenset({signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGKILL, signal.SIGABRT})
+
+
+class _Record(ctypes.Structure):
+    _fields_ = [
+        ("token", ctypes.c_uint64),  # which spawn owns the record; 0 when free
+        ("state", ctypes.c_int32),
+        ("released", ctypes.c_int32),  # 1: the retiree may stop accepting
+        ("announced", ctypes.c_double),  # time.monotonic() of the retire (system-wide clock)
+        ("ready", ctypes.c_double),  # time.monotonic() the worker started serving
+    ]
+
+
+class _Master:
+    """The arbiter's side: which record each worker has, and the patched methods."""
+
+    def __init__(self, arbiter: Any, glog: Any):
+        self.arbiter = arbiter
+        self.glog = glog
+        self.pid = os.getpid()
+        # MAP_SHARED | MAP_ANONYMOUS: the same pages in the master and every worker forked later.
+        self.mem = mmap.mmap(-1, ctypes.sizeof(_Record) * SLOTS)
+        self.records = (_Record * SLOTS).from_buffer(self.mem)
+        self.slot_of: Dict[int, int] = {}  # worker pid -> record index
+        self.stopping: Set[int] = set()  # pids the arbiter told to stop
+        self.hidden: Dict[int, Any] = {}  # retirees taken out of WORKERS during manage_workers
+        self.spawned = 0
+        self.full_warned = False
+        self.orig: Dict[str, Callable[..., Any]] = {}
+        for name in ("spawn_worker", "manage_workers", "reap_workers", "kill_worker"):
+            self.orig[name] = getattr(arbiter, name)
+            setattr(arbiter, name, getattr(self, name))
+
+    def in_master(self) -> bool:
+        return os.getpid() == self.pid
+
+    # -- the patched arbiter methods ----------------------------------------------
+
+    def spawn_worker(self) -> Any:
+        if not self.in_master():
+            return self.orig["spawn_worker"]()
+        global _own
+        slot = self._claim()
+        _own = slot  # copied into the child by the fork below: its own record
+        workers = self.arbiter.WORKERS
+        # The child closes its siblings' heartbeat files (arbiter.py spawn_worker):
+        # let it see the retirees hidden by manage_workers too.
+        workers.update(self.hidden)
+        try:
+            pid = self.orig["spawn_worker"]()
+        except BaseException:
+            # why BaseException: SystemExit is how the child leaves this call at its
+            # very end; in the master a failed fork must give its record back.
+            if self.in_master() and slot is not None:
+                self._free(slot)
+            raise
+        finally:
+            if self.in_master():
+                _own = None
+                for hidden in self.hidden:
+                    workers.pop(hidden, None)
+        if slot is not None:
+            self.slot_of[pid] = slot
+        return pid
+
+    def manage_workers(self) -> Any:
+        if not self.in_master():
+            return self.orig["manage_workers"]()
+        self._forget_gone()
+        workers = self.arbiter.WORKERS
+        self.hidden = {pid: w for pid, w in workers.items() if self._state(pid) == RETIRING}
+        for pid in self.hidden:
+            del workers[pid]
+        try:
+            result = self.orig["manage_workers"]()
+        finally:
+            workers.update(self.hidden)
+            self.hidden = {}
+        self._release()
+        return result
+
+    def reap_workers(self) -> Any:
+        result = self.orig["reap_workers"]()
+        if self.in_master():
+            # arbiter.reload waits for the old workers with reap_workers alone: a
+            # retiree must be released from here too, or the reload waits for it.
+            self._forget_gone()
+            self._release()
+        return result
+
+    def kill_worker(self, pid: int, sig: int) -> Any:
+        if self.in_master() and sig in _STOPPING_SIGNALS:
+            self.stopping.add(pid)
+        return self.orig["kill_worker"](pid, sig)
+
+    # -- records ----------------------------------------------------------------------
+
+    def _claim(self) -> Optional[int]:
+        used = set(self.slot_of.values())
+        for i in range(SLOTS):
+            if i not in used:
+                self.spawned += 1
+                rec = self.records[i]
+                rec.token = self.spawned
+                rec.released = 0
+                rec.announced = rec.ready = 0.0
+                rec.state = BOOTING
+                return i
+        if not self.full_warned:
+            self.full_warned = True
+            self.glog.warning("edgesync: more than %d workers alive; the ones beyond retire without "
+                              "a replacement serving first", SLOTS)
+        return None
+
+    def _free(self, slot: int) -> None:
+        rec = self.records[slot]
+        rec.state = FREE
+        rec.token = 0
+
+    def _state(self, pid: int) -> int:
+        slot = self.slot_of.get(pid)
+        return READY if slot is None else int(self.records[slot].state)
+
+    def _forget_gone(self) -> None:
+        alive = self.arbiter.WORKERS
+        for pid in [p for p in self.slot_of if p not in alive and p not in self.hidden]:
+            self._free(self.slot_of.pop(pid))
+        self.stopping &= set(alive) | set(self.hidden)
+
+    def _release(self) -> None:
+        """Release as many retirees, oldest retire first, as serving workers allow.
+
+        A retiree covers for one missing serving worker: it is released once enough
+        workers that are not retiring and were not told to stop are READY.
+        """
+        workers = self.arbiter.WORKERS
+        waiting: List[Tuple[float, int]] = []
+        ready = 0
+        for pid in workers:
+            slot = self.slot_of.get(pid)
+            if slot is None:
+                ready += pid not in self.stopping
+                continue
+            rec = self.records[slot]
+            if rec.state == RETIRING:
+                if not rec.released:
+                    waiting.append((rec.announced, slot))
+            elif rec.state == READY and pid not in self.stopping:
+                ready += 1
+        if not waiting:
+            return
+        still_needed = max(0, int(self.arbiter.num_workers) - ready)
+        waiting.sort()
+        for _, slot in waiting[:max(0, len(waiting) - still_needed)]:
+            self.records[slot].released = 1
+
+
+_master: Optional[_Master] = None
+#: In a worker: the index of its own record (set by the master just before the fork).
+_own: Optional[int] = None
+
+
+def install(glog: Any) -> bool:
+    """In gunicorn's master, before the first fork: share the table and patch the arbiter.
+
+    Returns False (and changes nothing) outside a running gunicorn arbiter, e.g.
+    ``gunicorn --check-config``. Idempotent.
+    """
+    global _master
+    arbiter = _find_arbiter()
+    if _master is not None and _master.arbiter is arbiter and _master.in_master():
+        return True
+    if arbiter is None:
+        glog.debug("edgesync: no running gunicorn arbiter in this process; workers retire without a "
+                   "replacement serving first")
+        return False
+    _master = _Master(arbiter, glog)
+    return True
+
+
+def _find_arbiter() -> Any:
+    # The arbiter installs its bound method `signal` as the handler of SIGHUP before
+    # it calls the worker class's check_config (arbiter.py, start: init_signals).
+    from gunicorn.arbiter import Arbiter
+
+    handler = signal.getsignal(signal.SIGHUP)
+    arbiter = getattr(handler, "__self__", None)
+    if isinstance(arbiter, Arbiter) and getattr(arbiter, "pid", None) == os.getpid():
+        return arbiter
+    return None
+
+
+def _record() -> Optional[_Record]:
+    """This worker's own record, if it has one and its master is its parent."""
+    m = _master
+    if m is None or _own is None or m.in_master() or os.getppid() != m.pid:
+        return None
+    return m.records[_own]
+
+
+def _wake_master() -> None:
+    # SIGCHLD only wakes the arbiter's loop: handle_chld reaps (nothing), then
+    # manage_workers runs, which spawns or releases.
+    m = _master
+    if m is not None and os.getppid() == m.pid:
+        try:
+            os.kill(m.pid, signal.SIGCHLD)
+        except OSError:  # the master is gone: the worker's parent check ends it
+            log.debug("could not wake the arbiter", exc_info=True)
+
+
+def ready() -> None:
+    """In a worker entering its serving loop: mark it READY, so the arbiter can release a retiree."""
+    rec = _record()
+    if rec is None or rec.state != BOOTING:  # a retire already announced stays announced
+        return
+    rec.ready = time.monotonic()
+    rec.state = READY
+    _wake_master()
+
+
+class Handoff:
+    """A retiree waiting for its replacement: ``done()`` says when to stop accepting."""
+
+    def __init__(self, rec: _Record, pid: int, started: float, deadline: float):
+        self._rec = rec
+        self._pid = pid
+        self.started = started
+        self.deadline = deadline
+        self._master_pid = _master.pid if _master is not None else 0
+
+    def done(self) -> bool:
+        """True once a replacement serves, the wait ran out (logged) or the master is gone."""
+        now = time.monotonic()
+        if self._rec.released:
+            log.info("worker %d: a replacement serves (%.2fs after the retire); no longer accepting",
+                     self._pid, now - self.started)
+            return True
+        if os.getppid() != self._master_pid:
+            return True  # the worker's parent check logs it and ends the worker
+        if now >= self.deadline:
+            log.warning("worker %d: no replacement serving %.1fs after the retire; no longer accepting "
+                        "anyway", self._pid, now - self.started)
+            return True
+        return False
+
+
+def announce(runtime: Runtime, keep_accepting: bool = True) -> Optional[Handoff]:
+    """In a worker that starts to retire: have the arbiter fork its replacement now.
+
+    Returns a ``Handoff`` when the worker should keep accepting until its
+    replacement serves, or None when it should stop accepting now (the feature is
+    off, no shared table, the master is gone, or ``keep_accepting`` is False: the
+    replacement is then still forked early).
+    """
+    if not runtime.settings.replace_before_retire:
+        return None
+    rec = _record()
+    if rec is None:
+        return None
+    now = time.monotonic()
+    rec.announced = now
+    rec.state = RETIRING
+    _wake_master()
+    if not keep_accepting:
+        return None
+    deadline = now + MAX_WAIT
+    wall = runtime.settings.wall_clock_limit_ms / 1000.0
+    if wall:
+        deadline = min(deadline, runtime.started + wall * WAIT_LIFE_FRACTION)
+    if deadline <= now:
+        return None
+    log.info("worker %d: accepting until a replacement serves (at most %.1fs)", runtime.pid, deadline - now)
+    return Handoff(rec, runtime.pid, now, deadline)
+
+
+def close_listeners(worker: Any) -> None:
+    """With ``reuse_port``, close this worker's own listening sockets once it stops accepting.
+
+    Each worker then has its own socket (arbiter.py spawn_worker), and the kernel
+    keeps routing new connections to it until it is closed; connections still in
+    its queue when it closes are reset. So: take every queued connection first
+    (they are served like any other), then close.
+    """
+    if not worker.cfg.reuse_port:
+        return
+    for listener in worker.sockets:
+        listener.setblocking(False)
+        while True:
+            before = worker.nr_conns
+            worker.accept(listener)  # gthread's accept: one connection, or nothing on EAGAIN
+            if worker.nr_conns == before:
+                break
+        listener.close()
+
+
+def _after_fork_in_child() -> None:
+    # A process forked by a worker (the app's own subprocesses) is not a worker.
+    global _own
+    if _master is not None and os.getppid() != _master.pid:
+        _own = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
