@@ -19,9 +19,9 @@ in-process runtime runs the same tasks and drains them at interpreter exit.
 from __future__ import annotations
 
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, ParamSpec, TypeVar, Union, overload
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, Optional, ParamSpec, TypeVar, Union, overload
 
-from . import _recovery, _runtime
+from . import _recovery, _recycle, _runtime
 from ._config import ConfigError, Settings, load_settings
 from ._durable import DurableFunction, current_attempt, durable
 from ._events import (
@@ -60,6 +60,7 @@ __all__ = [
     "named",
     "remove_event_listener",
     "runtime_metrics",
+    "server_metrics",
     "task_id",
     "wait_until",
 ]
@@ -108,6 +109,24 @@ def wait_until(fn: Union[Callable[..., Any], Future[Any], Awaitable[Any]], /,
     if type(fn) is DurableFunction:
         return _recovery.submit(rt, fn, args, kwargs)
     return rt.wait_until(fn, args, kwargs)
+
+
+def server_metrics() -> Optional[Dict[str, Any]]:
+    """Every worker of this gunicorn server, as plain data: ``{"master_pid", "workers", "totals"}``.
+
+    ``runtime_metrics()`` describes the one worker that answers; this reads the
+    figures each live worker publishes at its heartbeat (at most about half a second
+    old; ``figures_age_s`` says) in memory the master shares with its workers:
+    per worker ``pid``, ``state`` (booting, serving, retiring), ``requests``,
+    ``tasks_completed``, ``tasks_failed``, ``tasks_pending``,
+    ``invocations_cancelled``; ``totals`` sums them over the live workers (a worker
+    that exited takes its figures with it). None outside an ``edgesync.Worker``, or
+    with ``replace_before_retire = false`` (the table is not created then).
+    """
+    rt = _peek_runtime()
+    if rt is None:
+        return None
+    return _recycle.server_metrics(rt)
 
 
 def runtime_metrics() -> Dict[str, Any]:

@@ -61,6 +61,15 @@ class _Record(ctypes.Structure):
         ("released", ctypes.c_int32),  # 1: the retiree may stop accepting
         ("announced", ctypes.c_double),  # time.monotonic() of the retire (system-wide clock)
         ("ready", ctypes.c_double),  # time.monotonic() the worker started serving
+        # The worker's own figures, for edgesync.server_metrics() (written by the worker,
+        # at each heartbeat; read by any worker).
+        ("pid", ctypes.c_int32),
+        ("pending", ctypes.c_int32),  # tasks queued, running or tracked
+        ("requests", ctypes.c_uint64),
+        ("completed", ctypes.c_uint64),
+        ("failed", ctypes.c_uint64),
+        ("cancelled", ctypes.c_uint64),  # invocations a limit cancelled
+        ("published", ctypes.c_double),  # time.monotonic() of these figures
     ]
 
 
@@ -156,7 +165,9 @@ class _Master:
                 rec = self.records[i]
                 rec.token = self.spawned
                 rec.released = 0
-                rec.announced = rec.ready = 0.0
+                rec.announced = rec.ready = rec.published = 0.0
+                rec.pid = rec.pending = 0
+                rec.requests = rec.completed = rec.failed = rec.cancelled = 0
                 rec.state = BOOTING
                 return i
         if not self.full_warned:
@@ -325,6 +336,45 @@ def announce(runtime: Runtime, keep_accepting: bool = True) -> Optional[Handoff]
         return None
     log.info("worker %d: accepting until a replacement serves (at most %.1fs)", runtime.pid, deadline - now)
     return Handoff(rec, runtime.pid, now, deadline)
+
+
+_STATE_NAMES = {BOOTING: "booting", READY: "serving", RETIRING: "retiring"}
+
+
+def publish(runtime: Runtime) -> None:
+    """In a worker: write its figures to its record (cheap: a few stores; called at each heartbeat)."""
+    rec = _record()
+    if rec is None:
+        return
+    counts = runtime.pool.counts()
+    rec.pid = runtime.pid
+    rec.pending = counts["queued"] + counts["running"] + counts["tracked"]
+    rec.requests = runtime.tracker.requests()
+    rec.completed = counts["completed"]
+    rec.failed = counts["failed"]
+    rec.cancelled = runtime.tracker.cancelled()
+    rec.published = time.monotonic()
+
+
+def server_metrics(runtime: Runtime) -> Optional[Dict[str, Any]]:
+    """Every live worker's figures from the shared table, and their totals; None without a table."""
+    if _record() is None:
+        return None
+    publish(runtime)  # this worker's own figures, fresh
+    m = _master
+    assert m is not None
+    now = time.monotonic()
+    workers = []
+    for rec in m.records:
+        if rec.token and rec.published and rec.state in _STATE_NAMES:
+            workers.append({"pid": rec.pid, "state": _STATE_NAMES[rec.state], "requests": rec.requests,
+                            "tasks_completed": rec.completed, "tasks_failed": rec.failed,
+                            "tasks_pending": rec.pending, "invocations_cancelled": rec.cancelled,
+                            "figures_age_s": round(now - rec.published, 3)})
+    workers.sort(key=lambda w: w["pid"])
+    keys = ("requests", "tasks_completed", "tasks_failed", "tasks_pending", "invocations_cancelled")
+    return {"master_pid": m.pid, "workers": workers,
+            "totals": {k: sum(w[k] for w in workers) for k in keys}}
 
 
 def close_listeners(worker: Any) -> None:

@@ -347,6 +347,11 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
     def heartbeat(self) -> None:
         self.notify()
 
+    def notify(self) -> None:
+        super().notify()
+        # At each heartbeat, this worker's figures go to the table edgesync.server_metrics() reads.
+        _recycle.publish(self.runtime)
+
     def tick(self, timeout: float) -> None:
         self.notify()
         if not self._stopped_accepting:  # a retiree serving on until its replacement serves

@@ -129,6 +129,8 @@ def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         return _text(start_response, "slept")
     if path == "/metrics":
         return _text(start_response, json.dumps(edgesync.runtime_metrics()))
+    if path == "/server_metrics":
+        return _text(start_response, json.dumps(edgesync.server_metrics()))
     if path == "/pid":
         return _text(start_response, str(os.getpid()))
     return _text(start_response, "ok")
