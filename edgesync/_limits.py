@@ -191,8 +191,9 @@ class Monitor:
                     message = ("%s used %d ms of CPU time; cpu_hard_limit_ms=%d"
                                % (inv.describe(), cpu * 1000, rt.settings.cpu_hard_limit_ms))
                     if slot.cancel(inv, Verdict("cpu", 546, message)):
-                        log.warning("worker %d: cancelled %s (reason=cpu): %s", rt.pid,
-                                    inv.describe(), message)
+                        task_id = getattr(inv.task, "id", None)  # a request has none
+                        log.warning("worker %d: cancelled %s (reason=cpu): %s%s", rt.pid,
+                                    inv.describe(), message, "" if task_id is None else ", id=%s" % task_id)
                     return
                 if self.cpu_soft and cpu >= self.cpu_soft and not inv.retire_sent:
                     inv.retire_sent = True

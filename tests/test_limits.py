@@ -78,6 +78,7 @@ def test_cpu_hard_limit_cancels_a_background_task(server_factory: Callable[..., 
     assert server.get("/taskhog?id=h")[0] == 200
     line = server.wait_for_log(r"cancelled task tests\.apps\.core\.cpu_task \(reason=cpu\)")[0]
     assert 600 <= cpu_used_ms(line) <= 600 + LATE * 1000
+    assert re.search(r", id=%d-\d+$" % first, line), "the task's id is in the line"
     rejection = server.wait_for_events("unhandledrejection")[0]
     assert rejection["error"].startswith("InvocationCancelled(") and "cpu_hard_limit_ms=600" in rejection["error"]
     server.wait_for_log(r"Worker exiting \(pid: %d\)" % first)
