@@ -48,7 +48,7 @@ class Task:
         self.context = context
         # The name is formatted only when something reports the task (most never are).
         self._named = named
-        self._name: Optional[str] = named if isinstance(named, str) else None
+        self._name: Optional[str] = None
         self.accepted = time.monotonic()
         self.started: Optional[float] = None
         self.thread: Optional[str] = None
@@ -68,7 +68,8 @@ class Task:
     def name(self) -> str:
         """``module.qualname`` of what the task runs (or a description of a tracked future)."""
         if self._name is None:
-            self._name = task_name(self._named)
+            named = self._named
+            self._name = named if isinstance(named, str) else task_name(named)
             self._named = None
         return self._name
 
@@ -199,9 +200,9 @@ class Pool:
         if error is None:
             if task_log.isEnabledFor(logging.INFO):  # one cached lookup when INFO is off
                 log_success(task.name, task.seq, task.started)
-            task._named = None
             future.set_result(result)
             self._finish(task, True)
+            task._named = None  # after _finish: a snapshot taken meanwhile still names it
             return
         if isinstance(error, InvocationCancelled) and inv.verdict is not None:
             error = InvocationCancelled(inv.verdict.message)

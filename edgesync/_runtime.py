@@ -97,12 +97,13 @@ class Runtime:
 
     def wait_until(self, obj: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Future[Any]:
         """See ``edgesync.wait_until``."""
+        # A callable first: the common case (a Future is not callable).
+        if callable(obj):
+            return self._submit(obj, args, kwargs)
         if isinstance(obj, Future):
             _no_arguments(obj, args, kwargs)
             self.pool.track(obj, "future %s" % task_name(obj))
             return obj
-        if callable(obj):
-            return self._submit(obj, args, kwargs)
         if inspect.isawaitable(obj):
             if asyncio.isfuture(obj):
                 _no_arguments(obj, args, kwargs)
