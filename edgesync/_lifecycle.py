@@ -261,8 +261,8 @@ class Host(Protocol):
     def tick(self, timeout: float) -> None:
         """Wait up to ``timeout`` s doing the host's work (heartbeat, I/O)."""
 
-    def heartbeat(self) -> None:
-        """Tell whoever watches the instance that it is alive (gunicorn's arbiter)."""
+    def heartbeat(self) -> object:
+        """Tell whoever watches the instance that it is alive (gunicorn's arbiter), if due."""
 
     def budget(self, budget: Budget, since: float) -> float:
         """The deadline (``time.monotonic()``) a drain of ``budget`` kind begun at ``since`` has."""

@@ -154,6 +154,11 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         self._signalled: List[Trigger] = []  # what signal handlers asked for (see poll)
         self._in_run = False
         self._stopped_accepting = False
+        # The arbiter kills a worker silent for cfg.timeout (= 2 * self.timeout); one
+        # notify() per beat is enough, where gthread makes one per loop turn (a system
+        # call per finished request: each one wakes the loop).
+        self._beat = min(0.5, self.timeout / 2) if self.timeout else 0.5
+        self._next_beat = 0.0
 
     # -- set-up, after fork -----------------------------------------------------
 
@@ -280,25 +285,16 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
 
         Mirrors gthread.ThreadWorker.run's serving loop (gthread.py 406-441), except
         that a worker that is no longer serving takes no connections, and the
-        heartbeat and the parent check run about once per `beat` seconds instead of
-        on every turn (every finished request wakes this loop; each of them is a
-        system call gthread makes per request).
+        heartbeat and the parent check run once per beat instead of on every turn.
         """
         self.poller.register(self.method_queue.fileno(), selectors.EVENT_READ,
                              self.method_queue.run_callbacks)
         self.set_accept_enabled(True)
-        # The arbiter kills a worker silent for cfg.timeout (= 2 * self.timeout).
-        beat = min(0.5, self.timeout / 2) if self.timeout else 0.5
-        next_beat = 0.0
         lifecycle = self.runtime.lifecycle
         while self.alive and lifecycle.state is State.SERVING:
-            now = time.monotonic()
-            beat_due = now >= next_beat
-            if beat_due:
-                self.notify()
-                next_beat = now + beat
+            beat_due = self.heartbeat()
             self.set_accept_enabled(self.nr_conns < self.worker_connections)
-            self.wait_for_and_dispatch_events(timeout=beat)
+            self.wait_for_and_dispatch_events(timeout=self._beat)
             if beat_due and not self.is_parent_alive():
                 return False
             self.murder_keepalived()
@@ -344,8 +340,14 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
             if inv.kind is REQUEST:
                 slot.answer_from_outside(inv, status, message)
 
-    def heartbeat(self) -> None:
+    def heartbeat(self) -> bool:
+        """``notify()`` if a beat is due (see ``_beat``); True if it was."""
+        now = time.monotonic()
+        if now < self._next_beat:
+            return False
+        self._next_beat = now + self._beat
         self.notify()
+        return True
 
     def notify(self) -> None:
         super().notify()
@@ -353,7 +355,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         _recycle.publish(self.runtime)
 
     def tick(self, timeout: float) -> None:
-        self.notify()
+        self.heartbeat()
         if not self._stopped_accepting:  # a retiree serving on until its replacement serves
             self.set_accept_enabled(self.nr_conns < self.worker_connections)
         self.wait_for_and_dispatch_events(timeout=timeout)

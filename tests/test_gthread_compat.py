@@ -53,13 +53,14 @@ EXPECTED_DIFFERENCES: Dict[str, Tuple[str, str]] = {
     "TestSlowClientResilience::test_on_pending_socket_readable_sets_data_ready": (
         "enqueue_req() calls tpool.put(conn), not tpool.submit(handle, conn)",
         "Expected 'submit' to have been called once. Called 0 times"),
-    # The test counts heartbeats exactly (1 in the main loop + 2 in the drain loop).
-    # Our drain loop also waits for background tasks and listeners, and calls
-    # notify() at the top of every pass, including the last one that finds nothing
-    # left to drain: one heartbeat more, never fewer.
+    # The test counts heartbeats exactly (1 in the main loop + 2 in the drain loop:
+    # gthread calls notify() on every loop turn, a system call per finished request).
+    # edgesync.Worker calls it once per beat (min(0.5 s, timeout / 2), well within the
+    # arbiter's timeout), in the serving loop and in the drain alike: here the whole
+    # test fits in one beat.
     "TestSignalHandling::test_graceful_shutdown_drains_connections": (
-        "the drain loop heartbeats once more (at the top of its final pass)",
-        "assert 4 == 3"),
+        "heartbeats once per beat, not on every loop turn",
+        "assert 1 == 3"),
 }
 
 
