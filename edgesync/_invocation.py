@@ -270,11 +270,6 @@ class Tracker:
         except AttributeError:
             return self.register_thread()
 
-    def current(self) -> Optional[Invocation]:
-        """The invocation running on the calling thread, if any."""
-        slot: Optional[Slot] = getattr(self._local, "slot", None)
-        return slot.current if slot is not None else None
-
     def writing(self) -> bool:
         """Whether a thread holds a connection whose response was not answered from outside."""
         for slot in list(self._slots.values()):

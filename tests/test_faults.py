@@ -624,6 +624,23 @@ def under_way(load: Wrk, seconds: float = 1.0) -> None:
     wait_for(lambda: time.monotonic() - load.started > seconds, 10, "wrk to be under way")
 
 
+def retire_under_load(server_factory: Callable[..., Server],
+                      tmp_path: Path) -> Tuple[Server, Path, Wrk, int, int]:
+    """Two workers under wrk load, replacements' boots held, the first worker retiring.
+
+    Returns the server, the hold file (unlink it to let boots finish), the load, the retiree
+    and the other worker.
+    """
+    hold = tmp_path / "hold"
+    server = start(server_factory, env={**RETIRE_ENV, "BOOT_HOLD_FILE": str(hold)})
+    retiree, other = server.worker_pids()
+    load = Wrk(server, 60, LOAD)
+    under_way(load)
+    hold.touch()
+    retire(server, retiree)
+    return server, hold, load, retiree, other
+
+
 def test_every_worker_retires_at_once_and_each_gets_its_replacement(server_factory: Callable[..., Server],
                                                                     tmp_path: Path) -> None:
     hold = tmp_path / "hold"
@@ -653,13 +670,7 @@ def test_every_worker_retires_at_once_and_each_gets_its_replacement(server_facto
 
 
 def test_retire_during_a_hup_reload(server_factory: Callable[..., Server], tmp_path: Path) -> None:
-    hold = tmp_path / "hold"
-    server = start(server_factory, env={**RETIRE_ENV, "BOOT_HOLD_FILE": str(hold)})
-    retiree, other = server.worker_pids()
-    load = Wrk(server, 60, LOAD)
-    under_way(load)
-    hold.touch()
-    retire(server, retiree)
+    server, hold, load, retiree, other = retire_under_load(server_factory, tmp_path)
     held_boots(server, 1)
     server.signal(signal.SIGHUP)  # the reload forks two more, and stops the old serving worker
     held_boots(server, 3)
@@ -676,13 +687,7 @@ def test_retire_during_a_hup_reload(server_factory: Callable[..., Server], tmp_p
 
 
 def test_ttin_then_ttou_while_a_worker_retires(server_factory: Callable[..., Server], tmp_path: Path) -> None:
-    hold = tmp_path / "hold"
-    server = start(server_factory, env={**RETIRE_ENV, "BOOT_HOLD_FILE": str(hold)})
-    retiree, other = server.worker_pids()
-    load = Wrk(server, 60, LOAD)
-    under_way(load)
-    hold.touch()
-    retire(server, retiree)
+    server, hold, load, retiree, other = retire_under_load(server_factory, tmp_path)
     held_boots(server, 1)
     server.signal(signal.SIGTTIN)
     held_boots(server, 2)
@@ -728,13 +733,7 @@ def test_replacement_whose_app_fails_to_import(server_factory: Callable[..., Ser
 
 
 def test_sigkill_of_a_booting_replacement(server_factory: Callable[..., Server], tmp_path: Path) -> None:
-    hold = tmp_path / "hold"
-    server = start(server_factory, env={**RETIRE_ENV, "BOOT_HOLD_FILE": str(hold)})
-    retiree, other = server.worker_pids()
-    load = Wrk(server, 60, LOAD)
-    under_way(load)
-    hold.touch()
-    retire(server, retiree)
+    server, hold, load, retiree, other = retire_under_load(server_factory, tmp_path)
     victim = held_boots(server, 1)[0]
     os.kill(victim, signal.SIGKILL)
     server.wait_for_log(r"Worker \(pid:%d\) was sent SIGKILL" % victim, timeout=15)
@@ -750,14 +749,8 @@ def test_sigkill_of_a_booting_replacement(server_factory: Callable[..., Server],
 
 
 def test_master_sigkilled_while_a_replacement_boots(server_factory: Callable[..., Server], tmp_path: Path) -> None:
-    hold = tmp_path / "hold"
-    server = start(server_factory, env={**RETIRE_ENV, "BOOT_HOLD_FILE": str(hold)})
+    server, hold, load, retiree, other = retire_under_load(server_factory, tmp_path)
     assert server.proc is not None
-    retiree, other = server.worker_pids()
-    load = Wrk(server, 60, LOAD)
-    under_way(load)
-    hold.touch()
-    retire(server, retiree)
     replacement = held_boots(server, 1)[0]
     os.kill(server.proc.pid, signal.SIGKILL)
     server.proc.wait(5)
