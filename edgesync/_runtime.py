@@ -76,6 +76,8 @@ class Runtime:
     def __init__(self, settings: Settings, *, on_change: Optional[Callable[[Trigger], None]] = None):
         self.settings = settings
         self.pid = os.getpid()
+        # The instance's age counts from here, or from ready() once the owner says
+        # it serves (a gunicorn worker: after its app is loaded).
         self.started = time.monotonic()
         self._on_change = on_change
         self.lifecycle = Lifecycle(self._changed)
@@ -281,6 +283,15 @@ class Runtime:
             self.stats.gauge("edgesync.tasks.running", counts["running"])
         except Exception:  # statsd is best effort; never let it stop the monitor
             log.debug("statsd flush failed", exc_info=True)
+
+    def ready(self) -> None:
+        """The instance serves from now: its age and its memory growth count from here.
+
+        A worker's boot (importing the app) is not part of its life: counted in, a
+        slow boot would shorten the life it serves, and every retire costs a boot.
+        """
+        self.started = time.monotonic()
+        self.rss_baseline = self.rss()
 
     def rss(self) -> Optional[int]:
         """This process's resident set size in bytes (None if it cannot be read).

@@ -13,6 +13,7 @@ None of it exits with status 3 or 4 (gunicorn halts the whole server on those).
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import selectors
@@ -248,8 +249,13 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
 
     def run(self) -> None:
         rt = self.runtime
-        # Memory is counted from here: the app is loaded and the worker is ready.
-        rt.rss_baseline = rt.rss()
+        # The app is loaded: the instance's age and memory count from here.
+        rt.ready()
+        # What the boot made lives as long as the worker: out of the collector's way
+        # (_recycle._Master.spawn_worker does the same in the master before each fork).
+        # A worker's collections then walk only what its requests made, and its exit
+        # skips them in the final collection: measured 45 -> 16 ms of CPU per exit.
+        gc.freeze()
         # Ready, so a retiree waiting for this worker may stop accepting. Before the
         # monitor starts: its retire (due at once after a slow boot) must come after.
         _recycle.ready()

@@ -14,6 +14,7 @@ from a failure. Without wrk these tests skip, unless ``ESTEST_REQUIRE_WRK=1``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -813,6 +814,36 @@ def test_reuse_port_recycling_under_load(server_factory: Callable[..., Server], 
     assert retired >= 6 and handoffs >= retired - 2  # the last ones may still be waiting at the stop
     assert result.failed() == 0, result.output
     assert tally.unaccounted == set() and tally.abandoned == set()
+
+
+def test_the_wall_clock_counts_from_ready_not_from_the_fork(server_factory: Callable[..., Server],
+                                                            tmp_path: Path) -> None:
+    # A boot held past the latest soft point (50% of 8 s): counted from the fork, the worker
+    # would retire the moment it is ready; counted from ready, it serves its whole life.
+    hold = tmp_path / "hold"
+    hold.touch()
+    server = server_factory("--workers", "1", app=APP, start=False,
+                            env={"EDGESYNC_WALL_CLOCK_LIMIT_MS": "8000", "BOOT_HOLD_FILE": str(hold)})
+    server.start(workers_ready=0)
+    held = server.wait_for_events("boot_held", count=1, timeout=15)[0]
+    wait_for(lambda: time.time() - held["t"] > 4.5, 10, "the boot to be held past 4.5 s")
+    hold.unlink()
+    server.wait_ready(15)
+    metrics = json.loads(server.get("/metrics")[1])
+    assert metrics["state"] == "serving" and metrics["age_s"] < 1.5, metrics
+    assert "retiring (reason=wall_clock)" not in server.log, server.log
+    stop_cleanly(server)
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_what_the_boot_made_is_frozen_out_of_the_collectors_way(server_factory: Callable[..., Server],
+                                                                preload: bool) -> None:
+    # With --preload the master froze the app before the fork; without, the worker froze
+    # it once loaded: either way a worker's collections never walk it, nor copy its pages.
+    server = server_factory("--workers", "1", *(["--preload"] if preload else []), app=APP)
+    frozen = int(server.get("/gc")[1])
+    assert frozen > 10000, frozen  # the app, edgesync, gunicorn: tens of thousands of objects
+    stop_cleanly(server)
 
 
 def test_replace_before_retire_off(server_factory: Callable[..., Server]) -> None:

@@ -18,7 +18,8 @@ worker answers 409 and schedules nothing); ``/fail`` (a task that raises);
 data); ``/stubborn?cpu=0|1`` (a task that swallows every exception, cancellation
 included); ``/burn?ms=&only=`` (spins that many ms of CPU in the request: with a
 low ``cpu_soft_limit_ms`` the worker that answers retires); ``/sleep?s=``;
-``/pid``; ``/metrics``.
+``/pid``; ``/metrics``; ``/gc`` (how many objects the collector has frozen:
+``gc.get_freeze_count()``).
 
 Environment: ``LISTENER_RAISES=1`` adds a ``beforeunload`` listener that raises
 (and one after it that records ``after_raising``); ``LISTENER_BLOCKS=<seconds>``
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import atexit
 import contextvars
+import gc
 import itertools
 import json
 import os
@@ -224,4 +226,6 @@ def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         return _text(start_response, str(os.getpid()))
     if path == "/metrics":
         return _text(start_response, json.dumps(edgesync.runtime_metrics()))
+    if path == "/gc":
+        return _text(start_response, str(gc.get_freeze_count()))
     return _text(start_response, "no such route", "404 Not Found")
