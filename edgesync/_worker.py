@@ -196,6 +196,12 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         # Built on the main thread once the app is imported (and after post_fork): its
         # context is every request's starting point.
         self.wsgi: Any = Boundary(self.wsgi, self.runtime.tracker, self.runtime.pid)
+        # What the boot made lives as long as the worker: out of the collector's way
+        # (_recycle._Master.spawn_worker does the same in the master before each fork).
+        # A worker's collections then walk only what its requests made, and its exit
+        # skips them in the final collection: measured 45 -> 16 ms of CPU per exit.
+        # Before post_worker_init, so that the user's hook can undo it (gc.unfreeze).
+        gc.freeze()
 
     def accept(self, listener: Any) -> None:
         super().accept(listener)
@@ -251,11 +257,6 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         rt = self.runtime
         # The app is loaded: the instance's age and memory count from here.
         rt.ready()
-        # What the boot made lives as long as the worker: out of the collector's way
-        # (_recycle._Master.spawn_worker does the same in the master before each fork).
-        # A worker's collections then walk only what its requests made, and its exit
-        # skips them in the final collection: measured 45 -> 16 ms of CPU per exit.
-        gc.freeze()
         # Ready, so a retiree waiting for this worker may stop accepting. Before the
         # monitor starts: its retire (due at once after a slow boot) must come after.
         _recycle.ready()

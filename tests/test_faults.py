@@ -846,6 +846,15 @@ def test_what_the_boot_made_is_frozen_out_of_the_collectors_way(server_factory: 
     stop_cleanly(server)
 
 
+def test_a_post_worker_init_hook_can_undo_the_freeze(server_factory: Callable[..., Server],
+                                                     tmp_path: Path) -> None:
+    conf = tmp_path / "unfreeze.conf.py"
+    conf.write_text("import gc\n\ndef post_worker_init(worker):\n    gc.unfreeze()\n")
+    server = server_factory("--workers", "1", "--preload", "-c", str(conf), app=APP)
+    assert server.get("/gc")[1] == b"0"
+    stop_cleanly(server)
+
+
 def test_replace_before_retire_off(server_factory: Callable[..., Server]) -> None:
     server = start(server_factory, env={**RETIRE_ENV, "EDGESYNC_REPLACE_BEFORE_RETIRE": "false"})
     retiree, _ = server.worker_pids()
