@@ -137,7 +137,10 @@ class Server:
     def events(self, type: Optional[str] = None) -> List[Dict[str, Any]]:
         if not self.events_path.exists():
             return []
-        out = [json.loads(line) for line in self.events_path.read_text().splitlines() if line]
+        # A line is complete once its newline is written: a process may be writing the
+        # last one while this reads (one write per line, but a read may see half of it).
+        complete = self.events_path.read_text().split("\n")[:-1]
+        out = [json.loads(line) for line in complete if line]
         return [e for e in out if type is None or e["type"] == type]
 
     def wait_for_events(self, type: str, count: int = 1, timeout: float = 15.0,
