@@ -8,6 +8,7 @@ plays the workers' part by writing their records (READY, RETIRING) as a worker w
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any, Dict, List, Tuple
 
@@ -159,3 +160,25 @@ def test_the_patched_methods_do_nothing_new_outside_the_master() -> None:
     master.pid = -1  # as seen from a forked worker
     arbiter.manage_workers()
     assert len(arbiter.WORKERS) == 2 and not released(master, a)
+
+
+class ForkProbe(FakeArbiter):
+    """Notes what the collector has frozen at each "fork"."""
+
+    frozen_at_fork: List[int] = []
+
+    def spawn_worker(self) -> int:
+        self.frozen_at_fork.append(gc.get_freeze_count())
+        return super().spawn_worker()
+
+
+def test_the_master_freezes_what_it_holds_for_the_fork_only() -> None:
+    # The child inherits a frozen heap (its collections never walk, nor copy, the
+    # master's pages); the master's own garbage stays collectable.
+    gc.unfreeze()
+    arbiter = ForkProbe(2)
+    _recycle._Master(arbiter, logging.getLogger("test.arbiter"))
+    arbiter.manage_workers()
+    assert len(arbiter.frozen_at_fork) == 2 and min(arbiter.frozen_at_fork) > 1000, arbiter.frozen_at_fork
+    assert gc.get_freeze_count() == 0
+
