@@ -258,7 +258,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         # The app is loaded: the instance's age and memory count from here.
         rt.ready()
         # Ready, so a retiree waiting for this worker may stop accepting. Before the
-        # monitor starts: its retire (due at once after a slow boot) must come after.
+        # monitor starts: a retire it decides must come after (a record READY first).
         _recycle.ready()
         # Workers booted together take different places in the retire window.
         workers = max(1, int(self.cfg.workers))
