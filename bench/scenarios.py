@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .harness import (
     REPO,
@@ -353,11 +353,11 @@ WALL_4S = {"EDGESYNC_WALL_CLOCK_LIMIT_MS": "4000"}
 PICTURE = REPO / "bench" / "recycling.png"
 
 
-def _recycle_rounds(o: Options, rec: Server, ref: Server, label: str, ref_label: str,
+def _recycle_rounds(o: Options, rec: Server, ref: Server, label: str, ref_label: str, path: str = "/hello",
                     ) -> tuple[List[Any], List[Any], List[Any], List[Any]]:
     """Rounds of ``rec`` against ``ref`` at once: (rec results, ref results, rec watchers, ref watchers)."""
     rounds = 1 if o.quick else o.rounds
-    loads = [Load(label, rec, "/hello"), Load(ref_label, ref, "/hello")]
+    loads = [Load(label, rec, path), Load(ref_label, ref, path)]
     o.log("  %s vs %s: %d rounds of %ds at once" % (label, ref_label, rounds, o.recycle_seconds))
     side_by_side(loads, 1, o.connections, o.client_cpu)  # warm-up
     ra, rb, wa, wb = [], [], [], []
@@ -505,9 +505,63 @@ def s6_recycling(o: Options) -> Outcome:
                                % (i + 1, a.brief(), a.max, b.brief(), b.max))
         out.details.append("  median worker lifetime: edgesync %.2fs, gthread %.2fs" % (la, lb))
         _picture(o, rec, gthread, out)
+        gthread.stop()
+        steady.stop()
+        rec.stop()
+        _s6_io_bound(o, out, variants)
     finally:
         _stop(steady, *(rec for _, rec in variants), *([gthread] if gthread is not None else []))
     return out
+
+
+IO_PATH = "/io?ms=20"
+
+
+def _s6_io_bound(o: Options, out: Outcome, servers: List[Tuple[str, Server]]) -> None:
+    """Recycling when the view waits on I/O: where a missing worker costs capacity, not CPU.
+
+    On the pinned core a CPU-bound view pays every recycle in CPU, whoever serves. With a
+    view that waits 20 ms (a database, an API), 2 workers x 4 threads hold 8 requests at
+    once: a worker that stops accepting before its replacement serves halves that, which is
+    what gunicorn's own recycling does and what replace before retire avoids.
+    """
+    steady = _server(o, "s6-io-steady", ES, workers=2, env={"EDGESYNC_WALL_CLOCK_LIMIT_MS": "0"})
+    rec = _server(o, "s6-io-recycling", ES, workers=2, env=WALL_4S)
+    servers += [("", steady), ("", rec)]
+    steady.start()
+    rec.start()
+    ra, rb, watches, _ = _recycle_rounds(o, rec, steady, "recycling, I/O-bound", "steady, I/O-bound", IO_PATH)
+    steady.stop()
+    life = median(_lifetimes(watches))
+    for metric, what in (("p99", "p99 latency"), ("rps", "req/s")):
+        vals = [getattr(a, metric) / getattr(b, metric) for a, b in zip(ra, rb, strict=True)]
+        out.rows.append(Row("6", "I/O-bound view (20 ms wait), recycling workers / steady: %s" % what,
+                            median(vals), "x", values=vals))
+    out.rows.append(Row("6", "I/O-bound view, recycling workers: failed requests", sum(a.failed for a in ra),
+                        "count", values=[a.failed for a in ra]))
+    # gunicorn's own recycling at the same lifetime: the steady server's rate per worker times it.
+    n = max(50, int(median([b.rps for b in rb]) / 2 * (life if life == life else 2.0)))
+    gthread = _server(o, "s6-io-gthread-max-requests", "gthread", workers=2,
+                      args=["--max-requests", str(int(n * 0.9)), "--max-requests-jitter", str(int(n * 0.2))])
+    servers.append(("", gthread))
+    gthread.start()
+    ga, gb, _, gw = _recycle_rounds(o, rec, gthread, "edgesync recycling, I/O-bound", "gthread --max-requests, "
+                                    "I/O-bound", IO_PATH)
+    for metric, what in (("p99", "p99 latency"), ("rps", "req/s")):
+        vals = [getattr(a, metric) / getattr(b, metric) for a, b in zip(ga, gb, strict=True)]
+        out.rows.append(Row("6", "I/O-bound view, edgesync recycling / gthread --max-requests %d (+0-%d): %s"
+                            % (int(n * 0.9), int(n * 0.2), what), median(vals), "x", values=vals))
+    out.rows.append(Row("6", "I/O-bound view, gthread --max-requests: failed requests", sum(b.failed for b in gb),
+                        "count", values=[b.failed for b in gb]))
+    out.details.append("6. I/O-bound view (GET %s), 2 workers x 4 threads, %d connections each, %d x %ds; "
+                       "median worker lifetime: edgesync %.2fs, gthread %.2fs:"
+                       % (IO_PATH, o.connections, len(ra), o.recycle_seconds, life, median(_lifetimes(gw))))
+    for i, (a, b) in enumerate(zip(ra, rb, strict=True)):
+        out.details.append("  round %d: recycling: %s, max %.0f ms | steady: %s, max %.0f ms"
+                           % (i + 1, a.brief(), a.max, b.brief(), b.max))
+    for i, (a, b) in enumerate(zip(ga, gb, strict=True)):
+        out.details.append("  round %d: edgesync: %s, max %.0f ms | gthread: %s, max %.0f ms"
+                           % (i + 1, a.brief(), a.max, b.brief(), b.max))
 
 
 def _picture(o: Options, es: Server, gt: Server, out: Outcome) -> None:

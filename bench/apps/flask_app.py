@@ -20,6 +20,8 @@ Routes (each is one behaviour a scenario measures):
   answered. When the monitor acts before the thread can note the crossing, the
   last "before" mark is when the crossing step began.
 - ``/pid``: the worker's pid.
+- ``/io?ms=N``: waits N ms (default 20) without CPU, as a view waiting on a
+  database or an API does, then answers (scenario 6, I/O-bound).
 """
 
 from __future__ import annotations
@@ -54,6 +56,12 @@ def _payload() -> dict[str, Any]:
 @app.get("/hello")
 def hello() -> str:
     return "Hello, World!"
+
+
+@app.get("/io")
+def io_wait() -> str:
+    time.sleep(float(request.args.get("ms", "20")) / 1000.0)
+    return "waited"
 
 
 @app.get("/plain")
