@@ -300,13 +300,26 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         lifecycle = self.runtime.lifecycle
         while self.alive and lifecycle.state is State.SERVING:
             beat_due = self.heartbeat()
-            self.set_accept_enabled(self.nr_conns < self.worker_connections)
+            self.set_accept_enabled(self._can_accept())
             self.wait_for_and_dispatch_events(timeout=self._beat)
             if beat_due and not self.is_parent_alive():
                 return False
             self.murder_keepalived()
             self.murder_pending()
         return True
+
+    def _can_accept(self) -> bool:
+        """Take a new connection only if a request thread is free to serve it now.
+
+        gthread accepts up to ``worker_connections``: one worker may take every
+        connection in the listen queue and serve them a thread at a time while a
+        sibling idles, and a kept-alive connection never moves to another worker.
+        Left in the kernel's queue, a connection goes to whichever worker has a free
+        thread. Kept-alive and deferred connections hold no thread, so they do not
+        count (gthread.py: ``keepalived_conns``, ``pending_conns``).
+        """
+        active: int = self.nr_conns - len(self.keepalived_conns) - len(self.pending_conns)
+        return active < int(self.cfg.threads) and self.nr_conns < int(self.worker_connections)
 
     # -- the drain's host (see _lifecycle.Host) -----------------------------------
 
@@ -364,7 +377,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
     def tick(self, timeout: float) -> None:
         self.heartbeat()
         if not self._stopped_accepting:  # a retiree serving on until its replacement serves
-            self.set_accept_enabled(self.nr_conns < self.worker_connections)
+            self.set_accept_enabled(self._can_accept())
         self.wait_for_and_dispatch_events(timeout=timeout)
         self.murder_keepalived()
         self.murder_pending()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import http.client
 import json
 import os
 import signal
@@ -15,6 +17,25 @@ from typing import Callable
 import pytest
 
 from .conftest import REPO, Server, wait_for
+
+
+def test_a_worker_takes_no_more_connections_than_it_has_free_threads(
+        server_factory: Callable[..., Server]) -> None:
+    # gthread accepts up to worker_connections: a worker could take every connection
+    # and serve them one thread at a time while its sibling idled (kept-alive
+    # connections never move). Here four connections wait in the kernel's queue
+    # before any request: each worker (one thread) must take one at a time.
+    server = server_factory("--workers", "2", "--threads", "1", workers_ready=2)
+    conns = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=10) for _ in range(4)]
+    for c in conns:
+        c.connect()
+    for c in conns:
+        c.request("GET", "/sleep?s=0.5&pid=1")
+    answers = [c.getresponse().read().decode() for c in conns]
+    for c in conns:
+        c.close()
+    per_worker = collections.Counter(a.split()[1] for a in answers)
+    assert sorted(per_worker.values()) == [2, 2], answers
 
 
 def test_response_returns_before_its_task_finishes(server: Server) -> None:

@@ -126,7 +126,7 @@ def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         return _text(start_response, "holding %d MB" % (sum(len(c) for c in _hoard) // 2**20))
     if path == "/sleep":
         time.sleep(float(q.get("s", "1")))
-        return _text(start_response, "slept")
+        return _text(start_response, "slept %d" % os.getpid() if "pid" in q else "slept")
     if path == "/metrics":
         return _text(start_response, json.dumps(edgesync.runtime_metrics()))
     if path == "/server_metrics":
