@@ -291,8 +291,9 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         """Serve until asked to stop; False if the master went away.
 
         Mirrors gthread.ThreadWorker.run's serving loop (gthread.py 406-441), except
-        that a worker that is no longer serving takes no connections, and the
-        heartbeat and the parent check run once per beat instead of on every turn.
+        that a worker that is no longer serving takes no connections, one takes a
+        connection only when a thread is free (``_can_accept``), and the heartbeat
+        and the parent check run once per beat instead of on every turn.
         """
         self.poller.register(self.method_queue.fileno(), selectors.EVENT_READ,
                              self.method_queue.run_callbacks)
