@@ -3,9 +3,10 @@
     python bench/forkcost.py [--children 15] [--requests 1000]
 
 The parent imports the bench Flask app (as gunicorn's master does with
-``--preload``; like the master, it never calls it), then forks children one after the other. Each child calls the
-app ``--requests`` times through WSGI (no sockets: only the process's own costs
-are counted), notes its CPU time after the first call and after the last, and
+``--preload``; like the master, it never calls it), then forks children one
+after the other. Each child calls the app ``--requests`` times through WSGI (no
+sockets: only the process's own costs are counted), notes its CPU time after the
+first call and after the last, and
 exits the way a gunicorn worker does (``sys.exit``: Python's finalization). The
 parent reads the child's whole CPU time from ``wait4``. So, per child:
 

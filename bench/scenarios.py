@@ -372,6 +372,20 @@ def _recycle_rounds(o: Options, rec: Server, ref: Server, label: str, ref_label:
     return ra, rb, wa, wb
 
 
+def _ratio_rows(out: Outcome, title: str, ra: List[Any], rb: List[Any], with_max: bool = False) -> None:
+    """Rows "<title>: p99 latency" and "<title>: req/s" (and max latency): A over B, round by round."""
+    metrics = [("p99", "p99 latency"), ("rps", "req/s")] + ([("max", "max latency")] if with_max else [])
+    for metric, what in metrics:
+        vals = [getattr(a, metric) / getattr(b, metric) for a, b in zip(ra, rb, strict=True)]
+        out.rows.append(Row("6", "%s: %s" % (title, what), median(vals), "x", values=vals))
+
+
+def _gthread_recycling(o: Options, name: str, n: int) -> Server:
+    """gunicorn's own recycling at about ``n`` requests per worker: 90% of it plus a jitter of 20%."""
+    return _server(o, name, "gthread", workers=2,
+                   args=["--max-requests", str(int(n * 0.9)), "--max-requests-jitter", str(int(n * 0.2))])
+
+
 def _lifetimes(watchers: List[Any]) -> List[float]:
     return [w.gone[p] - w.born[p] for w in watchers for p in w.gone if p in w.born]
 
@@ -446,10 +460,7 @@ def s6_recycling(o: Options) -> Outcome:
             ra, rb, _, _ = _recycle_rounds(o, rec, off, "recycling", "recycling, replace_before_retire off")
         finally:
             off.stop()
-        for metric, what in (("p99", "p99 latency"), ("rps", "req/s"), ("max", "max latency")):
-            vals = [getattr(a, metric) / getattr(b, metric) for a, b in zip(ra, rb, strict=True)]
-            out.rows.append(Row("6", "recycling workers, replace_before_retire on / off: %s" % what, median(vals),
-                                "x", values=vals))
+        _ratio_rows(out, "recycling workers, replace_before_retire on / off", ra, rb, with_max=True)
         out.rows.append(Row("6", "recycling workers, replace_before_retire on: failed requests",
                             sum(a.failed for a in ra), "count", values=[a.failed for a in ra]))
         out.rows.append(Row("6", "recycling workers, replace_before_retire off: failed requests",
@@ -478,8 +489,7 @@ def s6_recycling(o: Options) -> Outcome:
         n = max(50, int(per_life))
         o.log("  gthread alone next to the recycling server: %.0f req/s; %.2fs x %.0f req/s per worker = %d "
               "requests per lifetime" % (rate.rps, life_s, rate.rps / 2, n))
-        gthread = _server(o, "s6-gthread-max-requests", "gthread", workers=2,
-                          args=["--max-requests", str(int(n * 0.9)), "--max-requests-jitter", str(int(n * 0.2))])
+        gthread = _gthread_recycling(o, "s6-gthread-max-requests", n)
         gthread.start()
         ra, rb, wa, wb = _recycle_rounds(o, rec, gthread, "edgesync recycling", "gthread --max-requests")
         p99 = [a.p99 / b.p99 for a, b in zip(ra, rb, strict=True)]
@@ -533,24 +543,18 @@ def _s6_io_bound(o: Options, out: Outcome, servers: List[Tuple[str, Server]]) ->
     ra, rb, watches, _ = _recycle_rounds(o, rec, steady, "recycling, I/O-bound", "steady, I/O-bound", IO_PATH)
     steady.stop()
     life = median(_lifetimes(watches))
-    for metric, what in (("p99", "p99 latency"), ("rps", "req/s")):
-        vals = [getattr(a, metric) / getattr(b, metric) for a, b in zip(ra, rb, strict=True)]
-        out.rows.append(Row("6", "I/O-bound view (20 ms wait), recycling workers / steady: %s" % what,
-                            median(vals), "x", values=vals))
+    _ratio_rows(out, "I/O-bound view (20 ms wait), recycling workers / steady", ra, rb)
     out.rows.append(Row("6", "I/O-bound view, recycling workers: failed requests", sum(a.failed for a in ra),
                         "count", values=[a.failed for a in ra]))
     # gunicorn's own recycling at the same lifetime: the steady server's rate per worker times it.
     n = max(50, int(median([b.rps for b in rb]) / 2 * (life if life == life else 2.0)))
-    gthread = _server(o, "s6-io-gthread-max-requests", "gthread", workers=2,
-                      args=["--max-requests", str(int(n * 0.9)), "--max-requests-jitter", str(int(n * 0.2))])
+    gthread = _gthread_recycling(o, "s6-io-gthread-max-requests", n)
     servers.append(("", gthread))
     gthread.start()
     ga, gb, _, gw = _recycle_rounds(o, rec, gthread, "edgesync recycling, I/O-bound", "gthread --max-requests, "
                                     "I/O-bound", IO_PATH)
-    for metric, what in (("p99", "p99 latency"), ("rps", "req/s")):
-        vals = [getattr(a, metric) / getattr(b, metric) for a, b in zip(ga, gb, strict=True)]
-        out.rows.append(Row("6", "I/O-bound view, edgesync recycling / gthread --max-requests %d (+0-%d): %s"
-                            % (int(n * 0.9), int(n * 0.2), what), median(vals), "x", values=vals))
+    _ratio_rows(out, "I/O-bound view, edgesync recycling / gthread --max-requests %d (+0-%d)"
+                % (int(n * 0.9), int(n * 0.2)), ga, gb)
     out.rows.append(Row("6", "I/O-bound view, gthread --max-requests: failed requests", sum(b.failed for b in gb),
                         "count", values=[b.failed for b in gb]))
     out.details.append("6. I/O-bound view (GET %s), 2 workers x 4 threads, %d connections each, %d x %ds; "

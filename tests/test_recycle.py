@@ -165,7 +165,9 @@ def test_the_patched_methods_do_nothing_new_outside_the_master() -> None:
 class ForkProbe(FakeArbiter):
     """Notes what the collector has frozen at each "fork"."""
 
-    frozen_at_fork: List[int] = []
+    def __init__(self, workers: int):
+        super().__init__(workers)
+        self.frozen_at_fork: List[int] = []
 
     def spawn_worker(self) -> int:
         self.frozen_at_fork.append(gc.get_freeze_count())
