@@ -97,6 +97,20 @@ class _Master:
     def in_master(self) -> bool:
         return os.getpid() == self.pid
 
+    def detach(self) -> None:
+        """In a worker about to exit: drop its copy of the patch.
+
+        The patched methods are bound methods of this object, stored on the arbiter,
+        which this object holds: a reference cycle through which the arbiter reaches
+        the worker and its app. Python's teardown runs its last collection while
+        this module still holds the cycle, so without this the app would never be
+        freed at exit (nor an unclosed file of it flushed).
+        """
+        global _master
+        for name in self.orig:
+            self.arbiter.__dict__.pop(name, None)
+        _master = None
+
     # -- the patched arbiter methods ----------------------------------------------
 
     def spawn_worker(self) -> Any:
@@ -118,10 +132,14 @@ class _Master:
         workers.update(self.hidden)
         try:
             pid = self.orig["spawn_worker"]()
-        except BaseException:
+        except BaseException as exc:
             # why BaseException: SystemExit is how the child leaves this call at its
-            # very end; in the master a failed fork must give its record back.
-            if self.in_master() and slot is not None:
+            # very end, gunicorn's end of the worker done; in the master a failed fork
+            # must give its record back.
+            if not self.in_master():
+                if isinstance(exc, SystemExit):
+                    self.detach()
+            elif slot is not None:
                 self._free(slot)
             raise
         finally:

@@ -171,7 +171,14 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
             # so they get gunicorn's prefix, socket and dogstatsd tags.
             self.runtime.stats = self.log
         self._attach_logging()
-        super().init_process()
+        try:
+            super().init_process()
+        finally:
+            # The freeze (load_wsgi) lasts the worker's serving life. Frozen objects are
+            # never collected, so Python's teardown at exit (when it runs: see _exit)
+            # would leave every boot-time object unfreed, a file the app never closed
+            # among them, its buffer unflushed. Unfreezing is one list splice.
+            gc.unfreeze()
 
     def _attach_logging(self) -> None:
         # Unless the user configured the edgesync logger, its lines go where

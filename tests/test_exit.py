@@ -1,0 +1,34 @@
+"""How a worker process ends, with real gunicorn masters and SIGTERM.
+
+A file the app never closed still gets its buffer flushed by Python's teardown at the
+worker's exit, whatever edgesync did to the process (``gc.freeze()``, the arbiter's patch).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from .conftest import Server
+
+APP = "tests.apps.exits:app"
+
+
+@pytest.mark.parametrize("handoff", ["true", "false"])
+def test_an_unclosed_file_gets_the_teardown_that_flushes_it(server_factory: Callable[..., Server],
+                                                             tmp_path: Path, handoff: str) -> None:
+    # Opened at import, so frozen while the worker served (and, with the hand-off, reachable
+    # from the arbiter's patch): both must be undone for Python's teardown to free it.
+    unflushed = tmp_path / "unflushed.log"
+    server = server_factory("--workers", "1", app=APP,
+                            env={"UNFLUSHED_FILE": str(unflushed), "EDGESYNC_REPLACE_BEFORE_RETIRE": handoff})
+    pid = int(server.get("/pid")[1])
+    assert server.get("/keep")[1] == b"kept"
+    assert server.get("/unflushed")[1] == b"buffered"
+    assert unflushed.read_text() == ""  # still in the file object's buffer
+    assert server.stop() == 0, server.log
+    assert unflushed.read_text() == "written by %d, never flushed by the app\n" % pid
+    kinds = [e["type"] for e in server.events() if e["pid"] == pid]
+    assert kinds == ["atexit", "finalized"], (kinds, server.log)
