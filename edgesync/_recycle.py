@@ -34,6 +34,7 @@ import signal
 import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+from . import _exit
 from ._runtime import Runtime
 
 log = logging.getLogger("edgesync")
@@ -138,6 +139,7 @@ class _Master:
             # must give its record back.
             if not self.in_master():
                 if isinstance(exc, SystemExit):
+                    _exit.leave(exc.code)  # returns only when Python's teardown is needed
                     self.detach()
             elif slot is not None:
                 self._free(slot)

@@ -1,7 +1,9 @@
-"""How a worker process ends, with real gunicorn masters and SIGTERM.
+"""How a worker process ends (edgesync._exit), with real gunicorn masters and SIGTERM.
 
-A file the app never closed still gets its buffer flushed by Python's teardown at the
-worker's exit, whatever edgesync did to the process (``gc.freeze()``, the arbiter's patch).
+A worker whose work is done runs what Python's exit promises (non-daemon threads
+joined, ``atexit`` callbacks) and skips the teardown of its modules, unless a regular
+file is still open for writing: then the teardown runs, and flushes a file the app never
+closed, whatever edgesync did to the process (``gc.freeze()``, the arbiter's patch).
 """
 
 from __future__ import annotations
@@ -14,6 +16,18 @@ import pytest
 from .conftest import Server
 
 APP = "tests.apps.exits:app"
+
+
+def test_a_worker_ends_without_tearing_down_its_modules(server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "1", app=APP)
+    pid = int(server.get("/pid")[1])
+    assert server.get("/keep")[1] == b"kept"
+    assert server.get("/thread?s=1")[0] == 200
+    assert server.stop() == 0, server.log
+    kinds = [e["type"] for e in server.events() if e["pid"] == pid]
+    # The thread was joined before the atexit callbacks ran, as in Python's own exit; the
+    # kept object was never finalized.
+    assert kinds == ["thread_done", "atexit"], (kinds, server.log)
 
 
 @pytest.mark.parametrize("handoff", ["true", "false"])
