@@ -2,63 +2,92 @@
 
 design: when a worker is done, gunicorn's child code (arbiter.py ``spawn_worker``) logs
 "Worker exiting", calls the ``worker_exit`` hook and raises ``SystemExit``, which unwinds
-into the arbiter's code; Python then finalizes the interpreter. It (1) joins the
-non-daemon threads, (2) runs the ``atexit`` callbacks (``logging.shutdown`` among them,
-which flushes and closes every log handler), (3) flushes ``sys.stdout`` and
-``sys.stderr``, and (4) tears down every module, deallocating every object left. In a
-forked worker (4) is the costly part: almost every object it frees or decrefs lives on
-a page the worker still shares with the master, and writing the page copies it
-(copy-on-write). bench/forkcost.py measures it: about 20 ms of CPU per exit, even with
-``gc.freeze()``. At ``wall_clock_limit_ms=4000`` that is ~5% of a CPU-bound recycling
-server's throughput (bench/run.py, scenario 6).
+through the arbiter's code to Python's exit. Python then (1) joins the non-daemon
+threads, (2) runs the ``atexit`` callbacks (``logging.shutdown`` among them: every log
+handler flushed and closed), (3) flushes ``sys.stdout`` and ``sys.stderr``, and (4) tears
+down every module, deallocating what is left. In a forked worker (4) is the costly
+part: almost every object it frees or decrefs lives on a page the worker shares with
+the master, and writing the page copies it (copy-on-write). bench/forkcost.py measures
+about 20 ms of CPU per exit even with ``gc.freeze()``; at ``wall_clock_limit_ms=4000``
+that is ~5% of a CPU-bound recycling server's throughput (bench/run.py, scenario 6).
 
-``leave`` does (1) to (3) as Python does, then ends the process with ``os._exit``. What
-it skips Python does not promise either: "It is not guaranteed that ``__del__()``
-methods are called for objects that still exist when the interpreter exits" (the
-language reference, ``object.__del__``). One such finalizer does matter in practice: a
-file object the app never closed flushes its buffer when it is deallocated. Its buffer
-can only reach a file that is still open, so ``leave`` skips the teardown only when no
-regular file is open for writing once (1) to (3) are done (the standard streams aside:
-flushed in (3)); otherwise the worker exits the usual way, with the teardown.
+``leave`` does (1) to (3) as Python does, closes the file objects the app left open
+for writing (what (4) would have done for them: their buffers are flushed), and ends
+the process with ``os._exit``. What it skips, Python does not promise either: "It is
+not guaranteed that ``__del__()`` methods are called for objects that still exist when
+the interpreter exits" (the language reference, ``object.__del__``). Measured here, (4)
+did not even flush an unclosed file reliably: a daemon thread that still reaches the
+app at exit keeps its module alive past the teardown (about 1 exit in 20).
+
+``install`` wraps the arbiter's ``spawn_worker`` in the master, as ``_recycle`` does:
+the child leaves that call through ``SystemExit``, after gunicorn's end of the worker,
+and the wrapper calls ``leave`` there.
 """
 
 from __future__ import annotations
 
 import atexit
 import fcntl
+import gc
+import io
 import os
 import stat
 import sys
 import threading
-from typing import Optional
+from typing import Any, Callable, NoReturn
+
+from ._process import running_arbiter
 
 #: Where the process's open descriptors are listed (Linux; /dev/fd on macOS and the BSDs).
 _FD_DIRS = ("/proc/self/fd", "/dev/fd")
 
 
-def leave(code: object) -> None:
-    """End this worker with ``SystemExit(code)``'s status; return only if teardown is needed.
+_installed_on: Any = None  # the arbiter whose spawn_worker is wrapped
 
-    Call it in the worker, in place of letting the ``SystemExit`` unwind, once gunicorn's
-    own end of the worker has run. Returns (and the caller re-raises) when a regular file
-    is still open for writing, as described in the module docstring.
+
+def install() -> None:
+    """In gunicorn's master: every worker forked from now on ends through ``leave``.
+
+    Does nothing outside a running arbiter (``gunicorn --check-config``). Idempotent.
     """
-    # (1) and (2) in Python's own order (Py_FinalizeEx): threads first, then atexit.
-    threading._shutdown()  # type: ignore[attr-defined]  # joins non-daemon threads, runs their atexit
+    global _installed_on
+    arbiter = running_arbiter()
+    if arbiter is None or arbiter is _installed_on:
+        return
+    spawn_worker: Callable[[], Any] = arbiter.spawn_worker
+    master = os.getpid()
+
+    def spawn_then_leave() -> Any:
+        try:
+            return spawn_worker()
+        except SystemExit as exc:
+            if os.getpid() != master:  # the worker, at its very end
+                leave(exc.code)
+            raise
+
+    arbiter.spawn_worker = spawn_then_leave
+    _installed_on = arbiter
+
+
+def leave(code: object) -> NoReturn:
+    """End this worker with the exit status of ``SystemExit(code)`` (see the module docstring)."""
+    # Python's own order (Py_FinalizeEx): threads, then atexit, then the standard streams.
+    threading._shutdown()  # type: ignore[attr-defined]  # also runs threading's own exit callbacks
     atexit._run_exitfuncs()
     status = _status(code)
+    if _writable_file_open():
+        _close_open_files()
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
                 stream.flush()
         except (OSError, ValueError):  # closed, or a broken pipe: Python's exit ignores it too
             pass
-    if _open_for_writing() is None:
-        os._exit(status)
+    os._exit(status)
 
 
 def _status(code: object) -> int:
-    """The exit status Python gives ``SystemExit(code)``: None is 0, other non-ints are printed, then 1."""
+    """The exit status Python gives ``SystemExit(code)``: None is 0; any other non-int is printed, then 1."""
     if code is None:
         return 0
     if isinstance(code, int):
@@ -70,8 +99,12 @@ def _status(code: object) -> int:
     return 1
 
 
-def _open_for_writing() -> Optional[str]:
-    """The first regular file this process has open for writing (fds 0-2 aside), or a reason to assume one."""
+def _writable_file_open() -> bool:
+    """Whether a regular file is open for writing (the standard streams' fds 0-2 aside).
+
+    A Python file object's buffer can only reach a file that is still open: when none
+    is, there is nothing to flush and no need to walk every object to find one.
+    """
     for fd_dir in _FD_DIRS:
         try:
             names = os.listdir(fd_dir)
@@ -87,6 +120,33 @@ def _open_for_writing() -> Optional[str]:
             except OSError:  # the listing's own descriptor, closed by now
                 continue
             if stat.S_ISREG(mode) and flags & os.O_ACCMODE != os.O_RDONLY:
-                return "fd %d" % fd
-        return None
-    return "no descriptor listing"
+                return True
+        return False
+    return True  # no listing: assume one
+
+
+def _close_open_files() -> None:
+    """Close every file object still open for writing, outermost first.
+
+    Outermost: no other file object refers to it (a text layer before the buffer under
+    it, a ``GzipFile`` before its file), so each one's close still has somewhere to
+    write. The worker unfroze when its life ended (``Worker.init_process``): the
+    objects its boot made are listed too. The standard streams stay open (``leave``
+    flushes them).
+    """
+    keep = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)}
+    files = {id(o): o for o in gc.get_objects() if isinstance(o, io.IOBase) and id(o) not in keep}
+    inner = set()
+    for f in files.values():
+        for ref in gc.get_referents(f):
+            # A file object written in Python holds the one under it in its __dict__.
+            for r in gc.get_referents(ref) if isinstance(ref, dict) else (ref,):
+                if id(r) in files and r is not f:
+                    inner.add(id(r))
+    outer_first = sorted(files.values(), key=lambda f: id(f) in inner)
+    for f in outer_first:
+        try:
+            if not f.closed and f.writable():
+                f.close()
+        except Exception:  # as in a finalizer: one file's failure does not stop the others
+            pass

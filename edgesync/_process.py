@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 from typing import Any, Optional, Tuple
@@ -66,6 +67,21 @@ def gunicorn_role() -> Tuple[Optional[str], Any]:
                 return ("worker", worker) if worker is not None else (None, None)
         frame = frame.f_back
     return None, None
+
+
+def running_arbiter() -> Any:
+    """The gunicorn arbiter running in this process (from its ``start`` on), or None.
+
+    The arbiter installs its bound method ``signal`` as the handler of SIGHUP before
+    it calls the worker class's ``check_config`` (arbiter.py, ``start``: ``init_signals``).
+    """
+    from gunicorn.arbiter import Arbiter
+
+    handler = signal.getsignal(signal.SIGHUP)
+    arbiter = getattr(handler, "__self__", None)
+    if isinstance(arbiter, Arbiter) and getattr(arbiter, "pid", None) == os.getpid():
+        return arbiter
+    return None
 
 
 def first_runtime() -> Runtime:

@@ -34,7 +34,7 @@ import signal
 import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from . import _exit
+from ._process import running_arbiter
 from ._runtime import Runtime
 
 log = logging.getLogger("edgesync")
@@ -98,20 +98,6 @@ class _Master:
     def in_master(self) -> bool:
         return os.getpid() == self.pid
 
-    def detach(self) -> None:
-        """In a worker about to exit: drop its copy of the patch.
-
-        The patched methods are bound methods of this object, stored on the arbiter,
-        which this object holds: a reference cycle through which the arbiter reaches
-        the worker and its app. Python's teardown runs its last collection while
-        this module still holds the cycle, so without this the app would never be
-        freed at exit (nor an unclosed file of it flushed).
-        """
-        global _master
-        for name in self.orig:
-            self.arbiter.__dict__.pop(name, None)
-        _master = None
-
     # -- the patched arbiter methods ----------------------------------------------
 
     def spawn_worker(self) -> Any:
@@ -133,15 +119,10 @@ class _Master:
         workers.update(self.hidden)
         try:
             pid = self.orig["spawn_worker"]()
-        except BaseException as exc:
+        except BaseException:
             # why BaseException: SystemExit is how the child leaves this call at its
-            # very end, gunicorn's end of the worker done; in the master a failed fork
-            # must give its record back.
-            if not self.in_master():
-                if isinstance(exc, SystemExit):
-                    _exit.leave(exc.code)  # returns only when Python's teardown is needed
-                    self.detach()
-            elif slot is not None:
+            # very end; in the master a failed fork must give its record back.
+            if self.in_master() and slot is not None:
                 self._free(slot)
             raise
         finally:
@@ -260,7 +241,7 @@ def install(glog: Any) -> bool:
     ``gunicorn --check-config``. Idempotent.
     """
     global _master
-    arbiter = _find_arbiter()
+    arbiter = running_arbiter()
     if _master is not None and _master.arbiter is arbiter and _master.in_master():
         return True
     if arbiter is None:
@@ -269,18 +250,6 @@ def install(glog: Any) -> bool:
         return False
     _master = _Master(arbiter, glog)
     return True
-
-
-def _find_arbiter() -> Any:
-    # The arbiter installs its bound method `signal` as the handler of SIGHUP before
-    # it calls the worker class's check_config (arbiter.py, start: init_signals).
-    from gunicorn.arbiter import Arbiter
-
-    handler = signal.getsignal(signal.SIGHUP)
-    arbiter = getattr(handler, "__self__", None)
-    if isinstance(arbiter, Arbiter) and getattr(arbiter, "pid", None) == os.getpid():
-        return arbiter
-    return None
 
 
 def _record() -> Optional[_Record]:

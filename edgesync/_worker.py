@@ -25,7 +25,7 @@ from typing import Any, ClassVar, List, Optional
 from gunicorn.http.body import LengthReader
 from gunicorn.workers import gthread
 
-from . import _recovery, _recycle, _runtime
+from . import _exit, _recovery, _recycle, _runtime
 from ._config import ConfigError, Settings, describe_source, load_settings
 from ._invocation import REQUEST, InvocationCancelled, Tracker
 from ._lifecycle import (
@@ -132,6 +132,8 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         super().check_config(cfg, log)
         cls._settings = load_settings()
         log.info("edgesync: settings from %s", describe_source())
+        # Each worker ends without Python's teardown of its modules (see _exit).
+        _exit.install()
         if cls._settings.replace_before_retire:
             # Share the retire table with the workers to come; wrap the arbiter's counting.
             _recycle.install(log)

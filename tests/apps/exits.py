@@ -1,23 +1,24 @@
 """A WSGI app for the tests of how a worker process ends (edgesync._exit).
 
 At import: an ``atexit`` callback that records ``atexit``. If ``$UNFLUSHED_FILE`` is
-set, that file is opened for appending, buffered, and never flushed nor closed by the
-app.
+set, that file is opened for appending, buffered, and so is ``$UNFLUSHED_FILE.gz``
+through ``gzip.open`` (a text layer over a ``GzipFile`` over a buffered file: its
+trailer is written only when it is closed); the app never flushes nor closes either.
 
 Routes: ``/keep`` keeps an object, in a module global, whose ``__del__`` records
 ``finalized``: only Python's teardown of the modules runs it. ``/thread?s=`` starts a
 non-daemon thread that sleeps ``s`` seconds, then records ``thread_done``.
-``/unflushed`` writes a line into ``$UNFLUSHED_FILE``'s buffer (8 KiB: the line stays
-there). ``/pid``.
+``/unflushed`` writes a line into both (into their buffers: the line stays there). ``/pid``.
 """
 
 from __future__ import annotations
 
 import atexit
+import gzip
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, Optional, TextIO
+from typing import Any, Callable, Dict, Iterable, List, Optional, TextIO
 
 from ._util import query, record, text
 
@@ -38,9 +39,10 @@ class _RecordsItsFinalization:
 
 _kept: Optional[_RecordsItsFinalization] = None
 atexit.register(lambda: record(type="atexit"))
-_unflushed: Optional[TextIO] = None
+_unflushed: List[TextIO] = []
 if os.environ.get("UNFLUSHED_FILE"):
-    _unflushed = open(os.environ["UNFLUSHED_FILE"], "a", buffering=8192)
+    _unflushed = [open(os.environ["UNFLUSHED_FILE"], "a", buffering=8192),
+                  gzip.open(os.environ["UNFLUSHED_FILE"] + ".gz", "wt")]
 
 
 def _sleep_then_record(seconds: float) -> None:
@@ -58,8 +60,9 @@ def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         threading.Thread(target=_sleep_then_record, args=(float(query(environ)["s"]),),
                          daemon=False).start()
         return text(start_response, "started")
-    if path == "/unflushed" and _unflushed is not None:
-        _unflushed.write("written by %d, never flushed by the app\n" % os.getpid())
+    if path == "/unflushed" and _unflushed:
+        for f in _unflushed:
+            f.write("written by %d, never flushed by the app\n" % os.getpid())
         return text(start_response, "buffered")
     if path == "/pid":
         return text(start_response, str(os.getpid()))
