@@ -1,4 +1,4 @@
-"""What one recycled worker costs in CPU, with and without ``gc.freeze()`` before the fork.
+"""What one recycled worker costs in CPU: with and without ``gc.freeze()``, and with edgesync's exit.
 
     python bench/forkcost.py [--children 15] [--requests 1000]
 
@@ -15,7 +15,9 @@ parent reads the child's whole CPU time from ``wait4``. So, per child:
 - exit: whole CPU minus CPU at the exit point (finalization and teardown).
 
 ``frozen`` children are forked after ``gc.freeze()`` (edgesync's master does so
-before each fork; its worker freezes again once the app is loaded). Medians of
+before each fork; its worker freezes again once the app is loaded). ``leave``
+children are frozen too and end as an edgesync worker does
+(``edgesync._exit.leave``: atexit, then ``os._exit``, no teardown). Medians of
 ``--children`` children each.
 """
 
@@ -34,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.apps.flask_app import app  # noqa: E402  (after the path is set)
+from edgesync import _exit  # noqa: E402
 
 ENVIRON = {
     "REQUEST_METHOD": "GET", "PATH_INFO": "/hello", "QUERY_STRING": "", "SERVER_NAME": "127.0.0.1",
@@ -52,7 +55,7 @@ def call() -> None:
     b"".join(body)
 
 
-def child(requests: int, out: int) -> None:
+def child(requests: int, out: int, leave: bool) -> None:
     t0 = time.process_time()
     call()
     first = time.process_time()
@@ -61,12 +64,14 @@ def child(requests: int, out: int) -> None:
     end = time.process_time()
     os.write(out, b"%r %r %r" % (t0, first - t0, end - t0))
     os.close(out)
+    if leave:
+        _exit.leave(0)
     # As gunicorn's spawn_worker ends a worker: SystemExit, then Python's whole
     # finalization (nothing on the way up has a finally clause or a context manager).
     sys.exit(0)
 
 
-def measure(requests: int, children: int, frozen: bool) -> Dict[str, float]:
+def measure(requests: int, children: int, frozen: bool, leave: bool) -> Dict[str, float]:
     rows: List[List[float]] = []
     for _ in range(children):
         if frozen:
@@ -75,7 +80,7 @@ def measure(requests: int, children: int, frozen: bool) -> Dict[str, float]:
         pid = os.fork()
         if pid == 0:
             os.close(r)
-            child(requests, w)
+            child(requests, w, leave)
         os.close(w)
         if frozen:
             gc.unfreeze()
@@ -97,11 +102,12 @@ def main() -> None:
     p.add_argument("--children", type=int, default=15)
     p.add_argument("--requests", type=int, default=1000)
     a = p.parse_args()
-    results = {name: measure(a.requests, a.children, frozen) for name, frozen in (("plain", False), ("frozen", True))}
+    variants = (("plain", False, False), ("frozen", True, False), ("frozen, leave", True, True))
+    results = {name: measure(a.requests, a.children, frozen, leave) for name, frozen, leave in variants}
     print("CPU ms per child, median of %d, %d requests each (bench/forkcost.py)" % (a.children, a.requests))
-    print("%-16s %10s %10s" % ("", "plain", "frozen"))
+    print("%-16s" % "" + "".join("%15s" % name for name, _, _ in variants))
     for key in results["plain"]:
-        print("%-16s %10.1f %10.1f" % (key, results["plain"][key], results["frozen"][key]))
+        print("%-16s" % key + "".join("%15.1f" % results[name][key] for name, _, _ in variants))
 
 
 if __name__ == "__main__":

@@ -32,10 +32,10 @@ REPO = Path(__file__).resolve().parent.parent
 APP = "bench.apps.flask_app:app"
 
 #: A pair of servers older than this is restarted before its next round: the
-#: default wall_clock_limit_ms (400 s) retires an edgesync worker at 40-50% of
-#: it, 160 s at the earliest, and a retire in the middle of a round is not what
+#: default wall_clock_limit_ms (400 s) retires an edgesync worker at 20-50% of
+#: it, 80 s at the earliest, and a retire in the middle of a round is not what
 #: a throughput round measures.
-SERVER_MAX_AGE = 100.0
+SERVER_MAX_AGE = 60.0
 
 _procs: List[subprocess.Popen[bytes]] = []
 

@@ -341,7 +341,7 @@ def test_wall_clock_retire_waves_under_load(server_factory: Callable[..., Server
     tally = reconcile(server)
     tally.requests, tally.failed_requests = result.requests, result.failed()
     tally.show("wall-clock retire waves under load (%d retirements)" % waves)
-    assert waves >= 6, "workers retire at 40-50%% of 3 s: expected many retirements, got %d" % waves
+    assert waves >= 6, "workers retire at 20-50%% of 3 s: expected many retirements, got %d" % waves
     assert result.failed() == 0, result.output
     assert tally.unaccounted == set()
     assert tally.abandoned == set(), "a retire waits for its pending tasks"
