@@ -8,8 +8,9 @@ handler flushed and closed), (3) flushes ``sys.stdout`` and ``sys.stderr``, and 
 down every module, deallocating what is left. In a forked worker (4) is the costly
 part: almost every object it frees or decrefs lives on a page the worker shares with
 the master, and writing the page copies it (copy-on-write). bench/forkcost.py measures
-about 20 ms of CPU per exit even with ``gc.freeze()``; at ``wall_clock_limit_ms=4000``
-that is ~5% of a CPU-bound recycling server's throughput (bench/run.py, scenario 6).
+16-20 ms of CPU per exit even with ``gc.freeze()``, 1.3 ms through ``leave``; at
+``wall_clock_limit_ms=4000`` that was ~5% of a CPU-bound recycling server's throughput
+(bench/run.py, scenario 6).
 
 ``leave`` does (1) to (3) as Python does, closes the file objects the app left open
 for writing (what (4) would have done for them: their buffers are flushed), and ends

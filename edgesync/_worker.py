@@ -177,9 +177,10 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
             super().init_process()
         finally:
             # The freeze (load_wsgi) lasts the worker's serving life. Frozen objects are
-            # never collected, so Python's teardown at exit (when it runs: see _exit)
-            # would leave every boot-time object unfreed, a file the app never closed
-            # among them, its buffer unflushed. Unfreezing is one list splice.
+            # invisible to gc.get_objects() and never collected: the exit (_exit.leave)
+            # would not find a file the app opened at import and never closed, and
+            # Python's teardown, where it still runs, would not free it. Unfreezing is
+            # one list splice.
             gc.unfreeze()
 
     def _attach_logging(self) -> None:
