@@ -208,9 +208,10 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         self.wsgi: Any = Boundary(self.wsgi, self.runtime.tracker, self.runtime.pid)
         # What the boot made lives as long as the worker: out of the collector's way
         # (_recycle._Master.spawn_worker does the same in the master before each fork).
-        # A worker's collections then walk only what its requests made, and its exit
-        # skips them in the final collection: 53 -> 20 ms of CPU per exit (bench/forkcost.py).
-        # Before post_worker_init, so that the user's hook can undo it (gc.unfreeze).
+        # A worker's collections then walk only what its requests made, and never write
+        # to (so never copy) the pages it shares with the master. Undone when its life
+        # ends (init_process). Before post_worker_init, so that the user's hook can undo
+        # it (gc.unfreeze).
         gc.freeze()
 
     def accept(self, listener: Any) -> None:
