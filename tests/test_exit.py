@@ -31,8 +31,8 @@ def test_a_worker_ends_without_tearing_down_its_modules(server_factory: Callable
 
 
 @pytest.mark.parametrize("handoff", ["true", "false"])
-def test_an_unclosed_file_gets_the_teardown_that_flushes_it(server_factory: Callable[..., Server],
-                                                             tmp_path: Path, handoff: str) -> None:
+def test_a_file_the_app_never_closed_is_flushed_and_closed_at_exit(server_factory: Callable[..., Server],
+                                                                    tmp_path: Path, handoff: str) -> None:
     # Opened at import, so frozen while the worker served; the exit closes it (and ends
     # the worker without the teardown, with or without the hand-off).
     unflushed = tmp_path / "unflushed.log"
