@@ -120,8 +120,9 @@ class _Master:
         try:
             pid = self.orig["spawn_worker"]()
         except BaseException:
-            # why BaseException: SystemExit is how the child leaves this call at its
-            # very end; in the master a failed fork must give its record back.
+            # why BaseException: in the master a failed fork, whatever it raised, must
+            # give its record back. A child passes through untouched (its normal end
+            # never gets here: _exit.leave ends it inside the call).
             if self.in_master() and slot is not None:
                 self._free(slot)
             raise
