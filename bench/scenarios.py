@@ -386,6 +386,60 @@ def _gthread_recycling(o: Options, name: str, n: int) -> Server:
                    args=["--max-requests", str(int(n * 0.9)), "--max-requests-jitter", str(int(n * 0.2))])
 
 
+#: Calibration of gthread's --max-requests: seconds per probe, most probes, and how far
+#: gthread's median lifetime may stay from edgesync's.
+MATCH_SECONDS = 15.0
+MATCH_PROBES = 4
+MATCH_TOLERANCE = 0.05
+
+
+def _matched_gthread(o: Options, name: str, rec: Server, path: str, n: int) -> Tuple[Server, int, float, float]:
+    """gunicorn's own recycling whose workers live as long as ``rec``'s, both loaded at once.
+
+    A gthread worker lives its boot plus ``n`` requests, and its rate next to ``rec``
+    is not known in advance: each probe runs both side by side and compares the median
+    lifetimes (fork to exit). The first correction scales ``n`` by their ratio (an
+    undershoot: the boot does not scale with ``n``); later ones solve lifetime = boot
+    + n / rate through the last two probes. Returns (the started gthread server, n,
+    edgesync's median lifetime, gthread's); the caller reports both.
+    """
+    loads = [Load("edgesync", rec, path), Load("gthread", rec, path)]
+    tried: List[Tuple[int, float]] = []
+    life_es = life_gt = float("nan")
+    gthread: Optional[Server] = None
+    probes = 1 if o.quick else MATCH_PROBES
+    for probe in range(probes):
+        if gthread is not None:
+            gthread.stop()
+        gthread = _gthread_recycling(o, "%s-%d" % (name, probe), n)
+        gthread.start()
+        loads[1] = Load("gthread", gthread, path)
+        with PidWatcher(rec) as wa, PidWatcher(gthread) as wb:
+            side_by_side(loads, MATCH_SECONDS, o.connections, o.client_cpu)
+        life_es, life_gt = median(_lifetimes([wa])), median(_lifetimes([wb]))
+        o.log("    gthread --max-requests %d (+0-%d): median lifetime %.2fs, edgesync's %.2fs"
+              % (int(n * 0.9), int(n * 0.2), life_gt, life_es))
+        if (math.isnan(life_es) or math.isnan(life_gt) or abs(life_gt / life_es - 1) <= MATCH_TOLERANCE
+                or probe == probes - 1):
+            break  # the rows say how close the two lifetimes came
+        tried.append((n, life_gt))
+        if len(tried) == 1:
+            n = int(n * life_es / life_gt)
+        else:
+            (n1, l1), (n2, l2) = tried[-2:]
+            per_s = (n2 - n1) / (l2 - l1) if l2 != l1 else 0.0  # requests per second of a worker's life
+            n = n2 + int(per_s * (life_es - l2)) if per_s > 0 else int(n2 * life_es / l2)
+        n = max(50, n)
+    assert gthread is not None
+    return gthread, n, life_es, life_gt
+
+
+def _lifetime_row(out: Outcome, title: str, life_es: float, life_gt: float) -> None:
+    """How well the reference recycled at edgesync's rate: 1 = the same lifetime (fork to exit)."""
+    out.rows.append(Row("6", title, life_gt / life_es, "x", "0.95-1.05x",
+                        at_least(life_gt / life_es, 0.95) and at_most(life_gt / life_es, 1.05)))
+
+
 def _lifetimes(watchers: List[Any]) -> List[float]:
     return [w.gone[p] - w.born[p] for w in watchers for p in w.gone if p in w.born]
 
@@ -488,9 +542,8 @@ def s6_recycling(o: Options) -> Outcome:
         per_life = rate.rps / 2 * (life_s if life_s == life_s else 2.0)
         n = max(50, int(per_life))
         o.log("  gthread alone next to the recycling server: %.0f req/s; %.2fs x %.0f req/s per worker = %d "
-              "requests per lifetime" % (rate.rps, life_s, rate.rps / 2, n))
-        gthread = _gthread_recycling(o, "s6-gthread-max-requests", n)
-        gthread.start()
+              "requests per lifetime, to begin with" % (rate.rps, life_s, rate.rps / 2, n))
+        gthread, n, _, _ = _matched_gthread(o, "s6-gthread-max-requests", rec, "/hello", n)
         ra, rb, wa, wb = _recycle_rounds(o, rec, gthread, "edgesync recycling", "gthread --max-requests")
         p99 = [a.p99 / b.p99 for a, b in zip(ra, rb, strict=True)]
         rps = [a.rps / b.rps for a, b in zip(ra, rb, strict=True)]
@@ -503,6 +556,7 @@ def s6_recycling(o: Options) -> Outcome:
                             at_least(median(rps), 1.001), rps))
         out.rows.append(Row("6", "edgesync recycling / gthread --max-requests: max latency", median(mx), "x",
                             values=mx))
+        _lifetime_row(out, "gthread --max-requests / edgesync recycling: median worker lifetime", la, lb)
         out.rows.append(Row("6", "edgesync recycling (next to gthread): failed requests", sum(a.failed for a in ra),
                             "count", values=[a.failed for a in ra]))
         out.rows.append(Row("6", "gthread --max-requests: failed requests", sum(b.failed for b in rb), "count",
@@ -546,20 +600,23 @@ def _s6_io_bound(o: Options, out: Outcome, servers: List[Tuple[str, Server]]) ->
     _ratio_rows(out, "I/O-bound view (20 ms wait), recycling workers / steady", ra, rb)
     out.rows.append(Row("6", "I/O-bound view, recycling workers: failed requests", sum(a.failed for a in ra),
                         "count", values=[a.failed for a in ra]))
-    # gunicorn's own recycling at the same lifetime: the steady server's rate per worker times it.
+    # gunicorn's own recycling at the same lifetime; to begin with, the steady server's rate per
+    # worker times it (gthread serves a waiting view at about half that rate: the calibration's job).
     n = max(50, int(median([b.rps for b in rb]) / 2 * (life if life == life else 2.0)))
-    gthread = _gthread_recycling(o, "s6-io-gthread-max-requests", n)
+    gthread, n, _, _ = _matched_gthread(o, "s6-io-gthread-max-requests", rec, IO_PATH, n)
     servers.append(("", gthread))
-    gthread.start()
-    ga, gb, _, gw = _recycle_rounds(o, rec, gthread, "edgesync recycling, I/O-bound", "gthread --max-requests, "
-                                    "I/O-bound", IO_PATH)
+    ga, gb, gwa, gw = _recycle_rounds(o, rec, gthread, "edgesync recycling, I/O-bound", "gthread --max-requests, "
+                                      "I/O-bound", IO_PATH)
     _ratio_rows(out, "I/O-bound view, edgesync recycling / gthread --max-requests %d (+0-%d)"
                 % (int(n * 0.9), int(n * 0.2)), ga, gb)
+    _lifetime_row(out, "I/O-bound view, gthread --max-requests / edgesync recycling: median worker lifetime",
+                  median(_lifetimes(gwa)), median(_lifetimes(gw)))
     out.rows.append(Row("6", "I/O-bound view, gthread --max-requests: failed requests", sum(b.failed for b in gb),
                         "count", values=[b.failed for b in gb]))
     out.details.append("6. I/O-bound view (GET %s), 2 workers x 4 threads, %d connections each, %d x %ds; "
                        "median worker lifetime: edgesync %.2fs, gthread %.2fs:"
-                       % (IO_PATH, o.connections, len(ra), o.recycle_seconds, life, median(_lifetimes(gw))))
+                       % (IO_PATH, o.connections, len(ra), o.recycle_seconds, median(_lifetimes(gwa)),
+                          median(_lifetimes(gw))))
     for i, (a, b) in enumerate(zip(ra, rb, strict=True)):
         out.details.append("  round %d: recycling: %s, max %.0f ms | steady: %s, max %.0f ms"
                            % (i + 1, a.brief(), a.max, b.brief(), b.max))
