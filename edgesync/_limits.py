@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 from ._invocation import REQUEST, Invocation, Slot, Verdict
 from ._lifecycle import EXIT_TERMINATED, Reason
@@ -52,10 +52,12 @@ WATCHDOG_REARM = 5.0
 #: Seconds between two statsd flushes (when gunicorn's --statsd-host is set).
 STATS_INTERVAL = 1.0
 #: The wall-clock soft limit retires each worker at its own point between 20% and
-#: 50% of the limit, so that workers started together do not retire together:
-#: ``stagger`` (the worker's place among its siblings, in [0, 1)) spreads them over
-#: WALL_CLOCK_SPREAD of the limit, and a random jitter of up to WALL_CLOCK_JITTER
-#: separates workers that share a place.
+#: 50% of the limit, so that workers do not retire together. When the siblings'
+#: plans are known (``siblings``: the shared table of replace before retire), the
+#: point is the latest one far enough from theirs (``spaced_retire``). Otherwise
+#: ``stagger`` (the worker's place among its siblings, in [0, 1)) spreads workers
+#: started together over WALL_CLOCK_SPREAD of the limit. Either way a random jitter
+#: of up to WALL_CLOCK_JITTER separates workers that decide at the same moment.
 WALL_CLOCK_SOFT = 0.5
 WALL_CLOCK_SPREAD = 0.25
 WALL_CLOCK_JITTER = 0.05
@@ -66,7 +68,8 @@ class Monitor:
     """Samples one runtime's instance and enforces its limits (see the module doc)."""
 
     def __init__(self, runtime: Runtime, *, interval: float = INTERVAL, watchdog_file: Any = None,
-                 stagger: Optional[float] = None):
+                 stagger: Optional[float] = None, siblings: Sequence[float] = (), workers: int = 1,
+                 boot: float = 0.0):
         self.rt = runtime
         s = runtime.settings
         self.interval = interval
@@ -79,7 +82,10 @@ class Monitor:
         if stagger is None:
             stagger = random.random()
         self.instance = [_Watch(kind, s, stagger) for kind in INSTANCE_LIMITS]
-        self.wall_soft = self.instance[0].soft  # where this worker retires on its age
+        wall = self.instance[0]
+        if wall.limit and siblings:
+            wall.soft = spaced_retire(wall.limit, [t - runtime.started for t in siblings], workers, boot)
+        self.wall_soft = wall.soft  # where this worker retires on its age
         self.cpu_hard = s.cpu_hard_limit_ms / 1000.0
         self.cpu_soft = s.cpu_soft_limit_ms / 1000.0
         self.cpu_warn = self.cpu_hard * s.beforeunload_cpu_ratio / 100.0
@@ -205,6 +211,34 @@ class Monitor:
             if slot.cancel(inv, Verdict("request_idle_timeout", 504, message)):
                 log.warning("worker %d: cancelled %s (reason=request_idle_timeout): %s",
                             rt.pid, inv.describe(), message)
+
+
+def spaced_retire(limit: float, siblings: Sequence[float], workers: int, boot: float) -> float:
+    """The age at which a worker retires on its wall clock, away from its siblings' retires.
+
+    ``siblings`` are the ages (of this worker, maybe negative) at which its siblings
+    retire or retired. Each worker's turn lasts about its life plus its replacement's
+    boot, so ``workers`` retiring in turn are that over ``workers`` apart at best. The
+    answer is the latest age of the retire window (20-50% of ``limit``), less a jitter,
+    that far from every sibling's; where there is none, the age of the window farthest
+    from the nearest one (a late one on a tie). A late retire costs the fewest boots.
+    """
+    lo = limit * (WALL_CLOCK_SOFT - WALL_CLOCK_SPREAD - WALL_CLOCK_JITTER)
+    hi = limit * WALL_CLOCK_SOFT - limit * WALL_CLOCK_JITTER * random.random()
+    spacing = (limit * WALL_CLOCK_SOFT + boot) / max(1, workers)
+
+    def distance(age: float) -> float:
+        return min(abs(age - t) for t in siblings)
+
+    candidates = [hi, lo] + [t - spacing for t in siblings if lo <= t - spacing <= hi]
+    spaced = [age for age in candidates if distance(age) >= spacing]
+    if spaced:
+        return max(spaced)
+    # Nothing far enough: the window's ends and the middles between two siblings are
+    # where the distance to the nearest one peaks.
+    ordered = sorted(siblings)
+    candidates += [(a + b) / 2 for a, b in zip(ordered, ordered[1:], strict=False) if lo <= (a + b) / 2 <= hi]
+    return max(candidates, key=lambda age: (round(distance(age), 6), age))
 
 
 @dataclass(frozen=True)

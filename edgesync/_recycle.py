@@ -63,6 +63,8 @@ class _Record(ctypes.Structure):
         ("released", ctypes.c_int32),  # 1: the retiree may stop accepting
         ("announced", ctypes.c_double),  # time.monotonic() of the retire (system-wide clock)
         ("ready", ctypes.c_double),  # time.monotonic() the worker started serving
+        ("forked", ctypes.c_double),  # time.monotonic() just before the fork (the master's)
+        ("retire_at", ctypes.c_double),  # time.monotonic() the worker plans to retire on its age; 0: none
         # The worker's own figures, for edgesync.server_metrics() (written by the worker,
         # at each heartbeat; read by any worker).
         ("pid", ctypes.c_int32),
@@ -176,7 +178,8 @@ class _Master:
                 rec = self.records[i]
                 rec.token = self.spawned
                 rec.released = 0
-                rec.announced = rec.ready = rec.published = 0.0
+                rec.announced = rec.ready = rec.published = rec.retire_at = 0.0
+                rec.forked = time.monotonic()
                 rec.pid = rec.pending = 0
                 rec.requests = rec.completed = rec.failed = rec.cancelled = 0
                 rec.state = BOOTING
@@ -280,6 +283,41 @@ def ready() -> None:
     rec.ready = time.monotonic()
     rec.state = READY
     _wake_master()
+
+
+def boot_seconds() -> Optional[float]:
+    """In a ready worker: the seconds from just before its fork to serving; None without a record."""
+    rec = _record()
+    if rec is None or not rec.ready or not rec.forked:
+        return None
+    return max(0.0, float(rec.ready - rec.forked))
+
+
+def retire_plans() -> Optional[List[float]]:
+    """In a worker: when its siblings retire on their age (``time.monotonic()``); None without a table.
+
+    A serving sibling's planned moment, or the moment a retiring one announced its
+    retire (its exit follows by about a boot). Only ``plan_retire``'s moments are
+    planned: a limit other than the wall clock is not predictable.
+    """
+    if _record() is None:
+        return None
+    assert _master is not None
+    plans = []
+    for i, rec in enumerate(_master.records):
+        if rec.token and i != _own:
+            if rec.state == RETIRING and rec.announced:
+                plans.append(rec.announced)
+            elif rec.state == READY and rec.retire_at:
+                plans.append(rec.retire_at)
+    return plans
+
+
+def plan_retire(at: float) -> None:
+    """In a worker: say when it will retire on its age, for its siblings' ``retire_plans``."""
+    rec = _record()
+    if rec is not None:
+        rec.retire_at = at
 
 
 class Handoff:

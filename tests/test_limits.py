@@ -196,6 +196,27 @@ def test_wall_clock_soft_limits_are_spread_over_the_workers() -> None:
     assert len(jittered) > 1 and all(2.0 <= s <= 5.0 for s in jittered)
 
 
+def test_a_wall_clock_retire_is_placed_away_from_the_siblings_retires() -> None:
+    limit = 10.0  # window 2-5 s; 2 workers, no boot: retires 2.5 s apart at best
+    # Siblings far off: the latest point of the window, less the jitter.
+    assert 4.5 <= _limits.spaced_retire(limit, [-6.0, 12.0], 2, 0.0) <= 5.0
+    # A sibling at the window's end: as late as the spacing allows.
+    assert _limits.spaced_retire(limit, [5.0], 2, 0.0) == pytest.approx(2.5)
+    # A replacement's boot lengthens each turn, so the spacing.
+    assert _limits.spaced_retire(limit, [5.0], 2, 1.0) == pytest.approx(2.0)
+    # Nowhere far enough: the point farthest from it, here an end of the window.
+    assert 4.5 <= _limits.spaced_retire(limit, [3.2], 2, 0.0) <= 5.0
+    assert _limits.spaced_retire(limit, [3.6], 2, 0.0) == pytest.approx(2.0)
+    # Between two siblings: the middle, when it is farther than either end.
+    assert _limits.spaced_retire(limit, [1.0, 4.0], 2, 0.0) == pytest.approx(2.5)
+    # More workers, shorter spacing (1.25 s): the latest point that far from all three.
+    assert _limits.spaced_retire(limit, [1.0, 4.0, 6.0], 4, 0.0) == pytest.approx(2.75)
+    with testing.runtime(wall_clock_limit_ms=10_000) as rt:
+        # A worker's own plan counts from its start; the siblings' are absolute times.
+        monitor = _limits.Monitor(rt.runtime, stagger=0.0, siblings=[rt.runtime.started + 5.0], workers=2)
+        assert monitor.wall_soft == pytest.approx(2.5)
+
+
 def wrk_or_skip() -> str:
     wrk = shutil.which("wrk")
     if wrk is None:
