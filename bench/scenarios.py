@@ -388,8 +388,8 @@ def _gthread_recycling(o: Options, name: str, n: int) -> Server:
 
 #: Calibration of gthread's --max-requests: seconds per probe, most probes, and how far
 #: gthread's median lifetime may stay from edgesync's.
-MATCH_SECONDS = 15.0
-MATCH_PROBES = 4
+MATCH_SECONDS = 20.0
+MATCH_PROBES = 3
 MATCH_TOLERANCE = 0.05
 
 

@@ -122,7 +122,7 @@ class Settings:
     )
     wall_clock_limit_ms: int = _setting(
         400000, doc="Instance age (counted from when the worker serves, its boot excluded) that terminates it "
-            "(it retires at 20-50%, staggered per worker). 0 disables.",
+            "(it retires at 20-50%, each worker away from its siblings' retires). 0 disables.",
         maximum=_MAX_MS, open_ended=True,
     )
     cpu_soft_limit_ms: int = _setting(
