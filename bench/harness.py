@@ -451,7 +451,11 @@ def median(values: Sequence[float]) -> float:
 
 
 class PidWatcher:
-    """Polls a server's worker pids in a thread: when each worker appeared and went."""
+    """Polls a server's worker pids in a thread: when each worker appeared and went.
+
+    ``born`` holds only the workers forked during the watch, so a lifetime (``gone``
+    minus ``born``) is never one cut short by the watch's start.
+    """
 
     def __init__(self, server: Server, interval: float = 0.02):
         import threading
@@ -472,7 +476,9 @@ class PidWatcher:
         self._thread.join(5)
 
     def _run(self) -> None:
-        known: set[int] = set()
+        # Workers already there were born before the watch: their lifetimes would be cut
+        # short, so only their exits are recorded.
+        known: set[int] = set(self.server.worker_pids())
         while not self._stop.is_set():
             now = time.monotonic()
             pids = set(self.server.worker_pids())
