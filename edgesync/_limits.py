@@ -57,13 +57,10 @@ STATS_INTERVAL = 1.0
 #: point is the latest one far enough from theirs (``spaced_retire``). Otherwise
 #: ``stagger`` (the worker's place among its siblings, in [0, 1)) spreads workers
 #: started together over WALL_CLOCK_SPREAD of the limit. Either way a random jitter
-#: of up to WALL_CLOCK_JITTER separates workers that decide at the same moment, and a
-#: worker whose replacement would not serve before it stops waiting for it (``latest``:
-#: a boot long for the limit) retires earlier, down to the window's start.
+#: of up to WALL_CLOCK_JITTER separates workers that decide at the same moment.
 WALL_CLOCK_SOFT = 0.5
 WALL_CLOCK_SPREAD = 0.25
 WALL_CLOCK_JITTER = 0.05
-WALL_CLOCK_LOW = WALL_CLOCK_SOFT - WALL_CLOCK_SPREAD - WALL_CLOCK_JITTER  # the window's start
 MEMORY_SOFT = 0.5
 
 
@@ -72,7 +69,7 @@ class Monitor:
 
     def __init__(self, runtime: Runtime, *, interval: float = INTERVAL, watchdog_file: Any = None,
                  stagger: Optional[float] = None, siblings: Sequence[float] = (), workers: int = 1,
-                 boot: float = 0.0, latest: Optional[float] = None):
+                 boot: float = 0.0):
         self.rt = runtime
         s = runtime.settings
         self.interval = interval
@@ -87,9 +84,7 @@ class Monitor:
         self.instance = [_Watch(kind, s, stagger) for kind in INSTANCE_LIMITS]
         wall = self.instance[0]
         if wall.limit and siblings:
-            wall.soft = spaced_retire(wall.limit, [t - runtime.started for t in siblings], workers, boot, latest)
-        elif wall.limit and latest is not None:
-            wall.soft = max(wall.limit * WALL_CLOCK_LOW, min(wall.soft, latest))
+            wall.soft = spaced_retire(wall.limit, [t - runtime.started for t in siblings], workers, boot)
         self.wall_soft = wall.soft  # where this worker retires on its age
         self.cpu_hard = s.cpu_hard_limit_ms / 1000.0
         self.cpu_soft = s.cpu_soft_limit_ms / 1000.0
@@ -218,22 +213,18 @@ class Monitor:
                             rt.pid, inv.describe(), message)
 
 
-def spaced_retire(limit: float, siblings: Sequence[float], workers: int, boot: float,
-                  latest: Optional[float] = None) -> float:
+def spaced_retire(limit: float, siblings: Sequence[float], workers: int, boot: float) -> float:
     """The age at which a worker retires on its wall clock, away from its siblings' retires.
 
     ``siblings`` are the ages (of this worker, maybe negative) at which its siblings
     retire or retired. Each worker's turn lasts about its life plus its replacement's
     boot, so ``workers`` retiring in turn are that over ``workers`` apart at best. The
-    answer is the latest age of the retire window (20-50% of ``limit``, less a jitter,
-    and no later than ``latest`` unless that is below the window) that far from every
-    sibling's; where there is none, the age of the window farthest from the nearest
-    one (a late one on a tie). A late retire costs the fewest boots.
+    answer is the latest age of the retire window (20-50% of ``limit``), less a jitter,
+    that far from every sibling's; where there is none, the age of the window farthest
+    from the nearest one (a late one on a tie). A late retire costs the fewest boots.
     """
-    lo = limit * WALL_CLOCK_LOW
+    lo = limit * (WALL_CLOCK_SOFT - WALL_CLOCK_SPREAD - WALL_CLOCK_JITTER)
     hi = limit * WALL_CLOCK_SOFT - limit * WALL_CLOCK_JITTER * random.random()
-    if latest is not None:
-        hi = max(lo, min(hi, latest))
     spacing = (limit * WALL_CLOCK_SOFT + boot) / max(1, workers)
 
     def distance(age: float) -> float:

@@ -47,9 +47,6 @@ SLOTS = 1024
 #: hard limit terminates it.
 MAX_WAIT = 30.0
 WAIT_LIFE_FRACTION = 0.75
-#: A worker plans its wall-clock retire early enough that a replacement booting this
-#: many times as long as it did itself serves before the wait ends (``latest_handoff``).
-BOOT_MARGIN = 1.25
 #: How often a retiree looks whether the arbiter released it (a read of shared memory).
 HANDOFF_POLL = 0.05
 
@@ -294,21 +291,6 @@ def boot_seconds() -> Optional[float]:
     if rec is None or not rec.ready or not rec.forked:
         return None
     return max(0.0, float(rec.ready - rec.forked))
-
-
-def latest_handoff(runtime: Runtime) -> Optional[float]:
-    """In a ready worker: the latest age at which a wall-clock retire is still handed off.
-
-    Past it, a replacement that boots as slowly as this worker did (with a margin)
-    would not serve before the retiree's wait ends (``announce``), so the retiree
-    would stop accepting first. None when there is no such bound (no wall clock, no
-    table, or the feature off).
-    """
-    boot = boot_seconds()
-    wall = runtime.settings.wall_clock_limit_ms / 1000.0
-    if boot is None or not wall or not runtime.settings.replace_before_retire:
-        return None
-    return wall * WAIT_LIFE_FRACTION - BOOT_MARGIN * boot
 
 
 def retire_plans() -> Optional[List[float]]:

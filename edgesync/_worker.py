@@ -272,13 +272,11 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         # monitor starts: a retire it decides must come after (a record READY first).
         _recycle.ready()
         # Retire on its age away from the siblings' retires (their plans, from the table
-        # replace before retire shares), early enough for its replacement to serve before
-        # it stops waiting; without the table, workers booted together take different
-        # places in the retire window.
+        # replace before retire shares); without it, workers booted together take
+        # different places in the retire window.
         workers = max(1, int(self.cfg.workers))
         self.monitor = Monitor(rt, stagger=(self.age % workers) / workers, siblings=_recycle.retire_plans() or (),
-                               workers=workers, boot=_recycle.boot_seconds() or 0.0,
-                               latest=_recycle.latest_handoff(rt))
+                               workers=workers, boot=_recycle.boot_seconds() or 0.0)
         if self.monitor.instance[0].limit:
             _recycle.plan_retire(rt.started + self.monitor.wall_soft)
         if self.monitor.needed:

@@ -211,18 +211,10 @@ def test_a_wall_clock_retire_is_placed_away_from_the_siblings_retires() -> None:
     assert _limits.spaced_retire(limit, [1.0, 4.0], 2, 0.0) == pytest.approx(2.5)
     # More workers, shorter spacing (1.25 s): the latest point that far from all three.
     assert _limits.spaced_retire(limit, [1.0, 4.0, 6.0], 4, 0.0) == pytest.approx(2.75)
-    # A retire after `latest` would not be handed off: the window ends there instead...
-    assert _limits.spaced_retire(limit, [-6.0, 12.0], 2, 0.0, latest=3.0) == pytest.approx(3.0)
-    assert _limits.spaced_retire(limit, [5.0], 2, 0.0, latest=4.0) == pytest.approx(2.5)
-    # ... though never before the window's start.
-    assert _limits.spaced_retire(limit, [-6.0], 2, 0.0, latest=1.0) == pytest.approx(2.0)
     with testing.runtime(wall_clock_limit_ms=10_000) as rt:
         # A worker's own plan counts from its start; the siblings' are absolute times.
         monitor = _limits.Monitor(rt.runtime, stagger=0.0, siblings=[rt.runtime.started + 5.0], workers=2)
         assert monitor.wall_soft == pytest.approx(2.5)
-        # Without siblings' plans, `latest` bounds the place the worker's stagger gives it.
-        assert _limits.Monitor(rt.runtime, stagger=0.0, latest=3.0).wall_soft == pytest.approx(3.0)
-        assert _limits.Monitor(rt.runtime, stagger=0.0, latest=0.5).wall_soft == pytest.approx(2.0)
 
 
 def wrk_or_skip() -> str:

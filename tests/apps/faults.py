@@ -30,8 +30,7 @@ storm of thousands does not write thousands of tracebacks).
 Files that change how a worker boots (the app is imported in each worker, after
 the fork, unless ``--preload``): while ``$BOOT_HOLD_FILE`` exists, the import
 waits (at most 60 s), writing a ``boot_held`` record first; if ``$BOOT_FAIL_FILE``
-exists, the import raises (gunicorn's boot-error handling then halts the master);
-``BOOT_SECONDS=<seconds>`` makes every import take that long (a slow app).
+exists, the import raises (gunicorn's boot-error handling then halts the master).
 """
 
 from __future__ import annotations
@@ -96,7 +95,6 @@ def on_rejection(event: edgesync.UnhandledRejectionEvent) -> None:
 
 
 def _boot_switches() -> None:
-    time.sleep(float(os.environ.get("BOOT_SECONDS", "0") or 0))
     fail = os.environ.get("BOOT_FAIL_FILE")
     if fail and os.path.exists(fail):
         raise RuntimeError("the app fails to import on purpose (%s exists)" % fail)
