@@ -387,13 +387,13 @@ def _gthread_recycling(o: Options, name: str, n: int) -> Server:
 
 
 #: Calibration of gthread's --max-requests: seconds per probe, most probes, and how far
-#: gthread's median lifetime may stay from edgesync's.
+#: gthread's mean lifetime may stay from edgesync's.
 MATCH_SECONDS = 30.0
 MATCH_PROBES = 3
 MATCH_TOLERANCE = 0.05
 
 
-def _matched_gthread(o: Options, name: str, rec: Server, path: str, n: int) -> Tuple[Server, int, float, float]:
+def _matched_gthread(o: Options, name: str, rec: Server, path: str, n: int) -> Tuple[Server, int]:
     """gunicorn's own recycling whose workers live as long as ``rec``'s, both loaded at once.
 
     A gthread worker lives its boot plus ``n`` requests, and its rate next to ``rec``
@@ -401,12 +401,11 @@ def _matched_gthread(o: Options, name: str, rec: Server, path: str, n: int) -> T
     lifetimes (fork to exit; the mean, since the rate of recycles is its inverse). The
     first correction scales ``n`` by their ratio (an undershoot: the boot does not
     scale with ``n``); later ones solve lifetime = boot + n / rate through the last two
-    probes. Returns (the started gthread server, n, edgesync's mean lifetime,
-    gthread's); the caller reports how close they came in its own rounds.
+    probes. Returns the started gthread server and its n; each probe's lifetimes are
+    logged, and the caller reports how close they came in its own rounds.
     """
     loads = [Load("edgesync", rec, path), Load("gthread", rec, path)]
     tried: List[Tuple[int, float]] = []
-    life_es = life_gt = float("nan")
     gthread: Optional[Server] = None
     probes = 1 if o.quick else MATCH_PROBES
     for probe in range(probes):
@@ -432,7 +431,7 @@ def _matched_gthread(o: Options, name: str, rec: Server, path: str, n: int) -> T
             n = n2 + int(per_s * (life_es - l2)) if per_s > 0 else int(n2 * life_es / l2)
         n = max(50, n)
     assert gthread is not None
-    return gthread, n, life_es, life_gt
+    return gthread, n
 
 
 def _lifetime_row(out: Outcome, title: str, life_es: float, life_gt: float) -> None:
@@ -549,7 +548,7 @@ def s6_recycling(o: Options) -> Outcome:
         n = max(50, int(per_life))
         o.log("  gthread alone next to the recycling server: %.0f req/s; %.2fs x %.0f req/s per worker = %d "
               "requests per lifetime, to begin with" % (rate.rps, life_s, rate.rps / 2, n))
-        gthread, n, _, _ = _matched_gthread(o, "s6-gthread-max-requests", rec, "/hello", n)
+        gthread, n = _matched_gthread(o, "s6-gthread-max-requests", rec, "/hello", n)
         ra, rb, wa, wb = _recycle_rounds(o, rec, gthread, "edgesync recycling", "gthread --max-requests")
         p99 = [a.p99 / b.p99 for a, b in zip(ra, rb, strict=True)]
         rps = [a.rps / b.rps for a, b in zip(ra, rb, strict=True)]
@@ -610,7 +609,7 @@ def _s6_io_bound(o: Options, out: Outcome, servers: List[Tuple[str, Server]]) ->
     # gunicorn's own recycling at the same lifetime; to begin with, the steady server's rate per
     # worker times it (gthread serves a waiting view at about half that rate: the calibration's job).
     n = max(50, int(median([b.rps for b in rb]) / 2 * (life if life == life else 2.0)))
-    gthread, n, _, _ = _matched_gthread(o, "s6-io-gthread-max-requests", rec, IO_PATH, n)
+    gthread, n = _matched_gthread(o, "s6-io-gthread-max-requests", rec, IO_PATH, n)
     servers.append(("", gthread))
     ga, gb, gwa, gw = _recycle_rounds(o, rec, gthread, "edgesync recycling, I/O-bound", "gthread --max-requests, "
                                       "I/O-bound", IO_PATH)

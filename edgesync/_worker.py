@@ -277,7 +277,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         workers = max(1, int(self.cfg.workers))
         self.monitor = Monitor(rt, stagger=(self.age % workers) / workers, siblings=_recycle.retire_plans() or (),
                                workers=workers, boot=_recycle.boot_seconds() or 0.0)
-        if self.monitor.instance[0].limit:
+        if self.monitor.wall_soft:  # 0 with the wall clock off
             _recycle.plan_retire(rt.started + self.monitor.wall_soft)
         if self.monitor.needed:
             self.monitor.start()
