@@ -85,6 +85,7 @@ class Runtime:
         self.pool = Pool(settings.background_threads, settings.max_pending_tasks, self.tracker,
                          self._task_failed)
         self.rss_baseline: Optional[int] = None
+        self.boot_cpu: Optional[float] = None  # CPU seconds before ready() (see there)
         self.unload_done: Optional[threading.Event] = None  # the unload event's listeners returned
         self.posted: List[threading.Event] = []  # one per event queued, set once dispatched
         self._lock = threading.Lock()
@@ -289,8 +290,11 @@ class Runtime:
 
         A worker's boot (importing the app) is not part of its life: counted in, a
         slow boot would shorten the life it serves, and every retire costs a boot.
+        That boot's CPU, the process's CPU time so far (a forked worker's counts from
+        its fork), is ``boot_cpu``: what each recycle costs the machine.
         """
         self.started = time.monotonic()
+        self.boot_cpu = time.process_time()
         self.rss_baseline = self.rss()
 
     def rss(self) -> Optional[int]:
@@ -317,6 +321,7 @@ class Runtime:
             "cause": None if lc.cause is None else lc.cause.value,
             "policy": self.settings.policy,
             "age_s": round(time.monotonic() - self.started, 3),
+            "boot_cpu_s": None if self.boot_cpu is None else round(self.boot_cpu, 3),
             "rss_bytes": self.rss(),
             "rss_baseline_bytes": self.rss_baseline,
             "requests": self.tracker.requests(),

@@ -266,6 +266,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
 
     def run(self) -> None:
         rt = self.runtime
+        created = rt.started  # init_process's moment, until ready() restarts the clock
         # The app is loaded: the instance's age and memory count from here.
         rt.ready()
         # Ready, so a retiree waiting for this worker may stop accepting. Before the
@@ -275,8 +276,11 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         # replace before retire shares); without it, workers booted together take
         # different places in the retire window.
         workers = max(1, int(self.cfg.workers))
+        # Fork to serving, from the master's fork time in the table; without it, from init_process.
+        boot = _recycle.boot_seconds()
+        boot = rt.started - created if boot is None else boot
         self.monitor = Monitor(rt, stagger=(self.age % workers) / workers, siblings=_recycle.retire_plans() or (),
-                               workers=workers, boot=_recycle.boot_seconds() or 0.0)
+                               workers=workers, boot=boot)
         if self.monitor.wall_soft:  # 0 with the wall clock off
             _recycle.plan_retire(rt.started + self.monitor.wall_soft)
         if self.monitor.needed:
@@ -284,10 +288,11 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         self._in_run = True
         st = self.settings
         log.info("worker %d: serving (policy=%s, wall_clock_limit_ms=%d, cpu_soft/hard_limit_ms=%d/%d, "
-                 "memory_limit_mb=%d above %.1f MB, request_idle_timeout_ms=%d, background_threads=%d)",
+                 "memory_limit_mb=%d above %.1f MB, request_idle_timeout_ms=%d, background_threads=%d; "
+                 "booted in %.2fs, %d ms of CPU)",
                  rt.pid, st.policy, st.wall_clock_limit_ms, st.cpu_soft_limit_ms, st.cpu_hard_limit_ms,
                  st.memory_limit_mb, (rt.rss_baseline or 0) / 2**20, st.request_idle_timeout_ms,
-                 st.background_threads)
+                 st.background_threads, boot, round((rt.boot_cpu or 0.0) * 1000))
         # Re-run the durable tasks of dead workers, now and every second.
         _recovery.boot(rt)
         parent_alive = self._serve()

@@ -6,6 +6,7 @@ import collections
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -212,6 +213,23 @@ def test_metrics_describe_the_instance(server: Server) -> None:
     assert m["requests"] >= 3
     assert m["rss_bytes"] >= m["rss_baseline_bytes"] > 0
     assert m["beforeunload_dispatched"] == []
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["import-in-worker", "preload"])
+def test_a_worker_says_what_its_boot_cost(server_factory: Callable[..., Server], preload: bool) -> None:
+    # What each recycle costs: the serving line and runtime_metrics() give the CPU the
+    # worker spent before it served, its app's import included unless the master did it.
+    server = server_factory(*(["--preload"] if preload else []), env={"BOOT_CPU_MS": "300"})
+    pattern = r"worker (\d+): serving \(.*; booted in ([\d.]+)s, (\d+) ms of CPU\)"
+    line = re.search(pattern, server.wait_for_log(pattern)[0])
+    assert line is not None
+    pid, boot_s, boot_cpu_ms = int(line.group(1)), float(line.group(2)), int(line.group(3))
+    m = server.get_json("/metrics")
+    assert m["pid"] == pid and m["boot_cpu_s"] == pytest.approx(boot_cpu_ms / 1000, abs=0.001)
+    if preload:
+        assert boot_cpu_ms < 300, "the master imported the app: %d ms" % boot_cpu_ms
+    else:
+        assert boot_cpu_ms >= 300 and boot_s >= 0.3, (boot_s, boot_cpu_ms)
 
 
 BAD_CONFIGS = [
