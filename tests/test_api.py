@@ -331,9 +331,8 @@ def test_misuse_removing_an_unknown_listener_does_nothing() -> None:
 
 
 METRIC_KEYS = {"pid", "state", "cause", "policy", "age_s", "boot_cpu_s", "rss_bytes", "rss_baseline_bytes",
-               "requests", "tasks", "background_threads", "background_threads_started", "invocations_cancelled", "retire_reason",
-               "terminate_reason",
-               "beforeunload_dispatched", "durable"}
+               "requests", "tasks", "background_threads", "background_threads_started", "invocations_cancelled",
+               "retire_reason", "terminate_reason", "beforeunload_dispatched", "durable"}
 TASK_KEYS = {"queued", "running", "tracked", "completed", "failed", "abandoned"}
 
 
