@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 APP = "bench.apps.flask_app:app"
 
 #: A pair of servers older than this is restarted before its next round: the
@@ -288,6 +289,28 @@ class Server:
     def count(self, pattern: str) -> int:
         return len(re.findall(pattern, self.log))
 
+    def cpu_seconds(self) -> float:
+        """CPU time of the whole server so far: the master, the workers it reaped, the live ones.
+
+        Read from ``/proc/<pid>/stat`` (utime, stime and the reaped children's cutime,
+        cstime), so a worker counts once whether it is alive or gone.
+        """
+        if self.proc is None:
+            return 0.0
+        total = 0.0
+        for pid in [self.proc.pid] + self.worker_pids():
+            try:
+                with open("/proc/%d/stat" % pid) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone since the listing: its master's cutime has it now
+            total += sum(int(x) for x in fields[11:15]) / _CLOCK_TICKS
+        return total
+
+    def boot_cpu_ms(self, since: int = 0) -> List[int]:
+        """Each worker's boot CPU (its serving line) logged after offset ``since`` of the log."""
+        return [int(m) for m in re.findall(r"serving \(.*; booted in [\d.]+s, (\d+) ms of CPU\)", self.log[since:])]
+
 
 # -- wrk ----------------------------------------------------------------------------
 
@@ -464,16 +487,25 @@ class PidWatcher:
         self.interval = interval
         self.born: Dict[int, float] = {}
         self.gone: Dict[int, float] = {}
+        # The server's CPU during the watch, and the boot CPU of the workers that
+        # became ready in it (from their serving lines).
+        self.cpu = 0.0
+        self.boot_cpu = 0.0
+        self._log_at = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-pid-watcher", daemon=True)
 
     def __enter__(self) -> PidWatcher:
+        self._log_at = len(self.server.log)
+        self.cpu = -self.server.cpu_seconds()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join(5)
+        self.cpu += self.server.cpu_seconds()
+        self.boot_cpu = sum(self.server.boot_cpu_ms(self._log_at)) / 1000
 
     def _run(self) -> None:
         # Workers already there were born before the watch: their lifetimes would be cut

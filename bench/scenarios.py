@@ -464,7 +464,8 @@ def s6_recycling(o: Options) -> Outcome:
                 steady.restart()
             rec.start()
             booted = rec.count(r"Booting worker with pid")
-            ra, rb, watches, _ = _recycle_rounds(o, rec, steady, label, "steady")
+            booted_at = len(rec.log)
+            ra, rb, watches, ref_watches = _recycle_rounds(o, rec, steady, label, "steady")
             time.sleep(0.5)
             rec.stop()
             retired = rec.count(r"retiring \(reason=wall_clock\)")
@@ -494,6 +495,13 @@ def s6_recycling(o: Options) -> Outcome:
                                 at_least(median(rps), 0.95), rps))
             mx = [a.max / b.max for a, b in zip(ra, rb, strict=True)]
             out.rows.append(Row("6", "%s / steady: max latency" % tag, median(mx), "x", values=mx))
+            # Where the CPU went: both servers share one core (each gets half: see bench/README.md),
+            # so the req/s ratio is requests per CPU-second, and a boot's CPU is requests not served.
+            cpu = [a.cpu / b.cpu for a, b in zip(watches, ref_watches, strict=True)]
+            out.rows.append(Row("6", "%s / steady: CPU used" % tag, median(cpu), "x", values=cpu))
+            booting = [100 * w.boot_cpu / w.cpu for w in watches]
+            out.rows.append(Row("6", "%s: CPU spent booting workers / the server's CPU" % tag, median(booting), "%",
+                                values=booting))
             stagger = gap / (life / 2) if life == life and life > 0 else float("nan")
             out.rows.append(Row("6", "%s: gap between exits / half a lifetime (1 = evenly staggered)" % tag,
                                 stagger, "x"))
@@ -507,6 +515,13 @@ def s6_recycling(o: Options) -> Outcome:
                                "booted, %d terminations; %d worker exits seen, median lifetime %.2fs (fork to "
                                "exit), median gap from an exit to the nearest other exit %.2fs"
                                % (retired, handed, gave_up, replaced, terminated, len(exits), life, gap))
+            boots = rec.boot_cpu_ms(booted_at)
+            out.details.append("  CPU in the rounds: %s %s s, steady %s s; booting workers: %s s (%d boots, median "
+                               "%d ms of CPU each)"
+                               % (label, "/".join("%.1f" % w.cpu for w in watches),
+                                  "/".join("%.1f" % w.cpu for w in ref_watches),
+                                  "/".join("%.2f" % w.boot_cpu for w in watches), len(boots),
+                                  median(boots) if boots else 0))
         # Reference: the same recycling with replace_before_retire off (the retiree stops accepting at once
         # and is replaced once it has exited), to tell the hand-off's effect from the machine's mood.
         # New servers (not restarts) for each comparison, so that every log is kept.
