@@ -396,16 +396,18 @@ MATCH_TOLERANCE = 0.05
 def _matched_gthread(o: Options, name: str, rec: Server, path: str, n: int) -> Tuple[Server, int]:
     """gunicorn's own recycling whose workers live as long as ``rec``'s, both loaded at once.
 
-    A gthread worker lives its boot plus ``n`` requests, and its rate next to ``rec``
-    is not known in advance: each probe runs both side by side and compares the mean
-    lifetimes (fork to exit; the mean, since the rate of recycles is its inverse). The
-    first correction scales ``n`` by their ratio (an undershoot: the boot does not
-    scale with ``n``); later ones solve lifetime = boot + n / rate through the last two
-    probes. Returns the started gthread server and its n; each probe's lifetimes are
-    logged, and the caller reports how close they came in its own rounds.
+    A gthread worker lives its boot plus ``n`` requests (on average: 90% of n plus a
+    jitter of up to 20%), and its rate next to ``rec`` is not known in advance: each
+    probe runs both side by side and compares the mean lifetimes (fork to exit; the
+    mean, since the rate of recycles is its inverse). A correction takes the probe's
+    own rate per gthread worker (wrk's req/s over its workers), so its boot is what
+    of its lifetime those requests do not explain, and asks for the requests that fill
+    edgesync's lifetime less that boot. (A secant through two probes' lifetimes,
+    tried before, overshot whenever the noise of a 30 s probe exceeded their
+    difference.) Returns the started gthread server and its n; each probe's
+    lifetimes are logged, and the caller reports how close they came in its own rounds.
     """
     loads = [Load("edgesync", rec, path), Load("gthread", rec, path)]
-    tried: List[Tuple[int, float]] = []
     gthread: Optional[Server] = None
     probes = 1 if o.quick else MATCH_PROBES
     for probe in range(probes):
@@ -415,21 +417,16 @@ def _matched_gthread(o: Options, name: str, rec: Server, path: str, n: int) -> T
         gthread.start()
         loads[1] = Load("gthread", gthread, path)
         with PidWatcher(rec) as wa, PidWatcher(gthread) as wb:
-            side_by_side(loads, MATCH_SECONDS, o.connections, o.client_cpu)
+            _, res = side_by_side(loads, MATCH_SECONDS, o.connections, o.client_cpu)
         life_es, life_gt = _mean_life([wa]), _mean_life([wb])
-        o.log("    gthread --max-requests %d (+0-%d): mean lifetime %.2fs, edgesync's %.2fs"
-              % (int(n * 0.9), int(n * 0.2), life_gt, life_es))
+        per_worker = res.rps / gthread.workers
+        boot = min(max(0.0, life_gt - n / per_worker), life_es / 2) if per_worker > 0 else 0.0
+        o.log("    gthread --max-requests %d (+0-%d): mean lifetime %.2fs (%.0f req/s per worker, so a boot of "
+              "%.2fs), edgesync's %.2fs" % (int(n * 0.9), int(n * 0.2), life_gt, per_worker, boot, life_es))
         if (math.isnan(life_es) or math.isnan(life_gt) or abs(life_gt / life_es - 1) <= MATCH_TOLERANCE
                 or probe == probes - 1):
             break  # the rows say how close the two lifetimes came
-        tried.append((n, life_gt))
-        if len(tried) == 1:
-            n = int(n * life_es / life_gt)
-        else:
-            (n1, l1), (n2, l2) = tried[-2:]
-            per_s = (n2 - n1) / (l2 - l1) if l2 != l1 else 0.0  # requests per second of a worker's life
-            n = n2 + int(per_s * (life_es - l2)) if per_s > 0 else int(n2 * life_es / l2)
-        n = max(50, n)
+        n = max(50, int((life_es - boot) * per_worker)) if per_worker > 0 else int(n * life_es / life_gt)
     assert gthread is not None
     return gthread, n
 
