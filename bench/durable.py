@@ -25,6 +25,8 @@ deleting at once through one connection under a lock, against one connection per
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 import os
 import shutil
@@ -147,7 +149,7 @@ def main() -> None:
                                                                "a@b.c", i), opts.calls),
         }
         try:
-            import celery
+            celery = importlib.import_module("celery")  # optional: the row is left out without it
             app = celery.Celery("bench", broker=url, backend=None)
             send = app.task(name="bench.send_email")(durable_tasks.send_email_plain)
             sides["celery_delay"] = lambda: timed(lambda i: send.delay("a@b.c", i), opts.calls)
@@ -161,7 +163,7 @@ def main() -> None:
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
                 results[name].append(sides[name]())
-                queue.empty()
+                queue.empty()  # type: ignore[no-untyped-call]  # rq's
     finally:
         redis_proc.terminate()
         redis_proc.wait(10)
@@ -179,6 +181,10 @@ def main() -> None:
                       "rounds_us": {k: [round(x / 1000, 2) for x in v] for k, v in results.items()}}))
 
 
+def _same(journal: Journal) -> Journal:
+    return journal
+
+
 def connections(workdir: str, rounds: int, threads: int = 8, per_thread: int = 500) -> Dict[str, Any]:
     """8 threads record and delete ``per_thread`` rows each: one shared connection vs one per thread.
 
@@ -192,7 +198,8 @@ def connections(workdir: str, rounds: int, threads: int = 8, per_thread: int = 5
             shared = Journal(path)
             shared.open()
             journal_for_thread: Callable[[], Journal] = (
-                (lambda j=shared: j) if name == "one_connection_locked" else (lambda p=path: Journal(p)))
+                functools.partial(_same, shared) if name == "one_connection_locked"
+                else functools.partial(Journal, path))
             samples: List[int] = []
             t0 = time.perf_counter()
             _churn_threads(journal_for_thread, threads, per_thread, samples)

@@ -15,6 +15,7 @@ so an interrupted run leaves nothing behind.
 from __future__ import annotations
 
 import http.client
+import importlib.metadata
 import os
 import re
 import shutil
@@ -90,8 +91,6 @@ def cpu_model() -> str:
 
 def machine() -> Dict[str, str]:
     """What the results were measured on."""
-    import flask
-    import gunicorn
 
     def run(cmd: List[str]) -> str:
         try:
@@ -109,8 +108,8 @@ def machine() -> Dict[str, str]:
         "nproc": run(["nproc"]),
         "cpu": cpu_model(),
         "python": "%s (%s)" % (sys.version.split()[0], sys.executable),
-        "gunicorn": gunicorn.__version__,
-        "flask": flask.__version__,
+        "gunicorn": importlib.metadata.version("gunicorn"),
+        "flask": importlib.metadata.version("flask"),
         "wrk": run(["wrk", "--version"]).split(" [")[0],
         "commit": run(["git", "-C", str(REPO), "log", "-1", "--format=%h %s"]),
         "load average (1/5/15 min)": load,

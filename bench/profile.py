@@ -212,8 +212,9 @@ def report(res: Dict[str, Measured], rate: int, top: int, path: str) -> str:
         lines.append("| %s | %.1f | %.1f | %+.1f |" % (c, a, b, a - b))
     lines += ["", "## Python time per request, by thread (us)", "", "| threads | edgesync | gthread |",
               "|---|---|---|"]
-    for r in sorted(set(pe.by_role) | set(pg.by_role)):
-        lines.append("| %s | %.1f | %.1f |" % (r, per_req(pe, pe.by_role[r], es), per_req(pg, pg.by_role[r], gt)))
+    for role in sorted(set(pe.by_role) | set(pg.by_role)):
+        lines.append("| %s | %.1f | %.1f |" % (role, per_req(pe, pe.by_role[role], es),
+                                               per_req(pg, pg.by_role[role], gt)))
     for name, p, r in (("edgesync", pe, es), ("gthread", pg, gt)):
         lines += ["", "## %s: top %d functions by self time (us per request, %% of samples)" % (name, top), "",
                   "| function | self us/req | self % | inclusive % |", "|---|---|---|---|"]

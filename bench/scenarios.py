@@ -8,6 +8,7 @@ better); the target column says which way each one goes.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -722,6 +723,16 @@ def _get_timed(server: Server, path: str, timeout: float) -> tuple[Optional[int]
         return None, time.monotonic(), repr(exc)
 
 
+def _logged_more(server: Server, pattern: str, before: int) -> bool:
+    return server.count(pattern) > before
+
+
+def _replaced(server: Server, pids: List[int]) -> bool:
+    """The server's one worker is a new one, and it answers."""
+    now = server.worker_pids()
+    return now != pids and len(now) == 1 and server.answers()
+
+
 def s7_detection(o: Options) -> Outcome:
     from edgesync._limits import INTERVAL
 
@@ -741,7 +752,7 @@ def s7_detection(o: Options) -> Outcome:
             status, t1, body = _get_timed(cpu, "/hog", 60)
             if status != 546:
                 raise BenchError("GET /hog answered %s, not 546: %s" % (status, body))
-            wait_for(lambda before=before: cpu.count(r"used \d+ ms of CPU time") > before, 10,
+            wait_for(functools.partial(_logged_more, cpu, r"used \d+ ms of CPU time", before), 10,
                      "the cancellation's log line")
             used = int(re.findall(r"used (\d+) ms of CPU time", cpu.log)[-1])
             over_cpu.append(used - limit_ms)
@@ -778,7 +789,7 @@ def s7_detection(o: Options) -> Outcome:
             before = mem.count(r"RSS grew [\d.]+ MB above")
             marks.write_text("")
             status, t1, body = _get_timed(mem, "/grow?rate=%g&limit_mb=%d" % (rate, mem_limit), 60)
-            wait_for(lambda before=before: mem.count(r"RSS grew [\d.]+ MB above") > before, 10,
+            wait_for(functools.partial(_logged_more, mem, r"RSS grew [\d.]+ MB above", before), 10,
                      "the termination's log line")
             lines = [json.loads(x) for x in marks.read_text().splitlines() if x.strip()]
             found = [x["crossed"] for x in lines if "crossed" in x] or [x["before"] for x in lines[-1:]
@@ -791,7 +802,7 @@ def s7_detection(o: Options) -> Outcome:
             over_mb.append(grew - mem_limit)
             o.log("    trial %d: answered %s %.0f ms after the growth crossed %d MB; the monitor saw %.1f MB"
                   % (i + 1, status, lat[-1], mem_limit, grew))
-            wait_for(lambda pids=pids: mem.worker_pids() != pids and len(mem.worker_pids()) == 1 and mem.answers(), 30,
+            wait_for(functools.partial(_replaced, mem, pids), 30,
                      "the replacement worker")
             mem.pin_all()
     finally:

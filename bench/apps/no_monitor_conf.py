@@ -18,4 +18,4 @@ def post_fork(server: Any, worker: Any) -> None:
         def start(self) -> None:
             pass
 
-    w.Monitor = _Idle  # type: ignore[attr-defined,misc]
+    w.Monitor = _Idle  # type: ignore[attr-defined]
