@@ -69,8 +69,6 @@ class _Record(ctypes.Structure):
         # at each heartbeat; read by any worker).
         ("pid", ctypes.c_int32),
         ("pending", ctypes.c_int32),  # tasks queued, running or tracked
-        ("conns", ctypes.c_int32),  # connections it holds (served, queued for a thread, kept alive)
-        ("_pad", ctypes.c_int32),
         ("requests", ctypes.c_uint64),
         ("completed", ctypes.c_uint64),
         ("failed", ctypes.c_uint64),
@@ -380,17 +378,11 @@ def announce(runtime: Runtime, keep_accepting: bool = True) -> Optional[Handoff]
 _STATE_NAMES = {BOOTING: "booting", READY: "serving", RETIRING: "retiring"}
 
 
-def publish(runtime: Runtime, conns: Optional[int] = None) -> None:
-    """In a worker: write its figures to its record (cheap: a few stores; called at each heartbeat).
-
-    ``conns``, the connections the worker holds, only from its main loop (the one
-    that opens and closes them); None leaves the last count.
-    """
+def publish(runtime: Runtime) -> None:
+    """In a worker: write its figures to its record (cheap: a few stores; called at each heartbeat)."""
     rec = _record()
     if rec is None:
         return
-    if conns is not None:
-        rec.conns = conns
     counts = runtime.pool.counts()
     rec.pid = runtime.pid
     rec.pending = counts["queued"] + counts["running"] + counts["tracked"]
@@ -399,17 +391,6 @@ def publish(runtime: Runtime, conns: Optional[int] = None) -> None:
     rec.failed = counts["failed"]
     rec.cancelled = runtime.tracker.cancelled()
     rec.published = time.monotonic()
-
-
-def sibling_has_room(threads: int) -> bool:
-    """In a worker: whether a serving sibling held fewer connections than ``threads``
-    at its last heartbeat, so that a connection sent its way gets a thread at once.
-    False without a table."""
-    if _record() is None:
-        return False
-    assert _master is not None
-    return any(rec.token and i != _own and rec.state == READY and rec.conns < threads
-               for i, rec in enumerate(_master.records))
 
 
 def server_metrics(runtime: Runtime) -> Optional[Dict[str, Any]]:

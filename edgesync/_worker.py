@@ -162,12 +162,6 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         # call per finished request: each one wakes the loop).
         self._beat = min(0.5, self.timeout / 2) if self.timeout else 0.5
         self._next_beat = 0.0
-        # Kept-alive connections this worker closes to move them to a sibling (see
-        # handle_request), until they are closed; and whether a sibling had a free
-        # thread at the last heartbeat.
-        self._moving: set[Any] = set()
-        self._moving_lock = threading.Lock()
-        self._sibling_room = False
 
     # -- set-up, after fork -----------------------------------------------------
 
@@ -219,27 +213,6 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         # ends (init_process). Before post_worker_init, so that the user's hook can undo
         # it (gc.unfreeze).
         gc.freeze()
-
-    def handle_request(self, req: Any, conn: Any) -> bool:
-        # A kept-alive connection stays with the worker that accepted it: one worker may
-        # hold more than it has threads (they queue for one) while a sibling idles, and
-        # a replacement that joins after a recycle gets none of the clients already
-        # connected. While this worker holds more connections than threads and a
-        # serving sibling had a free thread at the last heartbeat, the response closes
-        # its connection ("Connection: close"): the client reconnects, and only a worker
-        # with a free thread accepts (_can_accept). (HTTP/1.x only: gthread serves an
-        # HTTP/2 connection's streams through handle_http2_request.)
-        threads = int(self.cfg.threads)
-        if self._sibling_room and self.nr_conns > threads:
-            with self._moving_lock:
-                self._moving = {c for c in self._moving if c.sock.fileno() != -1}  # closed since
-                if self.nr_conns - len(self._moving) > threads:
-                    self._moving.add(conn)
-                    req.must_close = True
-                    log.debug("worker %d: closing a kept-alive connection after this response (%d connections, "
-                              "%d threads; a sibling has a free one)", self.runtime.pid, self.nr_conns, threads)
-        kept: bool = super().handle_request(req, conn)
-        return kept
 
     def accept(self, listener: Any) -> None:
         super().accept(listener)
@@ -420,10 +393,8 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
 
     def notify(self) -> None:
         super().notify()
-        # At each heartbeat, this worker's figures go to the table edgesync.server_metrics() reads,
-        # and its connections to the one its siblings read (handle_request).
-        _recycle.publish(self.runtime, self.nr_conns)
-        self._sibling_room = _recycle.sibling_has_room(int(self.cfg.threads))
+        # At each heartbeat, this worker's figures go to the table edgesync.server_metrics() reads.
+        _recycle.publish(self.runtime)
 
     def tick(self, timeout: float) -> None:
         self.heartbeat()

@@ -13,7 +13,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Tuple
+from typing import Callable
 
 import pytest
 
@@ -273,39 +273,3 @@ def test_script_outside_gunicorn_drains_at_exit(tmp_path: Path) -> None:
 def test_metrics_json_is_plain_data(server: Server) -> None:
     m = server.get_json("/metrics")
     assert json.loads(json.dumps(m)) == m
-
-
-def test_kept_alive_connections_move_to_a_worker_with_free_threads(server_factory: Callable[..., Server]) -> None:
-    # A kept-alive connection stays with the worker that accepted it. Four of them on one
-    # worker of 2 threads wait for a thread in turn while a sibling (here added by TTIN, as
-    # a replacement joins after a recycle) idles: the busy worker closes the extra ones
-    # after a response ("Connection: close"), and the clients reconnect to the sibling.
-    server = server_factory("--workers", "1", "--threads", "2")
-    first = server.worker_pids()[0]
-    conns = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=10) for _ in range(4)]
-
-    def one(conn: http.client.HTTPConnection) -> Tuple[int, bool]:
-        conn.request("GET", "/sleep?s=0.2&pid=1")
-        resp = conn.getresponse()
-        body = resp.read().decode()
-        assert resp.status == 200 and body.startswith("slept "), (resp.status, body)
-        return int(body.split()[1]), resp.getheader("Connection", "").lower() == "close"
-
-    closes = 0
-    with ThreadPoolExecutor(4) as pool:
-        for _ in range(3):  # with no sibling to move to, the connections stay
-            served = list(pool.map(one, conns))
-            assert served == [(first, False)] * 4, served
-        server.signal(signal.SIGTTIN)
-        server.wait_for_log(r"worker \d+: serving \(", count=2)
-        deadline = time.monotonic() + 15
-        while True:
-            served = list(pool.map(one, conns))
-            closes += sum(closed for _, closed in served)
-            per_worker = collections.Counter(pid for pid, _ in served)
-            if len(per_worker) == 2 and set(per_worker.values()) == {2}:
-                break
-            assert time.monotonic() < deadline, "the connections stayed where they were: %s" % per_worker
-    for conn in conns:
-        conn.close()
-    assert closes >= 2, closes
