@@ -1,8 +1,12 @@
-"""Run edgesync's benchmark suite and print a table of ratios (see bench/README.md).
+"""Run edgesync's benchmark suite and print a table of ratios (see docs/benchmarks.md).
 
     python bench/run.py                       # every scenario, 5 rounds x 10 s; writes bench/RESULTS.md
     python bench/run.py --quick               # a short smoke run (does not touch RESULTS.md)
-    python bench/run.py --only 1,3 --rounds 7 --seconds 15
+    python bench/run.py --only 1,3 --rounds 7 --seconds 15    # rewrites the sections of 1 and 3 only
+
+bench/RESULTS.md holds one section per scenario, each with the command, machine and
+commit that measured it: a run rewrites the sections of the scenarios it ran and keeps
+the others, so the file always holds the latest figures of every scenario.
 
 Run it with the Python that has edgesync, gunicorn and Flask installed. It
 installs wrk with apt-get if it is missing, and kills every server it started
@@ -13,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -51,8 +56,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--client-cpu", type=int, default=1, help="core every wrk is pinned to (default 1)")
     p.add_argument("--no-pin", action="store_true", help="do not pin anything (a machine with one core)")
     p.add_argument("--results", metavar="PATH",
-                   help="where to write the Markdown results (default: bench/RESULTS.md for a full run of "
-                        "every scenario, nowhere for --quick or --only); '-' for nowhere")
+                   help="the Markdown results file whose sections of the scenarios run are rewritten "
+                        "(default: bench/RESULTS.md, nowhere for --quick); '-' for nowhere")
     a = p.parse_args(argv)
     a.rounds = a.rounds or (2 if a.quick else 5)
     a.seconds = a.seconds or (2.0 if a.quick else 10.0)
@@ -91,45 +96,63 @@ def text_table(rows: List[Row]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths[:-1]] + ["-" * 20])] + [line(b) for b in body])
 
 
-def md_table(rows: List[Row]) -> str:
-    out = ["| # | measure | median | target | verdict | every round / trial |", "|---|---|---|---|---|---|"]
+TABLE_HEAD = "| # | measure | median | target | verdict | every round / trial |\n|---|---|---|---|---|---|"
+
+
+def md_rows(rows: List[Row]) -> List[str]:
+    out = []
     for r in rows:
         every = ", ".join(r.shown(v).replace(" intervals", "") for v in r.values) if len(r.values) > 1 else ""
         verdict = {"PASS": "pass", "MISS": "**MISS**"}.get(r.verdict, "")
         out.append("| %s | %s | %s | %s | %s | %s |" % (r.scenario, r.what, r.shown(), r.target, verdict, every))
-    return "\n".join(out)
+    return out
 
 
-def write_results(path: Path, a: argparse.Namespace, argv: List[str], before: dict[str, str],
-                  after: dict[str, str], rows: List[Row], details: List[str], failed: List[str],
-                  elapsed: float) -> None:
+HEADER = """# Benchmark results
+
+The latest figures of every scenario, as `python bench/run.py` wrote them: a run rewrites the
+sections of the scenarios it ran and keeps the others. How to read them: docs/benchmarks.md.
+"""
+#: Opens each scenario's section; what follows, up to the next one, is that scenario's.
+SECTION = "<!-- scenario %s -->"
+
+
+def scenario_section(key: str, title: str, cmd: str, took: str, machine: List[str], rows: List[str],
+                     details: List[str]) -> str:
+    """One scenario's section of RESULTS.md: what measured it, its table rows, every round."""
+    lines = [SECTION % key, "## %s. %s" % (key, title), "", "Measured by `%s` (%s) on:" % (cmd, took), ""]
+    lines += ["- %s" % m for m in machine]
+    lines += ["", TABLE_HEAD] + rows + ["", "```"] + details + ["```", ""]
+    return "\n".join(lines)
+
+
+def merge_results(old: str, new: Dict[str, str]) -> str:
+    """RESULTS.md with the sections in ``new`` (by scenario) replacing or joining those of ``old``."""
+    sections: Dict[str, str] = {}
+    for chunk in re.split(r"(?m)^(?=<!-- scenario )", old)[1:]:
+        match = re.match(r"<!-- scenario (\d+) -->", chunk)
+        if match:
+            sections[match.group(1)] = chunk.rstrip("\n") + "\n"
+    sections.update({k: v.rstrip("\n") + "\n" for k, v in new.items()})
+    return HEADER + "".join("\n" + sections[k] for k in sorted(sections, key=int))
+
+
+def write_results(path: Path, a: argparse.Namespace, argv: List[str], before: Dict[str, str],
+                  after: Dict[str, str], ran: Dict[str, Tuple[List[Row], List[str], float]]) -> None:
+    """Rewrite the sections of ``path`` for the scenarios in ``ran``, keeping the others."""
     cmd = "python bench/run.py" + ("" if not argv else " " + " ".join(shlex.quote(x) for x in argv))
-    lines = [
-        "# Benchmark results",
-        "",
-        "Written by `%s` (%.0f s). How to read this table: bench/README.md." % (cmd, elapsed),
-        "",
-        "## Machine",
-        "",
-    ]
-    for k, v in before.items():
-        lines.append("- %s: %s" % (k, v))
-    lines.append("- load average at the end: %s" % after.get("load average (1/5/15 min)", "?"))
-    lines += [
-        "- method: servers pinned to core %s (every process, `taskset -a -p`), one `wrk -t1 -c%d` per server "
+    machine = ["%s: %s" % (k, v) for k, v in before.items()]
+    machine.append("load average at the end: %s" % after.get("load average (1/5/15 min)", "?"))
+    machine.append(
+        "method: servers pinned to core %s (every process, `taskset -a -p`), one `wrk -t1 -c%d` per server "
         "pinned to core %s, both loaded at once; %d rounds x %g s per comparison, which server starts first "
         "alternates; gunicorn `--threads %d`, 1 worker unless said otherwise"
-        % (a.server_cpu, a.connections, a.client_cpu, a.rounds, a.seconds, a.threads),
-        "",
-        "## Ratios",
-        "",
-        md_table(rows),
-        "",
-    ]
-    if failed:
-        lines += ["Scenarios that failed to run: %s (see the runner's output)." % ", ".join(failed), ""]
-    lines += ["## Every round", "", "```"] + details + ["```", ""]
-    path.write_text("\n".join(lines))
+        % (a.server_cpu, a.connections, a.client_cpu, a.rounds, a.seconds, a.threads))
+    new = {key: scenario_section(key, SCENARIOS[key][0], cmd, "%.0f s for this scenario" % elapsed, machine,
+                                 md_rows(rows), details)
+           for key, (rows, details, elapsed) in ran.items()}
+    old = path.read_text() if path.exists() else ""
+    path.write_text(merge_results(old, new))
 
 
 def main(argv: List[str]) -> int:
@@ -139,11 +162,10 @@ def main(argv: List[str]) -> int:
     except harness.BenchError as exc:
         print("bench: %s" % exc, file=sys.stderr)
         return 2
-    full = not a.quick and not a.only
     results: Optional[Path] = None
     if a.results and a.results != "-":
         results = Path(a.results)
-    elif a.results is None and full:
+    elif a.results is None and not a.quick:
         results = RESULTS
     stamp = time.strftime("%Y%m%d-%H%M%S")
     logdir = BENCH / "results" / stamp
@@ -158,7 +180,7 @@ def main(argv: List[str]) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
     rows: List[Row] = []
-    details: List[str] = []
+    ran: Dict[str, Tuple[List[Row], List[str], float]] = {}
     failed: List[str] = []
     t0 = time.monotonic()
     try:
@@ -186,9 +208,9 @@ def main(argv: List[str]) -> int:
                 harness.cleanup()
                 continue
             rows += outcome.rows
-            details += outcome.details
+            ran[key] = (outcome.rows, outcome.details, time.monotonic() - started)
             print(text_table(outcome.rows))
-            print("  (%.0f s)" % (time.monotonic() - started), flush=True)
+            print("  (%.0f s)" % ran[key][2], flush=True)
     except KeyboardInterrupt:
         print("\ninterrupted: stopping every server", file=sys.stderr)
         return 130
@@ -205,8 +227,9 @@ def main(argv: List[str]) -> int:
           % (sum(r.ok is not None for r in rows), sum(r.ok is True for r in rows), len(misses),
              "; scenarios that failed to run: %s" % ", ".join(failed) if failed else "", elapsed))
     if results is not None:
-        write_results(results, a, argv, before, harness.machine(), rows, details, failed, elapsed)
-        print("results written to %s" % results)
+        write_results(results, a, argv, before, harness.machine(), ran)
+        print("results written to %s (the sections of scenario%s %s)"
+              % (results, "s" if len(ran) != 1 else "", ", ".join(ran) or "none"))
     return 1 if failed else 0
 
 

@@ -351,7 +351,7 @@ def s5_growth(o: Options) -> Outcome:
 # -- 6. recycling under load ------------------------------------------------------------
 
 WALL_4S = {"EDGESYNC_WALL_CLOCK_LIMIT_MS": "4000"}
-PICTURE = REPO / "bench" / "recycling.png"
+PICTURE = REPO / "docs" / "img" / "recycling.png"  # shown by docs/benchmarks.md
 
 
 def _recycle_rounds(o: Options, rec: Server, ref: Server, label: str, ref_label: str, path: str = "/hello",
@@ -493,7 +493,7 @@ def s6_recycling(o: Options) -> Outcome:
                                 at_least(median(rps), 0.95), rps))
             mx = [a.max / b.max for a, b in zip(ra, rb, strict=True)]
             out.rows.append(Row("6", "%s / steady: max latency" % tag, median(mx), "x", values=mx))
-            # Where the CPU went: both servers share one core (each gets half: see bench/README.md),
+            # Where the CPU went: both servers share one core (each gets half: see docs/benchmarks.md),
             # so the req/s ratio is requests per CPU-second, and a boot's CPU is requests not served.
             cpu = [a.cpu / b.cpu for a, b in zip(watches, ref_watches, strict=True)]
             out.rows.append(Row("6", "%s / steady: CPU used" % tag, median(cpu), "x", values=cpu))
@@ -645,7 +645,7 @@ def _s6_io_bound(o: Options, out: Outcome, servers: List[Tuple[str, Server]]) ->
 
 
 def _picture(o: Options, es: Server, gt: Server, out: Outcome) -> None:
-    """One run of both at once, every request timed (bench/trace.py), drawn to bench/recycling.png."""
+    """One run of both at once, every request timed (bench/trace.py), drawn to docs/img/recycling.png."""
     try:
         import matplotlib
 
@@ -705,10 +705,12 @@ def _picture(o: Options, es: Server, gt: Server, out: Outcome) -> None:
                  % (o.connections, lives[0], lives[1]), fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    fig.savefig(PICTURE, dpi=110)
+    # A smoke run's picture stays with its logs: the one in the docs is a full run's.
+    target = o.logdir / PICTURE.name if o.quick else PICTURE
+    fig.savefig(target, dpi=110)
     plt.close(fig)
-    o.log("  picture: %s" % PICTURE)
-    out.details.append("  picture: bench/recycling.png")
+    o.log("  picture: %s" % target)
+    out.details.append("  picture: %s" % (target if o.quick else PICTURE.relative_to(REPO)))
 
 
 # -- 7. detection latency ------------------------------------------------------------

@@ -133,15 +133,17 @@ def runtime_metrics() -> Dict[str, Any]:
     """A plain-data snapshot of this instance (one gunicorn worker, or this process).
 
     Keys: ``pid``, ``state`` (serving / draining / terminating / unloaded), ``cause``
-    (why it drains: retire, oneshot, stop, quick, exit, close), ``policy``, ``age_s``,
-    ``rss_bytes``, ``rss_baseline_bytes``, ``requests``, ``tasks`` (queued, running,
-    tracked, completed, failed, abandoned), ``background_threads`` (the setting) and
-    ``background_threads_started``,
-    ``invocations_cancelled``, ``retire_reason``, ``terminate_reason`` and
-    ``beforeunload_dispatched`` (reasons, in order), and ``durable`` (None unless
-    durable tasks are configured or used: ``pending`` held by this instance,
-    ``recorded``, ``completed``, ``rerun``, ``given_up``, ``handed_off``,
-    ``left_pending`` and ``journal_pending``, the rows of the whole journal).
+    (why it drains: retire, oneshot, stop, quick, exit, close), ``policy``, ``age_s``
+    (counted from when the worker serves), ``boot_cpu_s`` (the CPU the worker process
+    spent from its fork until it served: what each recycle costs; None outside a
+    worker), ``rss_bytes``, ``rss_baseline_bytes``, ``requests``, ``tasks`` (queued,
+    running, tracked, completed, failed, abandoned), ``background_threads`` (the
+    setting) and ``background_threads_started``, ``invocations_cancelled``,
+    ``retire_reason``, ``terminate_reason`` and ``beforeunload_dispatched`` (reasons,
+    in order), and ``durable`` (None unless durable tasks are configured or used:
+    ``pending`` held by this instance, ``recorded``, ``completed``, ``rerun``,
+    ``given_up``, ``handed_off``, ``left_pending``, ``journal_pending`` (the rows of the
+    whole journal), ``journal`` (its path) and ``handoff`` (the target, or None)).
     Outside gunicorn this creates the default runtime if needed (no thread starts
     until work arrives); in the gunicorn master (``--preload``) it describes a
     runtime that is never installed.

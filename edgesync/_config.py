@@ -1,7 +1,7 @@
 """The ``[edge_runtime]`` settings: declared once, read from TOML and the environment, validated.
 
 Rule: every setting is declared exactly once, as a field of :class:`Settings` whose spec (doc, accepted
-values) lives in the field's metadata.  Parsing, validation, error messages and the README table are all
+values) lives in the field's metadata.  Parsing, validation, error messages and the docs' table are all
 derived from those declarations; the only places that name individual keys are the cross-field rules
 :func:`_check_cpu_pair` and :func:`_check_handoff`.  Every problem with the configuration is raised as
 :class:`ConfigError`.
@@ -18,10 +18,10 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
-# The version check (not try/except ImportError) is the form mypy understands; 3.9 and 3.10 are supported.
+# The version check (not try/except ImportError) is the form mypy understands; 3.10 needs tomli.
 if sys.version_info >= (3, 11):
     import tomllib
-else:  # pragma: no cover - only on Python 3.9 / 3.10
+else:  # pragma: no cover - only on Python 3.10
     import tomli as tomllib
 
 __all__ = [
@@ -411,7 +411,7 @@ def describe_source(
 
 
 def settings_reference_markdown() -> str:
-    """A Markdown table (key | default | accepted | meaning) of every setting, for the README."""
+    """A Markdown table (key | default | accepted | meaning) of every setting, for docs/configuration.md."""
     rows = ["| key | default | accepted | meaning |", "|---|---|---|---|"]
     for key, spec in _SPECS.items():
         default = _DEFAULTS[key]

@@ -26,7 +26,7 @@ UNHANDLEDREJECTION = "unhandledrejection"
 UNLOAD = "unload"
 EVENT_TYPES = (BEFOREUNLOAD, UNHANDLEDREJECTION, UNLOAD)
 
-#: The reasons a ``beforeunload`` event carries (README, "Lifecycle"), declared in ``_lifecycle.Reason``.
+#: The reasons a ``beforeunload`` event carries (docs/model.md, "Events"), declared in ``_lifecycle.Reason``.
 REASONS = tuple(r.value for r in Reason)
 
 

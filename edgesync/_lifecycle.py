@@ -63,7 +63,7 @@ class Trigger(_Named):
 
 
 class Reason(_Named):
-    """The reasons a ``beforeunload`` event carries (README, "Lifecycle")."""
+    """The reasons a ``beforeunload`` event carries (docs/model.md, "Events")."""
 
     WALL_CLOCK = "wall_clock"
     CPU = "cpu"
@@ -198,9 +198,8 @@ class Plan:
     await_tasks: bool  # let background tasks finish (else they are abandoned)
     budget: Budget
     exit_status: int = 0
-    # Have the arbiter fork a replacement at once (README, "Recycling without losing
-    # capacity"): None no; False yes, and stop accepting now; True yes, and keep
-    # accepting until it serves.
+    # Have the arbiter fork a replacement at once (docs/operations.md, "Recycling"): None no;
+    # False yes, and stop accepting now; True yes, and keep accepting until it serves.
     replace: Optional[bool] = None
 
 
@@ -218,7 +217,7 @@ UNLOAD_BUDGET = 0.5
 #: The longest a drain waits between two looks at its host (heartbeat, signals).
 DRAIN_TICK = 0.05
 
-#: The drain of each cause (README, "Lifecycle"). The limit's own reason is the
+#: The drain of each cause (docs/model.md, "The lifecycle of an instance"). The limit's own reason is the
 #: ``at_start`` event of TERMINATE (when its ratio is on); it is filled in by ``drain``.
 PLANS: Dict[Trigger, Plan] = {
     Trigger.RETIRE: Plan(None, Reason.EARLY_DROP, True, True, Budget.GRACEFUL, replace=True),

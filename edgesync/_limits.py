@@ -4,7 +4,7 @@ design: every ``INTERVAL`` seconds the monitor reads the instance's age, its RSS
 (one ``pread`` of ``/proc/self/statm``; psutil elsewhere) and, for every live
 invocation, that thread's own CPU clock (``pthread_getcpuclockid`` taken on the
 thread itself). It compares them with the settings and asks for the action of the
-README's limits table: a retire at a soft limit, a ``beforeunload`` at a ratio, a
+limits table of docs/model.md: a retire at a soft limit, a ``beforeunload`` at a ratio, a
 cancellation or a termination at a hard limit. It never takes a lock that a
 request thread holds for long, so it never blocks requests, and requests never
 wait for it.

@@ -115,7 +115,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
 
     Each worker process is one edgesync instance: ``wait_until`` work runs on its
     bounded pool, its limits are enforced by a monitor thread, and it fires
-    ``beforeunload`` before it exits. The README's "Lifecycle" section tells how.
+    ``beforeunload`` before it exits. docs/model.md tells how.
     """
 
     # The last settings that validated, in the master: a HUP that brings a broken

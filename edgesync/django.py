@@ -49,7 +49,7 @@ the same hygiene::
         record_visit.enqueue(request.path)
         return HttpResponse("Request accepted", status=202)
 
-Tasks and results live in the worker's memory: see README.md, "Django Tasks
+Tasks and results live in the worker's memory: see docs/django.md, "The Tasks
 backend", for what that guarantees and what the backend declares it supports.
 """
 

@@ -20,7 +20,7 @@ The usual extension pattern, with ``init_app`` for app factories::
 
 What a task scheduled while a request (or any app context) is active gets, with
 or without ``EdgeSync(app)`` (edgesync's core does this for every Flask app, see
-the README's Flask section):
+docs/flask.md):
 
 - ``current_app``, ``app.config`` and ``current_app.logger`` of the caller's app:
   the task runs inside ``with app.app_context():``, so ``teardown_appcontext``

@@ -1,7 +1,7 @@
-"""Every example runs under real gunicorn with the command README.md gives for it.
+"""Every example runs under real gunicorn with the command the docs give for it.
 
-The commands are read from README.md's "Examples" section, not copied here, so the
-README cannot drift from what is tested. Only the bind address changes (the OS
+The commands are read from the "Examples" section of docs/getting-started.md, not
+copied here, so the docs cannot drift from what is tested. Only the bind address changes (the OS
 picks the port) and ``.venv/bin/python`` becomes this interpreter.
 """
 
@@ -27,16 +27,16 @@ EXAMPLES = {"flask_app:app", "fetch_and_log:app", "plain_wsgi:app", "django_app.
 
 
 def readme_commands() -> Dict[str, str]:
-    """README.md's example commands, by the app they serve (their last word)."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("\n## Examples\n", 1)[1].split("\n## ", 1)[0]
+    """The example commands of docs/getting-started.md, by the app they serve (their last word)."""
+    page = (REPO / "docs" / "getting-started.md").read_text()
+    section = page.split("\n## Examples\n", 1)[1].split("\n## ", 1)[0]
     match = re.search(r"```bash\n(.*?)```", section, re.S)
-    assert match, "README.md's Examples section has no bash block"
+    assert match, "the Examples section of docs/getting-started.md has no bash block"
     return {line.split()[-1]: line for line in match.group(1).splitlines() if line.strip()}
 
 
 def run_example(server_factory: Callable[..., Server], app: str, env: Dict[str, str]) -> Server:
-    """Run the README's command for ``app``: its set-up steps, then gunicorn."""
+    """Run the docs' command for ``app``: its set-up steps, then gunicorn."""
     *setup, serve = readme_commands()[app].split(" && ")
     for step in setup:
         words = shlex.split(step)

@@ -1,18 +1,20 @@
-"""The repository keeps its promises: README commands, CI, the generated settings table.
+"""The repository keeps its promises: README commands, CI, the generated parts of the docs.
 
 README.md opens with two commands (serve the main example; run the tests) that
-.ci/run and the settings declaration must agree with; these tests fail the
-moment one of them drifts.
+.ci/run must agree with; the docs' settings table and lifecycle diagram are
+generated from the code's declarations. These tests fail the moment one drifts.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import List
 
 import gunicorn.config
 
 from edgesync._config import settings_reference_markdown
+from edgesync._lifecycle import _IGNORE, TRANSITIONS, Trigger
 
 from .conftest import REPO
 
@@ -22,6 +24,7 @@ TEST_COMMAND = ("python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]' 
                 ".venv/bin/python -m pytest -m \"slow or not slow\"")
 
 README = (REPO / "README.md").read_text()
+DOCS = REPO / "docs"
 
 
 def fenced_blocks(text: str) -> List[str]:
@@ -41,17 +44,54 @@ def test_ci_runs_the_readmes_test_command_verbatim() -> None:
     assert "mypy" in ci and "ruff check" in ci
 
 
-def test_readme_settings_table_is_the_generated_one() -> None:
-    start, end = "<!-- settings-table:start -->\n", "<!-- settings-table:end -->"
-    table = README.split(start, 1)[1].split(end, 1)[0]
+def between(text: str, name: str) -> str:
+    start, end = "<!-- %s:start -->\n" % name, "<!-- %s:end -->" % name
+    assert start in text and end in text, "the %s markers are missing" % name
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+def test_docs_settings_table_is_the_generated_one() -> None:
+    table = between((DOCS / "configuration.md").read_text(), "settings-table")
     assert table == settings_reference_markdown(), (
-        "README.md's settings table is out of date: paste the output of "
+        "docs/configuration.md's settings table is out of date: paste the output of "
         "`python -c 'from edgesync._config import settings_reference_markdown as m; print(m(), end=\"\")'` "
         "between the settings-table markers")
 
 
-def test_readme_keeps_the_benchmark_marker() -> None:
-    assert "<!-- bench-table -->" in README.split("## Benchmarks", 1)[1]
+def lifecycle_mermaid() -> str:
+    """The state diagram of ``_lifecycle.TRANSITIONS``: one arrow per (state, next state), its triggers."""
+    edges: dict[tuple[str, str], List[Trigger]] = {}
+    for (state, _cause), row in TRANSITIONS.items():
+        for trigger, target in row.items():
+            if target == _IGNORE:
+                continue
+            assert isinstance(target, tuple)
+            triggers = edges.setdefault((state.value, target[0].value), [])
+            if trigger not in triggers:
+                triggers.append(trigger)
+    order = list(Trigger)
+    lines = ["```mermaid", "stateDiagram-v2", "    [*] --> serving"]
+    lines += ["    %s --> %s: %s" % (a, b, ", ".join(t.value for t in sorted(ts, key=order.index)))
+              for (a, b), ts in edges.items()]
+    lines += ["    unloaded --> [*]", "```", ""]
+    return "\n".join(lines)
+
+
+def test_docs_lifecycle_diagram_is_the_transition_table() -> None:
+    diagram = between((DOCS / "model.md").read_text(), "lifecycle-diagram")
+    assert diagram == lifecycle_mermaid(), (
+        "docs/model.md's lifecycle diagram no longer matches _lifecycle.TRANSITIONS; it should read:\n"
+        + lifecycle_mermaid())
+
+
+def test_docs_benchmark_page_keeps_the_marker_and_shows_the_current_picture() -> None:
+    from bench.scenarios import PICTURE
+
+    page = (DOCS / "benchmarks.md").read_text()
+    assert "<!-- bench-table -->" in page.split("## Current figures", 1)[1]
+    # bench/scenarios.py draws scenario 6's picture where the page shows it.
+    assert PICTURE.parent == DOCS / "img" and "](img/%s)" % PICTURE.name in page
+    assert PICTURE.is_file()
 
 
 def test_example_gunicorn_conf_names_real_settings_and_sets_none() -> None:
@@ -65,3 +105,16 @@ def test_example_gunicorn_conf_names_real_settings_and_sets_none() -> None:
     assert {"worker_class", "workers", "threads", "graceful_timeout", "max_requests",
             "max_requests_jitter", "statsd_host", "statsd_prefix"} <= set(named)
     assert set(named) - {s.name for s in gunicorn.config.KNOWN_SETTINGS} == set()
+
+
+def test_runtime_metrics_docstring_names_every_key(tmp_path: Path) -> None:
+    import edgesync
+    import edgesync.testing
+
+    doc = edgesync.runtime_metrics.__doc__ or ""
+    with edgesync.testing.runtime(durable_journal=str(tmp_path / "journal.db")) as rt:
+        metrics = rt.metrics()
+    assert isinstance(metrics["durable"], dict)
+    named = set(metrics) | set(metrics["durable"])
+    assert sorted(k for k in named if "``%s``" % k not in doc) == []
+    assert sorted(k for k in metrics["tasks"] if not re.search(r"\b%s\b" % k, doc)) == []

@@ -1,1 +1,1 @@
-"""A minimal Django project whose views hand ORM work to edgesync (see README.md)."""
+"""A minimal Django project whose views hand ORM work to edgesync (see docs/django.md)."""
