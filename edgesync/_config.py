@@ -177,6 +177,11 @@ class Settings:
         "up, unless @durable(max_attempts=...) says otherwise.",
         minimum=1, maximum=1000,
     )
+    durable_lease_ms: int = _setting(
+        30000, doc="How long a worker's hold on its durable tasks lasts without renewal (renewed every second): "
+        "a server that shares the journal from another container or host re-runs them only after it expired.",
+        minimum=3000, maximum=_MAX_MS,
+    )
     handoff: str = _setting(
         "", doc="'rq': hand durable tasks to RQ over Redis (see handoff_on); '': never.",
         choices=("", "rq"),
