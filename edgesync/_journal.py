@@ -27,6 +27,8 @@ never cross a fork) and shared by the process's threads under a lock; see
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shlex
 import sqlite3
@@ -281,6 +283,27 @@ class Journal:
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
             self._conn = None
+
+    def reopen(self) -> None:
+        """After ``replaced()``: open the file at the path now, creating it if it is gone.
+
+        A deleted journal may leave its ``-wal`` and ``-shm`` files, which processes that
+        have not noticed yet still write: a new file must not start from them. So the
+        first process to notice, holding a lock on the directory, moves them out of the
+        way and creates the file; the others then find it and just open it.
+        """
+        self.close()
+        directory = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
+        try:
+            fcntl.flock(directory, fcntl.LOCK_EX)
+            if not os.path.exists(self.path):
+                for stale in (self.path + "-wal", self.path + "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(stale)  # its writers keep their open inode; the new file gets its own
+            with self._lock:
+                self._connection()
+        finally:
+            os.close(directory)  # releases the lock
 
     def replaced(self) -> Optional[str]:
         """None while the path still names the file this process writes; else what happened to it."""

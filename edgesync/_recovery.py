@@ -320,8 +320,8 @@ class _Keeper:
     def _recreate(self, what: str) -> None:
         """The journal's file was deleted or replaced while this process wrote it: write into a new one."""
         assert self.journal is not None
-        self.journal.close()
-        # After the close: a task recorded into the old file was held before (see submit).
+        self.journal.reopen()
+        # After the new file is open: a task recorded into the old one was held before (see submit).
         held = list(self.held.items())
         for task_id, h in held:
             self.journal.record(task_id, h.fn, h.args, h.max_attempts, h.runs)
