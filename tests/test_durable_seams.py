@@ -237,7 +237,8 @@ def test_a_journal_deleted_while_serving_is_recreated(server_factory: Callable[.
     planted = [i for pid in workers for i in plant(server, pid, "first=60&rerun=0.05&n=2")]
     for path in tmp_path.glob(files):
         path.unlink()
-    lines = server.wait_for_log(r"the durable journal .*journal\.db was deleted while this process was writing it: "
+    lines = server.wait_for_log(r"the durable journal .*journal\.db was (deleted|replaced by another file) while this process was "
+                                r"writing it: "
                                 r".* recorded its 2 pending durable task\(s\) there again", count=2, timeout=10)
     assert {int(re.search(r"worker (\d+):", x).group(1)) for x in lines} == set(workers)  # type: ignore[union-attr]
     for pid in workers:
