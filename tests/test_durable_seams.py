@@ -23,9 +23,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -47,12 +46,12 @@ def start(server_factory: Callable[..., Server], env: Dict[str, str], *args: str
     return server
 
 
-def cli(*args: str, cwd: Optional[Path] = None) -> "subprocess.CompletedProcess[str]":
+def cli(*args: str, cwd: Optional[Path] = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "edgesync", "durable", *args], capture_output=True, text=True,
                           timeout=30, cwd=cwd or REPO)
 
 
-def journal_rows(path: Path) -> List[tuple]:  # type: ignore[type-arg]
+def journal_rows(path: Path) -> List[Tuple[Any, ...]]:
     conn = sqlite3.connect(path)
     try:
         return conn.execute("SELECT id, fn, attempt, given_up IS NOT NULL, last_error FROM edgesync_tasks "
@@ -152,8 +151,8 @@ def test_a_given_up_task_is_kept_listed_requeued_and_purged(server_factory: Call
 # -- the journal: checked before fork, owned by one app ---------------------------------------------------
 
 
-def run_gunicorn(workdir: Path, env: Dict[str, str], *args: str, prefix: List[str] = (),  # type: ignore[assignment]
-                 app: str = APP) -> "subprocess.CompletedProcess[str]":
+def run_gunicorn(workdir: Path, env: Dict[str, str], *args: str, prefix: Sequence[str] = (),
+                 app: str = APP) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGESYNC_")}
     return subprocess.run([*prefix, sys.executable, "-m", "gunicorn", "-k", "edgesync.Worker", "-b", "127.0.0.1:0",
                            "--no-control-socket", "--pythonpath", str(REPO), *args, app],
@@ -172,7 +171,7 @@ def test_a_journal_the_workers_cannot_use_stops_the_server(tmp_path: Path, case:
     journal = directory / "journal.db"
     env = {"EDGESYNC_DURABLE_JOURNAL": str(journal)}
     args: List[str] = []
-    prefix: List[str] = []
+    prefix: Sequence[str] = ()
     if case == "corrupt":
         journal.write_bytes(os.urandom(8192))
         cause, fix = "DatabaseError: file is not a database", "Move it aside"
@@ -237,10 +236,10 @@ def test_a_journal_deleted_while_serving_is_recreated(server_factory: Callable[.
     planted = [i for pid in workers for i in plant(server, pid, "first=60&rerun=0.05&n=2")]
     for path in tmp_path.glob(files):
         path.unlink()
-    lines = server.wait_for_log(r"the durable journal .*journal\.db was (deleted|replaced by another file) while this process was "
-                                r"writing it: "
-                                r".* recorded its 2 pending durable task\(s\) there again", count=2, timeout=10)
-    assert {int(re.search(r"worker (\d+):", x).group(1)) for x in lines} == set(workers)  # type: ignore[union-attr]
+    lines = server.wait_for_log(r"the durable journal .*journal\.db was (deleted|replaced by another file) while "
+                                r"this process was writing it: .* recorded its 2 pending durable task\(s\) there "
+                                r"again", count=2, timeout=10)
+    assert {int(x.split("] worker ")[1].split(":")[0]) for x in lines} == set(workers)
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
     wait_for(all_done(server), 30, "every task to be re-run from the new journal")
@@ -257,7 +256,7 @@ def test_a_journal_deleted_while_serving_is_recreated(server_factory: Callable[.
 class NamespacedServer(Server):
     """A gunicorn master in its own pid namespace (``unshare --pid --fork --mount-proc``), as in a container."""
 
-    def start(self, workers_ready: int = 1, timeout: float = 20.0) -> "NamespacedServer":
+    def start(self, workers_ready: int = 1, timeout: float = 20.0) -> NamespacedServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESYNC_")}
         env.update({"EVENTS_FILE": str(self.events_path), "PYTHONUNBUFFERED": "1"})
         env.update(self.env)

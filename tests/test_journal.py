@@ -54,8 +54,9 @@ def test_a_journal_of_the_previous_version_is_migrated_in_place(tmp_path: Path) 
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(VERSION_0)
     # What the old code left: attempt counted the runs handed out, the current one (maybe never started) too.
+    now = time.time()
     conn.executemany("INSERT INTO edgesync_tasks VALUES (?, 'tests.apps.durable_tasks:note', ?, ?, 3, ?, 1, ?)",
-                     [("a", '[["a",{}],{}]', 1, DEAD_PID, time.time()), ("b", '[["b",{}],{}]', 3, DEAD_PID, time.time())])
+                     [("a", '[["a",{}],{}]', 1, DEAD_PID, now), ("b", '[["b",{}],{}]', 3, DEAD_PID, now)])
     conn.commit()
     conn.close()
     assert check(str(path), None) == {"total": 2, "mine": 0, "given_up": 0}
@@ -137,11 +138,11 @@ def test_an_owner_in_a_real_pid_namespace_is_judged_by_its_lease(tmp_path: Path)
 # -- python -m edgesync durable ------------------------------------------------------------------------
 
 
-def cli(cwd: Path, *args: str, env: dict = {}) -> "subprocess.CompletedProcess[str]":  # type: ignore[type-arg]
+def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGESYNC_")}
     clean["PYTHONPATH"] = str(REPO)
     return subprocess.run([sys.executable, "-m", "edgesync", "durable", *args], capture_output=True, text=True,
-                          timeout=30, cwd=cwd, env={**clean, **env})
+                          timeout=30, cwd=cwd, env=clean)
 
 
 def test_the_command_line_finds_the_journal_as_the_server_does(tmp_path: Path) -> None:
