@@ -403,8 +403,10 @@ class Journal:
                 rows = self._connection().execute(
                     "UPDATE edgesync_tasks SET owner_host = ?, owner_pid = ?, owner_start = ? "
                     "WHERE id IN (SELECT id FROM edgesync_tasks WHERE " + _OWNER_SQL + " AND given_up IS NULL "
-                    "ORDER BY accepted LIMIT ?) RETURNING id, fn, args, attempt, max_attempts",
+                    "ORDER BY accepted LIMIT ?) RETURNING id, fn, args, attempt, max_attempts, accepted",
                     (*me, host, pid, start, limit - len(claimed))).fetchall()
+            # RETURNING comes in the table's order (by id): re-run them in the order they were accepted.
+            rows.sort(key=lambda r: r[5])
             claimed.extend(Entry(r[0], r[1], r[2], r[3], r[4], who) for r in rows)
         with self._lock:
             # Owners whose lease expired and who hold nothing any more are forgotten.

@@ -97,6 +97,31 @@ def test_tasks_queued_behind_a_task_that_kills_its_worker_still_run(server_facto
     assert row[1:4] == ("tests.apps.durable_seam_tasks:poison", 2, 1)
 
 
+def test_tasks_queued_across_two_restarts_are_not_given_up(server_factory: Callable[..., Server],
+                                                           tmp_path: Path) -> None:
+    journal = tmp_path / "journal.db"
+    env = {"EDGESYNC_DURABLE_JOURNAL": str(journal), "EVENTS_FILE": str(tmp_path / "events.jsonl"),
+           "EDGESYNC_BACKGROUND_THREADS": "1", "EDGESYNC_DURABLE_MAX_ATTEMPTS": "2"}
+    server = start(server_factory, env, workers=1)
+    planted = plant(server, server.worker_pids()[0], "first=4&rerun=0.05&n=10")
+    for restart in range(2):  # the whole server dies with one task running, the others queued behind it
+        server.wait_for_events("durable_start", count=restart + 1, where=lambda e: e["attempt"] == 1)
+        server.kill()
+        if restart == 0:
+            server = start(server_factory, env, workers=1)
+    # The first task ran twice (done), the second once (killed), eight never started: no run counted.
+    assert sorted(r[2] for r in journal_rows(journal)) == [0] * 8 + [1]
+    final = start(server_factory, {**env, "EDGESYNC_BACKGROUND_THREADS": "16"})
+    wait_for(all_done(final), 30, "every task to complete")
+    stop_cleanly(final)
+    check_log(final)
+    tally = durable_tally(final)
+    tally.show("10 tasks queued across two restarts (max_attempts = 2)")
+    assert "gave up durable task" not in final.log
+    assert tally.lost == set() and tally.at_once == set() and set(planted) <= set(tally.done)
+    assert journal_rows(journal) == []
+
+
 def test_a_given_up_task_is_kept_listed_requeued_and_purged(server_factory: Callable[..., Server],
                                                             tmp_path: Path) -> None:
     from .test_statsd import StatsdListener
