@@ -173,8 +173,8 @@ class Settings:
         text='a file path, or "" (off)', pattern=r"[^\x00]*", is_path=True,
     )
     durable_max_attempts: int = _setting(
-        3, doc="Runs of a durable task (first run plus re-runs after its worker died) before it is given "
-        "up, unless @durable(max_attempts=...) says otherwise.",
+        3, doc="Runs of a durable task (first run plus re-runs after its worker died; a run counts when the "
+        "task starts) before it is given up (kept in the journal), unless @durable(max_attempts=...) says otherwise.",
         minimum=1, maximum=1000,
     )
     durable_lease_ms: int = _setting(

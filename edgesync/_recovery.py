@@ -6,12 +6,16 @@ start claiming), ``unload`` (the instance unloads: hand off or leave pending wha
 is not done) and ``metrics``. Per runtime there is one ``_Keeper``: the tasks this
 process holds (in memory, and in the journal when ``durable_journal`` is set), its
 counters, and one claimer thread (started after fork, by ``boot`` or by the first
-durable task) that every ``CLAIM_INTERVAL`` claims the rows of dead owners and runs
-them again, bounded by the free room of the pool.
+durable task) that every ``CLAIM_INTERVAL`` renews this process's lease, checks that
+the journal's file is still there, claims the rows of dead owners and runs them again,
+bounded by the free room of the pool. A run is counted in the journal when it starts;
+a claimed task that had ``max_attempts`` runs, or can no longer be loaded, is given up
+through ``_Keeper.give_up``: kept in the journal, counted, logged (never its arguments).
 
 Rule: a task that never started here may go to the hand-off target; a task that was
 running here when the instance unloaded stays in the journal (when there is one) and
-is re-run only after this process has exited, so no two processes run it at once.
+is re-run only after this process has exited (or its lease expired), so no two
+processes run it at once.
 """
 
 from __future__ import annotations
