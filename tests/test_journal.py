@@ -119,7 +119,8 @@ def test_an_owner_in_a_real_pid_namespace_is_judged_by_its_lease(tmp_path: Path)
     script = ("import sys; sys.path.insert(0, %r)\n"
               "from edgesync._journal import Journal, host_id\n"
               "j = Journal(%r, lease_s=3.0); j.record('ns', 'tests.apps.durable_tasks:note', '[[\"ns\"],{}]', 3)\n"
-              "print(host_id()[0], j._owner[1], flush=True); sys.stdin.read()\n" % (str(REPO), str(path)))
+              "print(host_id()[0], j._owner[1], flush=True); sys.stdin.readline()\n"
+              "print(j.start('ns'), flush=True)\n" % (str(REPO), str(path)))
     proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", script],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -129,6 +130,11 @@ def test_an_owner_in_a_real_pid_namespace_is_judged_by_its_lease(tmp_path: Path)
         journal = Journal(str(path))
         assert journal.claim(10) == [], "a live owner in another namespace keeps its task"
         wait_for(lambda: journal.claim(10), 8, "the lease (3 s, not renewed) to expire")
+        # The owner wakes up (it was stopped): its task is another process's now, it must not start it.
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "None\n"
         journal.close()
     finally:
         proc.kill()
