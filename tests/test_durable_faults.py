@@ -37,10 +37,11 @@ class DurableTally:
     reruns: Set[str]  # ids that started at attempt >= 2
     pending_in_redis: Set[str] = field(default_factory=set)
     at_once: Set[str] = field(default_factory=set)  # ids with two runs alive at the same time
+    kept: Set[str] = field(default_factory=set)  # given up on purpose, kept in the journal
 
     @property
     def lost(self) -> Set[str]:
-        return self.accepted - set(self.done) - self.pending_in_redis
+        return self.accepted - set(self.done) - self.pending_in_redis - self.kept
 
     @property
     def twice(self) -> Set[str]:
@@ -49,10 +50,10 @@ class DurableTally:
     def show(self, case: str) -> str:
         where = Counter(w for runs in self.done.values() for w in runs[:1])
         line = ("[%s] durable tasks accepted %d, completed %d (%s), re-run %d, ran twice %d, ran at once %d, "
-                "pending in Redis %d, lost %d" % (case, len(self.accepted), len(set(self.done) & self.accepted),
-                                                  ", ".join("%s %d" % kv for kv in sorted(where.items())),
-                                                  len(self.reruns), len(self.twice), len(self.at_once),
-                                                  len(self.pending_in_redis), len(self.lost)))
+                "pending in Redis %d, given up (kept) %d, lost %d"
+                % (case, len(self.accepted), len(set(self.done) & self.accepted),
+                   ", ".join("%s %d" % kv for kv in sorted(where.items())), len(self.reruns), len(self.twice),
+                   len(self.at_once), len(self.pending_in_redis), len(self.kept), len(self.lost)))
         print("\n" + line)
         return line
 
