@@ -34,6 +34,7 @@ import shlex
 import sqlite3
 import threading
 import time
+import urllib.parse
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 #: The schema this code writes (``PRAGMA user_version``); files of version 0 are migrated in place.
@@ -204,7 +205,7 @@ class Journal:
         if self._conn is None or self._pid != pid:
             # A connection inherited through fork belongs to the parent: never use or close it here.
             self._conn = None
-            target = self.path if self._create else "file:%s?mode=rw" % self.path
+            target = self.path if self._create else "file:%s?mode=rw" % urllib.parse.quote(self.path)
             conn = sqlite3.connect(target, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                    check_same_thread=False, uri=not self._create)
             try:
@@ -292,18 +293,21 @@ class Journal:
         first process to notice, holding a lock on the directory, moves them out of the
         way and creates the file; the others then find it and just open it.
         """
-        self.close()
-        directory = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
-        try:
-            fcntl.flock(directory, fcntl.LOCK_EX)
-            if not os.path.exists(self.path):
-                for stale in (self.path + "-wal", self.path + "-shm"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(stale)  # its writers keep their open inode; the new file gets its own
-            with self._lock:
+        # Under this process's lock throughout: no other thread opens the path in between.
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+            directory = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
+            try:
+                fcntl.flock(directory, fcntl.LOCK_EX)
+                if not os.path.exists(self.path):
+                    for stale in (self.path + "-wal", self.path + "-shm"):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(stale)  # its writers keep their open inode; the new file gets its own
                 self._connection()
-        finally:
-            os.close(directory)  # releases the lock
+            finally:
+                os.close(directory)  # releases the flock
 
     def replaced(self) -> Optional[str]:
         """None while the path still names the file this process writes; else what happened to it."""

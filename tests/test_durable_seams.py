@@ -261,6 +261,7 @@ def test_a_journal_deleted_while_serving_is_recreated(server_factory: Callable[.
     server = start(server_factory, {"EDGESYNC_DURABLE_JOURNAL": str(journal)})
     workers = server.worker_pids()
     planted = [i for pid in workers for i in plant(server, pid, "first=60&rerun=0.05&n=2")]
+    server.wait_for_events("durable_start", count=4)
     for path in tmp_path.glob(files):
         path.unlink()
     lines = server.wait_for_log(r"the durable journal .*journal\.db was (deleted|replaced by another file) while "
@@ -325,6 +326,7 @@ def test_servers_in_two_pid_namespaces_never_take_each_others_live_tasks(server_
         assert "re-running" not in here.log + there.log
         # Then that whole server dies with tasks running: this one re-runs them once their lease expired.
         dying = plant(there, there.worker_pids()[0], "first=60&rerun=0.05&n=3")
+        there.wait_for_events("durable_start", count=3, where=lambda e: e["id"] in dying)
         there.kill()
         line = here.wait_for_log(r"re-running 3 durable task\(s\) of process \d+ of host \S+, whose lease expired",
                                  timeout=15)
@@ -352,6 +354,7 @@ def test_max_pending_tasks_1_still_reruns_a_dead_workers_task(server_factory: Ca
     server = start(server_factory, env)
     victim = server.worker_pids()[0]
     planted = plant(server, victim, "first=60&rerun=0.05")
+    server.wait_for_events("durable_start")  # its first run, which the SIGKILL ends
     os.kill(victim, signal.SIGKILL)
     wait_for(all_done(server), 15, "the dead worker's task to be re-run")
     stop_cleanly(server)
