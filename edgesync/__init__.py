@@ -142,8 +142,10 @@ def runtime_metrics() -> Dict[str, Any]:
     ``retire_reason``, ``terminate_reason`` and ``beforeunload_dispatched`` (reasons,
     in order), and ``durable`` (None unless durable tasks are configured or used:
     ``pending`` held by this instance, ``recorded``, ``completed``, ``rerun``,
-    ``given_up``, ``handed_off``, ``left_pending``, ``journal_pending`` (the rows of the
-    whole journal), ``journal`` (its path) and ``handoff`` (the target, or None)).
+    ``given_up``, ``handed_off``, ``left_pending``, of the whole journal
+    ``journal_pending`` and ``journal_given_up`` (the given-up tasks it keeps:
+    ``python -m edgesync durable``), ``journal`` (its path) and ``handoff`` (the
+    target, or None)).
     Outside gunicorn this creates the default runtime if needed (no thread starts
     until work arrives); in the gunicorn master (``--preload``) it describes a
     runtime that is never installed.

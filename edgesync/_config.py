@@ -173,9 +173,14 @@ class Settings:
         text='a file path, or "" (off)', pattern=r"[^\x00]*", is_path=True,
     )
     durable_max_attempts: int = _setting(
-        3, doc="Runs of a durable task (first run plus re-runs after its worker died) before it is given "
-        "up, unless @durable(max_attempts=...) says otherwise.",
+        3, doc="Runs of a durable task (first run plus re-runs after its worker died; a run counts when the "
+        "task starts) before it is given up (kept in the journal), unless @durable(max_attempts=...) says otherwise.",
         minimum=1, maximum=1000,
+    )
+    durable_lease_ms: int = _setting(
+        30000, doc="How long a worker's hold on its durable tasks lasts without renewal (renewed every second): "
+        "a server that shares the journal from another container or host re-runs them only after it expired.",
+        minimum=3000, maximum=_MAX_MS,
     )
     handoff: str = _setting(
         "", doc="'rq': hand durable tasks to RQ over Redis (see handoff_on); '': never.",

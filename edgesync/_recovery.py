@@ -6,12 +6,16 @@ start claiming), ``unload`` (the instance unloads: hand off or leave pending wha
 is not done) and ``metrics``. Per runtime there is one ``_Keeper``: the tasks this
 process holds (in memory, and in the journal when ``durable_journal`` is set), its
 counters, and one claimer thread (started after fork, by ``boot`` or by the first
-durable task) that every ``CLAIM_INTERVAL`` claims the rows of dead owners and runs
-them again, bounded by the free room of the pool.
+durable task) that every ``CLAIM_INTERVAL`` renews this process's lease, checks that
+the journal's file is still there, claims the rows of dead owners and runs them again,
+bounded by the free room of the pool. A run is counted in the journal when it starts;
+a claimed task that had ``max_attempts`` runs, or can no longer be loaded, is given up
+through ``_Keeper.give_up``: kept in the journal, counted, logged (never its arguments).
 
 Rule: a task that never started here may go to the hand-off target; a task that was
 running here when the instance unloaded stays in the journal (when there is one) and
-is re-run only after this process has exited, so no two processes run it at once.
+is re-run only after this process has exited (or its lease expired), so no two
+processes run it at once.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any, Dict, Optional, Protocol
 from ._config import Settings
 from ._durable import DurableFunction, attempt_scope, resolve
 from ._handoff import RQTarget
-from ._journal import Entry, Journal
+from ._journal import Entry, Journal, check
 from ._lifecycle import State
 from ._pool import QueueFull
 
@@ -58,26 +62,43 @@ class _Runtime(Protocol):
 
 
 class _Held:
-    __slots__ = ("fn", "args", "attempt", "max_attempts", "started")
+    __slots__ = ("fn", "args", "runs", "max_attempts", "started")
 
-    def __init__(self, fn: str, args: str, attempt: int, max_attempts: int):
+    def __init__(self, fn: str, args: str, runs: int, max_attempts: int):
         self.fn = fn
         self.args = args
-        self.attempt = attempt
+        self.runs = runs  # runs started so far, anywhere (this one included once it started)
         self.max_attempts = max_attempts
-        self.started = False
+        self.started = False  # whether it started in this process
 
+
+#: The app this server serves (gunicorn's app, ``module:variable``), set in the master before fork:
+#: the journal records it and refuses another app. None outside gunicorn (nothing checked).
+app: Optional[str] = None
 
 _journals: Dict[str, Journal] = {}
 _journals_lock = threading.Lock()
 
 
-def _journal(path: str) -> Journal:
+def _journal(path: str, lease_s: float) -> Journal:
     with _journals_lock:
         journal = _journals.get(path)
         if journal is None:
-            journal = _journals[path] = Journal(path)
+            journal = _journals[path] = Journal(path, app, lease_s)
         return journal
+
+
+def check_journal(settings: Settings, app_uri: Optional[str]) -> Optional[Dict[str, int]]:
+    """In the master, before fork: open, verify and migrate ``durable_journal``; its counts, or None if off.
+
+    Raises ``JournalError`` naming the file, the cause and the fix. ``app_uri`` becomes
+    the journal's owner (a new file) or must be its owner (an existing one).
+    """
+    global app
+    app = app_uri
+    if not settings.durable_journal:
+        return None
+    return check(os.path.abspath(settings.durable_journal), app)
 
 
 class _Keeper:
@@ -88,7 +109,7 @@ class _Keeper:
         self.max_attempts = st.durable_max_attempts
         self.journal: Optional[Journal] = None
         if st.durable_journal:
-            self.journal = _journal(os.path.abspath(st.durable_journal))
+            self.journal = _journal(os.path.abspath(st.durable_journal), st.durable_lease_ms / 1000)
             self.journal.open()
         self.target: Optional[RQTarget] = None
         if st.handoff == "rq":
@@ -113,14 +134,20 @@ class _Keeper:
             assert self.target is not None
             self.target.enqueue(task_id, fn.path, payload, 1)
             return self._handed_off(1)
+        held = _Held(fn.path, payload, 0, max_attempts)
+        # Held before it is recorded: a journal found deleted meanwhile gets every held task again.
+        self.held[task_id] = held
         if self.journal is not None:
-            self.journal.record(task_id, fn.path, payload, max_attempts)
+            try:
+                self.journal.record(task_id, fn.path, payload, max_attempts)
+            # why BaseException: not recorded, whatever stopped it: not held either, then the error.
+            except BaseException:
+                self.held.pop(task_id, None)
+                raise
         elif not self._warned:
             self._warned = True
             log.warning("worker %d: durable task %s is kept in memory only: set durable_journal in "
                         "[edge_runtime] to survive the death of this process", self.pid, fn.path)
-        held = _Held(fn.path, payload, 1, max_attempts)
-        self.held[task_id] = held
         with self._lock:
             self.counts["recorded"] += 1
         if self._thread is None and self.journal is not None:
@@ -149,11 +176,12 @@ class _Keeper:
 
     def _runner(self, task_id: str, held: _Held, fn: Any, args: Any, kwargs: Any) -> Any:
         keeper = self
-        attempt = held.attempt
         target = fn.__wrapped__
 
         def run() -> Any:
-            held.started = True
+            attempt = keeper._begin(task_id, held)
+            if attempt is None:
+                return None
             try:
                 with attempt_scope(attempt):
                     result = target(*args, **kwargs)
@@ -164,6 +192,42 @@ class _Keeper:
                 keeper._done(task_id)
         run.__module__, run.__qualname__, run.__name__ = fn.__module__, fn.__qualname__, fn.__name__
         return run
+
+    def _begin(self, task_id: str, held: _Held) -> Optional[int]:
+        """Count this run before it starts (an attempt is a run); its number, None if it must not run here."""
+        runs: Optional[int] = held.runs + 1
+        if self.journal is not None:
+            try:
+                runs = self.journal.start(task_id)
+            except Exception:  # the journal failed: run it anyway (at least once), uncounted; logged once here
+                log.exception("worker %d: could not count the start of durable task %s (%s) in the journal",
+                              self.pid, task_id, held.fn)
+            if runs is None:
+                # Its row is another process's now (this process's lease lapsed and a server that shares
+                # the journal claimed it): running it here too would run it twice at once.
+                self.held.pop(task_id, None)
+                log.warning("worker %d: durable task %s (%s) is held by another process now; not run here",
+                            self.pid, task_id, held.fn)
+                return None
+        assert runs is not None
+        held.runs, held.started = runs, True
+        return runs
+
+    def give_up(self, task_id: str, fn: str, runs: int, why: str) -> None:
+        """Give a task up: kept in the journal (with ``why``) for an operator, counted, logged; never re-run.
+
+        Names and ids only in the log: the arguments may hold personal data (they stay in
+        the journal row, where ``python -m edgesync durable requeue`` finds them).
+        """
+        self.held.pop(task_id, None)
+        where = "not kept (no durable_journal)"
+        if self.journal is not None:
+            self.journal.give_up(task_id, why)
+            where = "kept in %s: see `python -m edgesync durable list`" % self.journal.path
+        with self._lock:
+            self.counts["given_up"] += 1
+        log.error("worker %d: gave up durable task %s (%s) after %d run(s): %s; %s", self.pid, task_id, fn,
+                  runs, why, where)
 
     def _done(self, task_id: str) -> None:
         if self.held.pop(task_id, None) is None:
@@ -196,38 +260,43 @@ class _Keeper:
         if rt is None or rt.state is not State.SERVING or self.journal is None:
             return 0
         pool = rt.pool
-        room = (pool.max_pending - pool.pending) // 2
+        # Half the free room, so that requests keep room for their own tasks; but at least one task
+        # while there is room at all (max_pending_tasks = 1 must still re-run the dead's tasks).
+        room = (pool.max_pending - pool.pending + 1) // 2
         entries = self.journal.claim(room)
-        by_owner: Dict[int, int] = {}
+        by_owner: Dict[str, int] = {}
         for entry in entries:
-            by_owner[entry.dead_pid] = by_owner.get(entry.dead_pid, 0) + 1
-            self._rerun(rt, entry)
-        for dead, n in by_owner.items():
-            log.warning("worker %d: re-running %d durable task(s) of dead process %d from the journal",
-                        self.pid, n, dead)
+            try:
+                rerun = self._rerun(rt, entry)
+            except Exception as exc:  # one task that cannot be re-run must not stop the batch: given up, kept
+                log.exception("worker %d: durable task %s (%s) could not be re-run", self.pid, entry.id, entry.fn)
+                self.give_up(entry.id, entry.fn, entry.runs, "its re-run failed: %s: %s" % (type(exc).__name__, exc))
+                rerun = False
+            if rerun:
+                by_owner[entry.dead_owner] = by_owner.get(entry.dead_owner, 0) + 1
+        for owner, n in by_owner.items():
+            log.warning("worker %d: re-running %d durable task(s) of %s from the journal", self.pid, n, owner)
         return len(entries)
 
-    def _rerun(self, rt: _Runtime, entry: Entry) -> None:
+    def _rerun(self, rt: _Runtime, entry: Entry) -> bool:
+        """Run a claimed row again, give it up, or give it back; whether it will run here."""
         assert self.journal is not None
-        if entry.attempt > entry.max_attempts:
-            self.journal.delete(entry.id)
-            with self._lock:
-                self.counts["given_up"] += 1
-            # Names and ids only: arguments may hold personal data (they stay in the journal row).
-            log.error("worker %d: gave up durable task %s (%s): its %d attempt(s) all ended with their "
-                      "process", self.pid, entry.id, entry.fn, entry.max_attempts)
-            return
+        if entry.runs >= entry.max_attempts:
+            self.give_up(entry.id, entry.fn, entry.runs, "its %d run(s) all ended with their process (%s)"
+                         % (entry.runs, entry.dead_owner))
+            return False
         try:
             fn = resolve(entry.fn)
             positional, keywords = _decode(entry.args)
-        except Exception:  # an app that no longer has the function: logged, the row is given up
-            self.journal.delete(entry.id)
-            with self._lock:
-                self.counts["given_up"] += 1
-            log.exception("worker %d: gave up durable task %s (%s): it cannot be loaded", self.pid,
-                          entry.id, entry.fn)
-            return
-        held = _Held(entry.fn, entry.args, entry.attempt, entry.max_attempts)
+        except Exception as exc:  # an app that no longer has the function: logged, given up (kept)
+            log.exception("worker %d: durable task %s (%s) cannot be loaded", self.pid, entry.id, entry.fn)
+            self.give_up(entry.id, entry.fn, entry.runs, "it cannot be loaded: %s: %s" % (type(exc).__name__, exc))
+            return False
+        if not isinstance(fn, DurableFunction):  # a deploy removed @durable: it is no longer a durable task
+            self.give_up(entry.id, entry.fn, entry.runs, "%s is no longer a @durable function (found %s)"
+                         % (entry.fn, _short(repr(fn))))
+            return False
+        held = _Held(entry.fn, entry.args, entry.runs, entry.max_attempts)
         self.held[entry.id] = held
         try:
             rt.wait_until(self._runner(entry.id, held, fn, positional, keywords), (), {})
@@ -235,9 +304,36 @@ class _Keeper:
             # No room, or the instance began to unload: give the row back for another claim.
             self.held.pop(entry.id, None)
             self.journal.release(entry.id)
-            return
+            return False
         with self._lock:
             self.counts["rerun"] += 1
+        return True
+
+    def tick(self) -> None:
+        """Every ``CLAIM_INTERVAL``: renew this process's lease, check the file is still there, claim."""
+        if self.journal is not None:
+            if self.journal.renew():
+                log.error("worker %d: this process's lease on its durable tasks in %s expired before it was "
+                          "renewed (was the process stopped?): a server sharing the journal from another "
+                          "container or host may run them too", self.pid, self.journal.path)
+            what = self.journal.replaced()
+            if what is not None:
+                self._recreate(what)
+        self.claim_once()
+
+    def _recreate(self, what: str) -> None:
+        """The journal's file was deleted or replaced while this process wrote it: write into a new one."""
+        assert self.journal is not None
+        self.journal.reopen()
+        # After the new file is open: a task recorded into the old one was held before (see submit).
+        held = list(self.held.items())
+        for task_id, h in held:
+            self.journal.record(task_id, h.fn, h.args, h.max_attempts, h.runs)
+        log.error("worker %d: the durable journal %s was %s while this process was writing it: it opened the "
+                  "file at that path (creating it if needed) and recorded its %d pending durable task(s) there "
+                  "again. Tasks that only the old file held (of processes that died before they could record "
+                  "theirs again) are lost: never delete or replace a journal while its server runs", self.pid,
+                  self.journal.path, what, len(held))
 
     # -- unloading ------------------------------------------------------------------------------
 
@@ -252,7 +348,7 @@ class _Keeper:
             if self.target is None or (h.started and self.journal is not None):
                 kept += 1
                 continue
-            attempt = h.attempt + 1 if h.started else h.attempt
+            attempt = h.runs + 1
             try:
                 self.target.enqueue(task_id, h.fn, h.args, attempt)
             except Exception:  # Redis is down: the journal keeps it (if any); logged once with its traceback
@@ -284,7 +380,9 @@ class _Keeper:
         out["pending"] = len(self.held)
         out["journal"] = self.journal.path if self.journal is not None else None
         out["handoff"] = self.target.describe() if self.target is not None else None
-        out["journal_pending"] = self.journal.counts()["total"] if self.journal is not None else None
+        counts = self.journal.counts() if self.journal is not None else None
+        out["journal_pending"] = counts["total"] if counts is not None else None
+        out["journal_given_up"] = counts["given_up"] if counts is not None else None
         return out
 
     def flush_stats(self) -> None:
@@ -301,12 +399,18 @@ class _Keeper:
                     stats.increment("edgesync.durable." + key, delta)
                     self._sent[key] = counts[key]
             stats.gauge("edgesync.durable.pending", len(self.held))
+            if self.journal is not None:
+                stats.gauge("edgesync.durable.journal_given_up", self.journal.counts()["given_up"])
         except Exception:  # statsd is best effort (gunicorn's statsd logger logs its own errors)
             log.debug("statsd flush failed", exc_info=True)
 
 
 async def _await(awaitable: Any) -> Any:
     return await awaitable
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def _decode(args: str) -> Any:
@@ -317,7 +421,7 @@ def _decode(args: str) -> Any:
 def _claim_loop(keeper: _Keeper) -> None:
     while not keeper._stop.is_set():
         try:
-            keeper.claim_once()
+            keeper.tick()
         except Exception:  # a locked or broken journal must not end claiming: logged, retried next tick
             log.exception("worker %d: claiming durable tasks from the journal failed", keeper.pid)
         keeper.flush_stats()

@@ -14,13 +14,15 @@ None of it exits with status 3 or 4 (gunicorn halts the whole server on those).
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import os
 import queue
 import selectors
 import sys
 import threading
 import time
-from typing import Any, ClassVar, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 from gunicorn.http.body import LengthReader
 from gunicorn.workers import gthread
@@ -28,6 +30,7 @@ from gunicorn.workers import gthread
 from . import _exit, _recovery, _recycle, _runtime
 from ._config import ConfigError, Settings, describe_source, load_settings
 from ._invocation import REQUEST, InvocationCancelled, Tracker
+from ._journal import JournalError
 from ._lifecycle import (
     LIMIT_BUDGET,
     MAX_SAFETY_MARGIN,
@@ -137,6 +140,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         if cls._settings.replace_before_retire:
             # Share the retire table with the workers to come; wrap the arbiter's counting.
             _recycle.install(log)
+        _check_journal(cfg, cls._settings, log)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -430,3 +434,59 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
 
 def _nothing() -> None:
     """A callback whose only purpose is to wake the main loop."""
+
+
+def _check_journal(cfg: Any, settings: Settings, log: Any) -> None:
+    """In the master, before any fork: the workers will be able to use ``durable_journal``, or the server stops.
+
+    Checked as the user and group the workers run as (gunicorn's ``--user``/``--group``): a
+    master running as root can write where its workers cannot, and a journal it created
+    would be root's. ``JournalError`` (a ``RuntimeError``) names the file, the cause and the fix.
+    """
+    app = cfg.wsgi_app or cfg.settings["default_proc_name"].get()
+    if cfg.uid == os.geteuid() and cfg.gid == os.getegid():
+        counts = _recovery.check_journal(settings, app)
+    else:
+        counts = _check_journal_as(cfg, settings, app)
+    if counts is None:
+        return
+    log.info("edgesync: durable journal %s (app %s): %d pending, %d given up", settings.durable_journal, app,
+             counts["total"], counts["given_up"])
+    if counts["given_up"]:
+        log.warning("edgesync: the durable journal %s keeps %d given-up task(s): `python -m edgesync durable list` "
+                    "shows them, `requeue` runs them again, `purge` deletes them", settings.durable_journal,
+                    counts["given_up"])
+
+
+def _check_journal_as(cfg: Any, settings: Settings, app: str) -> Optional[Dict[str, int]]:
+    """``_recovery.check_journal`` in a child process that runs as the workers' user and group."""
+    from gunicorn import util
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer on the pipe, exit without running the master's teardown
+        code = 1
+        try:
+            os.close(read_end)
+            util.set_owner_process(cfg.uid, cfg.gid, initgroups=cfg.initgroups)
+            os.write(write_end, json.dumps({"counts": _recovery.check_journal(settings, app)}).encode())
+            code = 0
+        # why BaseException: whatever failed goes back to the master as text; the child must exit here.
+        except BaseException as exc:
+            os.write(write_end, json.dumps({"error": str(exc)}).encode())
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as answer:
+        text = answer.read()
+    os.waitpid(pid, 0)
+    _recovery.app = app  # the child set it for itself; the workers inherit the master's
+    try:
+        reply = json.loads(text)
+    except ValueError:
+        raise JournalError("durable_journal %s: the check as uid %d died without an answer" % (
+            settings.durable_journal, cfg.uid)) from None
+    if "error" in reply:
+        raise JournalError(reply["error"])
+    counts: Optional[Dict[str, int]] = reply["counts"]
+    return counts

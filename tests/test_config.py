@@ -30,6 +30,7 @@ DESIGN_DEFAULTS = {
     # Durable tasks and hand-off (README "Durable tasks"): added after section 5, off by default.
     "durable_journal": "",
     "durable_max_attempts": 3,
+    "durable_lease_ms": 30000,
     "handoff": "",
     "handoff_on": "deadline",
     "handoff_redis_url": "redis://127.0.0.1:6379/0",
@@ -82,6 +83,7 @@ def test_full_valid_file(tmp_path: Path) -> None:
         "exit_drain_timeout_ms": 5000,
         "durable_journal": "journal.db",
         "durable_max_attempts": 1000,
+        "durable_lease_ms": 3000,
         "handoff": "rq",
         "handoff_on": "always",
         "handoff_redis_url": "unix:///run/redis.sock",

@@ -38,10 +38,12 @@ RANGES = {
     "max_pending_tasks": (1, 10_000_000),
     "exit_drain_timeout_ms": (0, 2**31 - 1),
     "durable_max_attempts": (1, 1000),
+    "durable_lease_ms": (3000, 2**31 - 1),
 }
 TEXTS = {"durable_journal": r"[^\x00]*", "handoff_redis_url": r"(redis|rediss|unix)://\S+",
          "handoff_queue": r"[A-Za-z0-9_.:-]+"}
-KEYS = ["policy", *list(RANGES)[:-1], "durable_journal", "durable_max_attempts", "handoff", "handoff_on",
+KEYS = ["policy", *list(RANGES)[:-2], "durable_journal", "durable_max_attempts", "durable_lease_ms", "handoff",
+        "handoff_on",
         "handoff_redis_url", "handoff_queue", "replace_before_retire"]
 BOOLEANS = {"replace_before_retire"}
 DEFAULTS = dataclasses.asdict(Settings())

@@ -113,7 +113,9 @@ def test_recorded_before_wait_until_returns_and_deleted_when_done(tmp_path: Path
     with runtime(durable_journal=str(path)) as rt:
         fut = edgesync.wait_until(durable_tasks.gated, "g1")
         (row,) = rows(path)
-        assert row[1:] == ("tests.apps.durable_tasks:gated", '[["g1"],{}]', 1, 2, os.getpid())
+        assert row[1:3] + row[4:] == ("tests.apps.durable_tasks:gated", '[["g1"],{}]', 2, os.getpid())
+        # Its run is counted when it starts (0 until then).
+        wait_for(lambda: rows(path)[0][3] == 1, 5, "the task's run to be counted")
         metrics = edgesync.runtime_metrics()["durable"]
         assert metrics["pending"] == 1 and metrics["journal_pending"] == 1 and metrics["recorded"] == 1
         durable_tasks.gate.set()
@@ -167,8 +169,15 @@ DEAD_WORKER = textwrap.dedent("""
     from edgesync.testing import TestRuntime
     from tests.apps import durable_tasks
     rt = TestRuntime(durable_journal={path!r}, background_threads=1)
+    import sqlite3, time
     for i in range({n}):
         edgesync.wait_until(durable_tasks.{fn}, "dead-%d" % i)
+    # One thread: the first task starts (its run is counted in its row), the others wait behind it.
+    conn = sqlite3.connect({path!r})
+    deadline = time.monotonic() + 10
+    while conn.execute("SELECT SUM(attempt) FROM edgesync_tasks").fetchone()[0] != 1:
+        assert time.monotonic() < deadline, "the first task did not start"
+        time.sleep(0.01)
     print("recorded", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 """)
@@ -184,39 +193,56 @@ def die_with_tasks(path: Path, n: int, fn: str = "gated") -> int:
 def test_a_live_process_reruns_the_tasks_of_a_dead_one(tmp_path: Path) -> None:
     path = tmp_path / "j.db"
     die_with_tasks(path, 5)
-    assert [r[3] for r in rows(path)] == [1] * 5
+    # An attempt is a run: the one task that started counts 1, the four queued behind it 0.
+    assert {r[2]: r[3] for r in rows(path)} == {'[["dead-%d"],{}]' % i: int(i == 0) for i in range(5)}
     durable_tasks.gate.set()
     with runtime(durable_journal=str(path)) as rt:
         _recovery.boot(rt.runtime)  # what the gunicorn worker does when it is ready
         wait_for(lambda: len(durable_tasks.ran) == 5, 10, "the five re-runs")
         rt.wait(5)
         assert sorted(r["id"] for r in durable_tasks.ran) == ["dead-%d" % i for i in range(5)]
-        assert {r["attempt"] for r in durable_tasks.ran} == {2}
+        assert {r["id"]: r["attempt"] for r in durable_tasks.ran} == {"dead-%d" % i: 1 + (i == 0) for i in range(5)}
         assert rows(path) == []
         metrics = rt.metrics()["durable"]
         assert (metrics["rerun"], metrics["completed"], metrics["given_up"]) == (5, 5, 0)
 
 
-def test_gives_up_after_max_attempts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_gives_up_after_max_runs_and_keeps_the_task(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "j.db"
-    die_with_tasks(path, 2)  # gated: max_attempts=2
-    # The first re-run (attempt 2) dies too: a second dead process claims the rows and dies.
+    die_with_tasks(path, 2)  # gated: max_attempts=2; dead-0 ran once, dead-1 never started
+    # A second process claims both, starts both (dead-0's second run, dead-1's first), and dies too.
     claimer = textwrap.dedent("""
-        import os, signal, sys
+        import os, signal, sqlite3, sys, time
         sys.path.insert(0, {repo!r})
         from edgesync import _recovery
         from edgesync.testing import TestRuntime
         rt = TestRuntime(durable_journal={path!r})
         assert _recovery._keeper(rt.runtime).claim_once() == 2
+        conn = sqlite3.connect({path!r})
+        while conn.execute("SELECT SUM(attempt) FROM edgesync_tasks").fetchone()[0] != 3:
+            time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGKILL)
     """).format(repo=str(REPO), path=str(path))
     assert subprocess.run([sys.executable, "-c", claimer], timeout=30).returncode == -signal.SIGKILL
-    assert [r[3] for r in rows(path)] == [2, 2]
+    assert sorted((r[2], r[3]) for r in rows(path)) == [('[["dead-0"],{}]', 2), ('[["dead-1"],{}]', 1)]
+    durable_tasks.gate.set()
     with runtime(durable_journal=str(path)) as rt:
         assert _recovery._keeper(rt.runtime).claim_once() == 2
-        assert rows(path) == [] and durable_tasks.ran == []
-        assert rt.metrics()["durable"]["given_up"] == 2
-    assert len([r for r in caplog.records if "gave up durable task" in r.getMessage()]) == 2
+        rt.wait(5)
+        # dead-0 had its two runs: given up, and kept; dead-1 had one: it ran again, and is done.
+        assert durable_tasks.ran == [{"id": "dead-1", "attempt": 2}]
+        conn = sqlite3.connect(path)
+        kept = conn.execute("SELECT args, attempt, given_up IS NOT NULL, last_error FROM edgesync_tasks").fetchall()
+        conn.close()
+        assert len(kept) == 1 and kept[0][:3] == ('[["dead-0"],{}]', 2, 1)
+        assert kept[0][3].startswith("its 2 run(s) all ended with their process (dead process ")
+        metrics = rt.metrics()["durable"]
+        assert (metrics["given_up"], metrics["journal_given_up"], metrics["journal_pending"]) == (1, 1, 0)
+        # A later claim never takes a given-up task.
+        assert _recovery._keeper(rt.runtime).claim_once() == 0
+    lines = [r.getMessage() for r in caplog.records if "gave up durable task" in r.getMessage()]
+    assert len(lines) == 1 and "after 2 run(s)" in lines[0] and "python -m edgesync durable list" in lines[0]
+    assert not [r for r in caplog.records if "dead-0" in r.getMessage()], "arguments are never logged"
 
 
 CLAIMER = textwrap.dedent("""
@@ -241,7 +267,8 @@ def test_two_processes_never_claim_the_same_row(tmp_path: Path) -> None:
     for round_ in range(3):
         ids = ["r%d-%d" % (round_, i) for i in range(300)]
         journal.open()
-        conn.executemany("INSERT INTO edgesync_tasks VALUES (?, 'm:f', '[[],{}]', 1, 3, ?, 1, ?)",
+        conn.executemany("INSERT INTO edgesync_tasks (id, fn, args, attempt, max_attempts, owner_pid, owner_start, "
+                         "accepted) VALUES (?, 'm:f', '[[],{}]', 1, 3, ?, 1, ?)",
                          [(i, dead_pid, time.time()) for i in ids])
         conn.commit()
         start = time.time() + 1.0

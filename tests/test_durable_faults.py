@@ -5,18 +5,19 @@ Each case ends with a reconciliation: every durable task id the app accepted
 of tests/apps/durable_tasks.py), in the worker that accepted it or, after that worker
 died, in another one; none is lost. Each case prints its figures (``-s``): accepted,
 completed, re-run (attempt >= 2), ran twice (completed more than once: at-least-once
-made visible), lost.
+made visible), ran at once (two runs of one id alive at the same time: never), lost.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import pytest
 
@@ -35,10 +36,12 @@ class DurableTally:
     done: Dict[str, List[str]]  # id -> where each completed run ran ("gunicorn" or "rq")
     reruns: Set[str]  # ids that started at attempt >= 2
     pending_in_redis: Set[str] = field(default_factory=set)
+    at_once: Set[str] = field(default_factory=set)  # ids with two runs alive at the same time
+    kept: Set[str] = field(default_factory=set)  # given up on purpose, kept in the journal
 
     @property
     def lost(self) -> Set[str]:
-        return self.accepted - set(self.done) - self.pending_in_redis
+        return self.accepted - set(self.done) - self.pending_in_redis - self.kept
 
     @property
     def twice(self) -> Set[str]:
@@ -46,10 +49,11 @@ class DurableTally:
 
     def show(self, case: str) -> str:
         where = Counter(w for runs in self.done.values() for w in runs[:1])
-        line = ("[%s] durable tasks accepted %d, completed %d (%s), re-run %d, ran twice %d, pending in Redis %d, "
-                "lost %d" % (case, len(self.accepted), len(set(self.done) & self.accepted),
-                             ", ".join("%s %d" % kv for kv in sorted(where.items())), len(self.reruns),
-                             len(self.twice), len(self.pending_in_redis), len(self.lost)))
+        line = ("[%s] durable tasks accepted %d, completed %d (%s), re-run %d, ran twice %d, ran at once %d, "
+                "pending in Redis %d, given up (kept) %d, lost %d"
+                % (case, len(self.accepted), len(set(self.done) & self.accepted),
+                   ", ".join("%s %d" % kv for kv in sorted(where.items())), len(self.reruns), len(self.twice),
+                   len(self.at_once), len(self.pending_in_redis), len(self.kept), len(self.lost)))
         print("\n" + line)
         return line
 
@@ -62,7 +66,42 @@ def durable_tally(server: Server) -> DurableTally:
         if e["type"] == "durable_done":
             done.setdefault(e["id"], []).append(e["where"])
     reruns = {e["id"] for e in events if e["type"] == "durable_start" and e["attempt"] >= 2}
-    return DurableTally(accepted, done, reruns)
+    return DurableTally(accepted, done, reruns, at_once=runs_at_once(events))
+
+
+def runs_at_once(events: List[Dict[str, Any]], alive: Callable[[int], bool] = lambda pid: _alive(pid)) -> Set[str]:
+    """Ids with two runs alive at the same time: a run lasts from its start to its end (its
+    ``durable_done``, or for ever while its process lives; a run whose process died without
+    finishing ended before any later run of its id started, which is what this checks)."""
+    runs: Dict[str, List[List[float]]] = {}
+    open_runs: Dict[Tuple[str, int, int], List[float]] = {}
+    for e in sorted(events, key=lambda e: e["t"]):
+        key = (e.get("id", ""), e["pid"], e.get("attempt", 0))
+        if e["type"] == "durable_start":
+            open_runs[key] = [e["t"], math.inf]
+            runs.setdefault(key[0], []).append(open_runs[key])
+        elif e["type"] == "durable_done" and key in open_runs:
+            open_runs.pop(key)[1] = e["t"]
+    for (task_id, pid, _), run in open_runs.items():
+        if not alive(pid):  # it died mid-run: it ended no later than the next run of its id started
+            later = [r[0] for r in runs[task_id] if r[0] > run[0]]
+            run[1] = min(later, default=run[0])
+    at_once = set()
+    for task_id, spans in runs.items():
+        spans.sort()
+        if any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)):
+            at_once.add(task_id)
+    return at_once
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def all_done(server: Server, also: Callable[[DurableTally], Set[str]] = lambda t: set()) -> Callable[[], bool]:
@@ -114,7 +153,7 @@ def test_sigkill_under_load_loses_no_durable_task(server_factory: Callable[..., 
     check_log(server)
     tally = durable_tally(server)
     tally.show("SIGKILL under load (%d requests)" % result.requests)
-    assert tally.lost == set()
+    assert tally.lost == set() and tally.at_once == set()
     assert set(planted) <= tally.reruns, "the killed worker's tasks were re-run"
     assert re.search(r"re-running \d+ durable task\(s\) of dead process %d" % victim, server.log)
     assert len(tally.accepted) > 100
@@ -133,7 +172,7 @@ def test_drain_past_graceful_timeout_leaves_tasks_for_a_live_worker(server_facto
     check_log(server)
     tally = durable_tally(server)
     tally.show("drain past graceful_timeout (SIGTERM to one worker)")
-    assert tally.lost == set() and set(planted) <= tally.reruns
+    assert tally.lost == set() and tally.at_once == set() and set(planted) <= tally.reruns
     assert "was sent SIGKILL" not in server.log
 
 
@@ -154,7 +193,7 @@ def test_hard_limit_termination_leaves_tasks_for_a_live_worker(server_factory: C
     assert "Traceback (most recent call last)" not in log and "Reason:" not in log, log
     tally = durable_tally(server)
     tally.show("%s hard limit terminates the instance" % limit)
-    assert tally.lost == set() and set(planted) <= tally.reruns
+    assert tally.lost == set() and tally.at_once == set() and set(planted) <= tally.reruns
     assert re.search(r"Worker \(pid:%d\) exited with code 1" % victim, log)
 
 
