@@ -66,19 +66,24 @@ class Server:
         self.log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=self.log_file,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        pattern = (r"Listening at: http://127\.0\.0\.1:(\d+)" if bind else
-                   r"Listening at: .*()")
-        match = wait_for(lambda: self.exited() is None and re.search(pattern, self.log)
-                         or self._fail_if_exited(), timeout, "gunicorn to listen")
+        pattern = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+)" if bind else r"Listening at: .*()")
+
+        def listening() -> Optional[re.Match[str]]:
+            # The exit status first, the log second: a master that has exited has written
+            # all it will, so a log without the line then means it never listened. A master
+            # that listened and then exited (a bad edgesync.toml fails check_config right
+            # after "Listening at") is started: its exit is the caller's to examine.
+            code = self.exited()
+            match = pattern.search(self.log)
+            if match is None and code is not None:
+                raise AssertionError("gunicorn exited with %s before listening:\n%s" % (code, self.log))
+            return match
+        match = wait_for(listening, timeout, "gunicorn to listen")
         self.port = int(match.group(1) or self.args[self.args.index("-b") + 1].rsplit(":", 1)[1])
         if workers_ready:
             self.wait_for_log(r"Booting worker with pid", count=workers_ready, timeout=timeout)
             self.wait_ready(timeout)
         return self
-
-    def _fail_if_exited(self) -> None:
-        if self.exited() is not None:
-            raise AssertionError("gunicorn exited with %s:\n%s" % (self.exited(), self.log))
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Wait until a worker answers a request."""
