@@ -14,55 +14,16 @@ import os
 import re
 import signal
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, Optional, Set
 
 import pytest
 
-from .conftest import Server, wait_for
-from .test_faults import Wrk, require_wrk, stop_cleanly
+from .fault_suite import DURABLE_APP, DurableTally, durable_tally, plant, stop_cleanly
+from .support import Server, StatsdListener, Wrk, require_wrk, wait_for
 
-APP = "tests.apps.durable:app"
 JOURNAL = {"EDGESYNC_DURABLE_JOURNAL": "journal.db"}
 
 pytestmark = pytest.mark.slow
-
-
-@dataclass
-class DurableTally:
-    accepted: Set[str]
-    done: Dict[str, List[str]]  # id -> where each completed run ran ("gunicorn" or "rq")
-    reruns: Set[str]  # ids that started at attempt >= 2
-    pending_in_redis: Set[str] = field(default_factory=set)
-
-    @property
-    def lost(self) -> Set[str]:
-        return self.accepted - set(self.done) - self.pending_in_redis
-
-    @property
-    def twice(self) -> Set[str]:
-        return {i for i, runs in self.done.items() if len(runs) > 1}
-
-    def show(self, case: str) -> str:
-        where = Counter(w for runs in self.done.values() for w in runs[:1])
-        line = ("[%s] durable tasks accepted %d, completed %d (%s), re-run %d, ran twice %d, pending in Redis %d, "
-                "lost %d" % (case, len(self.accepted), len(set(self.done) & self.accepted),
-                             ", ".join("%s %d" % kv for kv in sorted(where.items())), len(self.reruns),
-                             len(self.twice), len(self.pending_in_redis), len(self.lost)))
-        print("\n" + line)
-        return line
-
-
-def durable_tally(server: Server) -> DurableTally:
-    events = server.events()
-    accepted = {e["id"] for e in events if e["type"] == "accepted"}
-    done: Dict[str, List[str]] = {}
-    for e in events:
-        if e["type"] == "durable_done":
-            done.setdefault(e["id"], []).append(e["where"])
-    reruns = {e["id"] for e in events if e["type"] == "durable_start" and e["attempt"] >= 2}
-    return DurableTally(accepted, done, reruns)
 
 
 def all_done(server: Server, also: Callable[[DurableTally], Set[str]] = lambda t: set()) -> Callable[[], bool]:
@@ -75,7 +36,7 @@ def all_done(server: Server, also: Callable[[DurableTally], Set[str]] = lambda t
 def start(server_factory: Callable[..., Server], *args: str, workers: int = 2,
           env: Optional[Dict[str, str]] = None) -> Server:
     require_wrk()
-    return server_factory("--workers", str(workers), "--threads", "4", *args, app=APP,
+    return server_factory("--workers", str(workers), "--threads", "4", *args, app=DURABLE_APP,
                           env={**JOURNAL, **(env or {})}, workers_ready=workers)
 
 
@@ -85,19 +46,6 @@ def check_log(server: Server) -> None:
     assert "Reason:" not in log, "the master halted:\n" + log
     assert "Traceback (most recent call last)" not in log, log
     assert "gave up durable task" not in log
-
-
-def plant(server: Server, pid: int, query: str) -> List[str]:
-    """Schedule durable tasks on worker ``pid`` (retrying until a request lands there)."""
-    planted: List[str] = []
-
-    def once() -> bool:
-        status, body = server.get("/durable?only=%d&%s" % (pid, query))
-        if status == 200:
-            planted.extend(body.decode().split()[:-1])
-        return bool(planted)
-    wait_for(once, 10, "durable tasks to land on worker %d" % pid)
-    return planted
 
 
 def test_sigkill_under_load_loses_no_durable_task(server_factory: Callable[..., Server]) -> None:
@@ -159,7 +107,6 @@ def test_hard_limit_termination_leaves_tasks_for_a_live_worker(server_factory: C
 
 
 def test_reruns_show_in_metrics_and_statsd(server_factory: Callable[..., Server]) -> None:
-    from .test_statsd import StatsdListener
     statsd = StatsdListener()
     try:
         server = start(server_factory, "--statsd-host", "127.0.0.1:%d" % statsd.port, "--statsd-prefix", "myapp")

@@ -33,8 +33,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import psutil
 import pytest
 
-from .conftest import Server
-from .test_faults import Wrk, check_log, reconcile, start, stop_cleanly
+from .fault_suite import start, stop_and_reconcile
+from .support import Server, Wrk
 
 SOAK_SECONDS = int(os.environ.get("ESTEST_SOAK_SECONDS", "120"))
 SAMPLE_EVERY = 0.5
@@ -172,11 +172,7 @@ def test_soak_nothing_grows(server_factory: Callable[..., Server]) -> None:
         sampler.stop()
     ended = time.time()
     retirements = server.log.count("retiring (reason=")
-    stop_cleanly(server)
-    check_log(server)
-    tally = reconcile(server)
-    tally.requests, tally.failed_requests = result.requests, result.failed()
-    tally.show("soak %ds (%d retirements)" % (SOAK_SECONDS, retirements))
+    tally = stop_and_reconcile(server, result, "soak %ds (%d retirements)" % (SOAK_SECONDS, retirements))
     assert not server.events("queue_full"), "the background queue filled up: a backlog grew"
     assert result.failed() == 0, result.output
     assert tally.unaccounted == set()
