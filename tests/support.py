@@ -2,9 +2,10 @@
 
 - ``wait_for``: poll a predicate until it holds or a deadline passes; ``free_port``: a port the OS
   gave and took back.
-- ``require``: a real component a test needs (``wrk``, ``redis-server``...): present, or the test
-  skips (fails when its ``ESTEST_REQUIRE_*`` variable is 1), and the end of the run lists what was
-  missing and how to install it (conftest.py's ``pytest_terminal_summary``).
+- ``missing`` (and ``require_wrk``): a real component a test needs (``wrk``, ``redis-server``...)
+  is absent: the test skips (fails when the component's ``ESTEST_REQUIRE_*`` variable is 1), and
+  the end of the run lists what was missing and how to install it (conftest.py's
+  ``pytest_terminal_summary``).
 - ``Server``: one gunicorn master (``sys.executable -m gunicorn -k edgesync.Worker``) on a port the
   OS assigns, driven from outside; conftest.py's ``server_factory`` fixture starts and stops them.
 - ``run_example`` and ``call``: README.md's example commands, run as written.
