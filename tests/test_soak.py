@@ -62,8 +62,7 @@ BURST = "/task?lo=0.005&hi=0.01&n=8"
 #: close on a loaded 2-core machine) keeps under 2 of its 8 threads busy: measured with one
 #: worker and /metrics read every 0.1 s, its queue held a median of 0 tasks, 59 at most. Tasks
 #: that outran the pool (3.2 ms per request is 10-12 threads' worth at that rate) would fill the
-#: queue to max_pending_tasks and answer 503s, and the test could not tell a backlog that grows
-#: from one that was never drained.
+#: queue to max_pending_tasks and answer 503s without any leak: a QueueFull would say nothing.
 MIX = {"/ok": 200, "/task?lo=0.001&hi=0.003": 10, "/fail": 10, "/ctx?id={id}": 10, BURST: 1}
 #: No worker ever has more threads than: main, 4 request threads, 8 background
 #: threads, the limits monitor, the beforeunload thread, faulthandler's watchdog.
