@@ -30,7 +30,6 @@ import importlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,17 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import edgesync
 from bench.apps import durable_tasks
+from bench.harness import free_port
 from edgesync import _recovery, testing
 from edgesync._journal import Journal
 
 BIG = 10_000_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def start_redis(workdir: str) -> tuple[subprocess.Popen[bytes], str]:

@@ -24,7 +24,6 @@ import faulthandler
 import logging
 import os
 import random
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -67,16 +66,13 @@ MEMORY_SOFT = 0.5
 class Monitor:
     """Samples one runtime's instance and enforces its limits (see the module doc)."""
 
-    def __init__(self, runtime: Runtime, *, interval: float = INTERVAL, watchdog_file: Any = None,
-                 stagger: Optional[float] = None, siblings: Sequence[float] = (), workers: int = 1,
-                 boot: float = 0.0):
+    def __init__(self, runtime: Runtime, *, stagger: Optional[float] = None, siblings: Sequence[float] = (),
+                 workers: int = 1, boot: float = 0.0):
         self.rt = runtime
         s = runtime.settings
-        self.interval = interval
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._terminate_requested_at: Optional[float] = None
-        self._watchdog_file = watchdog_file if watchdog_file is not None else sys.stderr
         self._watchdog_armed_at = 0.0
         self._stats_at = 0.0
         if stagger is None:
@@ -123,7 +119,7 @@ class Monitor:
             # the worker's whole life; it is logged with its traceback each time.
             except Exception:
                 log.exception("worker %d: limits monitor sample failed", self.rt.pid)
-            next_at += self.interval
+            next_at += INTERVAL
             delay = next_at - time.monotonic()
             if delay < 0:  # we fell behind (a long GIL hold): do not burst to catch up
                 next_at, delay = time.monotonic(), 0.0
@@ -135,7 +131,7 @@ class Monitor:
         """Compare every measure with its limits once and act."""
         rt = self.rt
         if self.watchdog and now - self._watchdog_armed_at >= WATCHDOG_REARM:
-            faulthandler.dump_traceback_later(self.watchdog, exit=True, file=self._watchdog_file)
+            faulthandler.dump_traceback_later(self.watchdog, exit=True)
             self._watchdog_armed_at = now
         if self._terminate_requested_at is not None:
             if now - self._terminate_requested_at > TERMINATE_FALLBACK:

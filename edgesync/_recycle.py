@@ -47,8 +47,6 @@ SLOTS = 1024
 #: hard limit terminates it.
 MAX_WAIT = 30.0
 WAIT_LIFE_FRACTION = 0.75
-#: How often a retiree looks whether the arbiter released it (a read of shared memory).
-HANDOFF_POLL = 0.05
 
 FREE, BOOTING, READY, RETIRING = 0, 1, 2, 3
 #: Signals with which the arbiter stops a worker (its kill_worker): a worker it

@@ -1,13 +1,14 @@
 """Flask integration: background tasks run inside an application context of their app.
 
-The usual extension pattern, with ``init_app`` for app factories::
+Nothing to set up: edgesync's core gives every Flask app's tasks an app context.
+The usual extension pattern (``init_app`` for app factories) is accepted, and optional::
 
     from flask import Flask, current_app, request
     import edgesync
     from edgesync.flask import EdgeSync
 
     app = Flask(__name__)
-    EdgeSync(app)                    # or: sync = EdgeSync(); sync.init_app(app)
+    EdgeSync(app)                    # optional; or: sync = EdgeSync(); sync.init_app(app)
 
     def send_welcome(email: str) -> None:
         current_app.logger.info("welcoming %s", email)   # works: an app context of `app`
@@ -59,11 +60,13 @@ EXTENSION_KEY = "edgesync"
 
 
 class EdgeSync:
-    """The Flask extension object: ``EdgeSync(app)``, or ``EdgeSync().init_app(app)`` in a factory.
+    """The Flask extension object, kept for the extension pattern: ``EdgeSync(app)`` or ``init_app(app)``.
 
-    Optional: every task scheduled from a Flask app context runs in a fresh app
-    context of that app, without the request, whether or not the app registered
-    this extension (see the module docstring).
+    It does nothing more than record itself in ``app.extensions["edgesync"]``. Every
+    task scheduled from a Flask app context runs in a fresh app context of that app,
+    without the request, whether or not the app registered this extension (edgesync's
+    core does it for every Flask app; see the module docstring). Apps written with it
+    keep working; new apps need not use it.
     """
 
     def __init__(self, app: Optional[Flask] = None) -> None:

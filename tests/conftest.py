@@ -1,180 +1,30 @@
-"""Shared fixtures: real gunicorn servers on 127.0.0.1, and a thread-leak check.
+"""Shared fixtures: real gunicorn servers on 127.0.0.1, a thread-leak check, and the end-of-run summary.
 
-``server_factory`` starts ``sys.executable -m gunicorn -k edgesync.Worker`` on a
-port the OS assigns, waits for it with a deadline, prints its log when the test
-fails, fails the test if the log shows ``WORKER TIMEOUT``, and always stops it.
+``server_factory`` starts ``sys.executable -m gunicorn -k edgesync.Worker`` (support.py's
+``Server``) on a port the OS assigns, waits for it with a deadline, prints its log when the test
+fails, fails the test if the log shows ``WORKER TIMEOUT``, and always stops it. The summary at the
+end of the run names the real components that were missing (wrk, redis-server...) and how to
+install them, and how long the run took.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
-import re
-import signal
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 
 from edgesync._events import EVENT_TYPES, listeners
 
-REPO = Path(__file__).resolve().parent.parent
+from .support import COMPONENTS, Server
 
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
-        time.sleep(interval)
-
-
-class Server:
-    """One gunicorn master running an app from tests/apps, driven from outside."""
-
-    def __init__(self, workdir: Path, app: str, args: List[str], env: Dict[str, str]):
-        self.workdir = workdir
-        self.log_path = workdir / "gunicorn.log"
-        self.events_path = workdir / "events.jsonl"
-        self.app = app
-        self.args = args
-        self.env = env
-        self.proc: Optional[subprocess.Popen[bytes]] = None
-        self.port = 0
-
-    # -- process ---------------------------------------------------------------
-
-    def start(self, workers_ready: int = 1, timeout: float = 20.0) -> Server:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESYNC_")}
-        env.update({"EVENTS_FILE": str(self.events_path), "PYTHONUNBUFFERED": "1"})
-        env.update(self.env)
-        # A test that passes its own -b (--reuse-port: every worker binds the address itself, so
-        # port 0 would give each its own port) names the port; otherwise the OS picks one.
-        bind = [] if "-b" in self.args else ["-b", "127.0.0.1:0"]
-        cmd = [sys.executable, "-m", "gunicorn", "-k", "edgesync.Worker", *bind,
-               "--no-control-socket", "--pythonpath", str(REPO), "--log-level", "info",
-               "--graceful-timeout", "5", "--timeout", "10", *self.args, self.app]
-        self.log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=self.log_file,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        pattern = (r"Listening at: http://127\.0\.0\.1:(\d+)" if bind else
-                   r"Listening at: .*()")
-        match = wait_for(lambda: self.exited() is None and re.search(pattern, self.log)
-                         or self._fail_if_exited(), timeout, "gunicorn to listen")
-        self.port = int(match.group(1) or self.args[self.args.index("-b") + 1].rsplit(":", 1)[1])
-        if workers_ready:
-            self.wait_for_log(r"Booting worker with pid", count=workers_ready, timeout=timeout)
-            self.wait_ready(timeout)
-        return self
-
-    def _fail_if_exited(self) -> None:
-        if self.exited() is not None:
-            raise AssertionError("gunicorn exited with %s:\n%s" % (self.exited(), self.log))
-
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        """Wait until a worker answers a request."""
-        def answered() -> bool:
-            try:
-                return self.get("/pid", timeout=2)[0] == 200
-            except OSError:
-                return False
-        wait_for(answered, timeout, "a worker to answer")
-
-    def exited(self) -> Optional[int]:
-        assert self.proc is not None
-        return self.proc.poll()
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM the master and wait for it; SIGKILL the group if it hangs."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-            raise AssertionError("gunicorn did not stop within %.0fs" % timeout) from None
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(5)
-        if not self.log_file.closed:
-            self.log_file.close()
-
-    # -- observing -------------------------------------------------------------
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def wait_for_log(self, pattern: str, count: int = 1, timeout: float = 15.0) -> List[str]:
-        """Wait until ``pattern`` matches ``count`` lines of the log; return those lines."""
-        rx = re.compile(pattern)
-
-        def found() -> List[str]:
-            lines = [line for line in self.log.splitlines() if rx.search(line)]
-            return lines if len(lines) >= count else []
-        return list(wait_for(found, timeout, "%d log line(s) matching %r" % (count, pattern)))
-
-    def events(self, type: Optional[str] = None) -> List[Dict[str, Any]]:
-        if not self.events_path.exists():
-            return []
-        # A line is complete once its newline is written: a process may be writing the
-        # last one while this reads (one write per line, but a read may see half of it).
-        complete = self.events_path.read_text().split("\n")[:-1]
-        out = [json.loads(line) for line in complete if line]
-        return [e for e in out if type is None or e["type"] == type]
-
-    def wait_for_events(self, type: str, count: int = 1, timeout: float = 15.0,
-                        where: Callable[[Dict[str, Any]], bool] = lambda e: True) -> List[Dict[str, Any]]:
-        def found() -> List[Dict[str, Any]]:
-            got = [e for e in self.events(type) if where(e)]
-            return got if len(got) >= count else []
-        return list(wait_for(found, timeout, "%d %r event(s)" % (count, type)))
-
-    def worker_pids(self) -> List[int]:
-        """Workers booted and not yet reported as exited."""
-        booted = [int(p) for p in re.findall(r"Booting worker with pid: (\d+)", self.log)]
-        gone = {int(p) for p in re.findall(r"Worker exiting \(pid: (\d+)\)", self.log)}
-        gone |= {int(p) for p in re.findall(r"Worker \(pid:(\d+)\) (?:was sent|exited)", self.log)}
-        return [p for p in booted if p not in gone]
-
-    # -- HTTP ------------------------------------------------------------------
-
-    def request(self, method: str, path: str, timeout: float = 10.0) -> Tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path)
-            resp = conn.getresponse()
-            return resp.status, resp.read()
-        finally:
-            conn.close()
-
-    def get(self, path: str, timeout: float = 10.0) -> Tuple[int, bytes]:
-        return self.request("GET", path, timeout)
-
-    def get_json(self, path: str) -> Any:
-        status, body = self.get(path)
-        assert status == 200, (status, body)
-        return json.loads(body)
+# Re-exported: test modules import these from support.py, some older ones from here.
+from .support import REPO as REPO
+from .support import wait_for as wait_for
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -251,3 +101,35 @@ def no_leaked_threads() -> Iterator[None]:
     while leaked() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not leaked(), "threads leaked by the test: %s" % [t.name for t in leaked()]
+
+
+STARTED = pytest.StashKey[float]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[STARTED] = time.monotonic()
+
+
+@pytest.hookimpl(trylast=True)  # after the other plugins' summaries: the duration includes them
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Never skip quietly: name each real component some tests lacked, and how to install it.
+
+    Installing is left to the caller (``.ci/run`` does it as root, then sets ``ESTEST_REQUIRE_*=1``
+    so that a missing component fails the run): a test run does not change the machine. Also says
+    how long the run took, on how many CPUs, under what load.
+    """
+    tr = terminalreporter
+    lacking = [c for c in COMPONENTS if c.skipped]
+    if lacking:
+        tr.write_sep("=", "real components missing", yellow=True, bold=True)
+        for c in lacking:
+            tr.write_line("%s: %d test(s) skipped; to run them: %s%s" % (
+                c.name, c.skipped, c.install,
+                " (then %s=1 makes its absence a failure)" % c.require_env if c.require_env else ""))
+        tr.write_line(".ci/run installs wrk and redis-server when missing (as root) and sets "
+                      "ESTEST_REQUIRE_WRK=1 ESTEST_REQUIRE_REDIS=1.")
+    took = round(time.monotonic() - config.stash.get(STARTED, time.monotonic()))
+    tr.write_line("edgesync: the run took %d s (%d min %02d s) on %d CPU(s), load average %s at its end; %s" % (
+        took, took // 60, took % 60, len(os.sched_getaffinity(0)), "/".join("%.1f" % x for x in os.getloadavg()),
+        "missing: %s (see above)" % ", ".join(c.name for c in lacking) if lacking
+        else "no test skipped for want of a real component"), yellow=bool(lacking))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import http.client
 from typing import Callable
 
-from .conftest import Server
+from .support import Server
 
 N = 200
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict
 
 import pytest
 
-from .conftest import REPO, Server, wait_for
+from .support import REPO, Server, wait_for
 
 SETTINGS = "tests.apps.djangosite.settings"
 

@@ -32,11 +32,10 @@ import edgesync
 import edgesync.django
 from edgesync.testing import TestRuntime, runtime
 
-from .conftest import REPO, Server, wait_for
-from .test_examples import call, run_example
+from .support import DJANGO_TASKS, REPO, Server, call, missing, run_example, wait_for
 
 if importlib.util.find_spec("django.tasks") is None and importlib.util.find_spec("django_tasks") is None:
-    pytest.skip("needs django.tasks (Django >= 6) or the django-tasks backport", allow_module_level=True)
+    missing(DJANGO_TASKS, "neither django.tasks (Django >= 6) nor the django-tasks backport is installed")
 
 try:
     from django.tasks import TaskResultStatus, signals, task, task_backends

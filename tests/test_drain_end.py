@@ -25,7 +25,7 @@ import pytest
 import edgesync
 from edgesync import testing
 
-from .conftest import REPO, Server
+from .support import REPO, Server
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys, threading, time

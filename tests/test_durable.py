@@ -10,7 +10,6 @@ import json
 import math
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from edgesync._journal import Journal, process_start
 from edgesync.testing import TestRuntime, runtime
 
 from .apps import durable_tasks
-from .conftest import REPO, wait_for
+from .support import REPO, free_port, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -332,9 +331,7 @@ def test_a_function_of_main_is_refused(tmp_path: Path) -> None:
 
 
 def test_hand_off_always_to_an_unreachable_redis_raises_at_the_call(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed_port = s.getsockname()[1]  # nothing listens once this socket is closed
+    closed_port = free_port()  # nothing listens on it
     with runtime(handoff="rq", handoff_on="always", handoff_redis_url="redis://127.0.0.1:%d/0" % closed_port):
         import redis
         with pytest.raises(redis.ConnectionError):

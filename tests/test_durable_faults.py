@@ -10,111 +10,26 @@ made visible), ran at once (two runs of one id alive at the same time: never), l
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import signal
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, Optional
 
 import pytest
 
-from .conftest import Server, wait_for
-from .test_faults import Wrk, require_wrk, stop_cleanly
+from .fault_suite import DURABLE_APP, all_done, durable_tally, plant, stop_cleanly
+from .support import Server, StatsdListener, Wrk, require_wrk, wait_for
 
-APP = "tests.apps.durable:app"
 JOURNAL = {"EDGESYNC_DURABLE_JOURNAL": "journal.db"}
 
 pytestmark = pytest.mark.slow
 
 
-@dataclass
-class DurableTally:
-    accepted: Set[str]
-    done: Dict[str, List[str]]  # id -> where each completed run ran ("gunicorn" or "rq")
-    reruns: Set[str]  # ids that started at attempt >= 2
-    pending_in_redis: Set[str] = field(default_factory=set)
-    at_once: Set[str] = field(default_factory=set)  # ids with two runs alive at the same time
-    kept: Set[str] = field(default_factory=set)  # given up on purpose, kept in the journal
-
-    @property
-    def lost(self) -> Set[str]:
-        return self.accepted - set(self.done) - self.pending_in_redis - self.kept
-
-    @property
-    def twice(self) -> Set[str]:
-        return {i for i, runs in self.done.items() if len(runs) > 1}
-
-    def show(self, case: str) -> str:
-        where = Counter(w for runs in self.done.values() for w in runs[:1])
-        line = ("[%s] durable tasks accepted %d, completed %d (%s), re-run %d, ran twice %d, ran at once %d, "
-                "pending in Redis %d, given up (kept) %d, lost %d"
-                % (case, len(self.accepted), len(set(self.done) & self.accepted),
-                   ", ".join("%s %d" % kv for kv in sorted(where.items())), len(self.reruns), len(self.twice),
-                   len(self.at_once), len(self.pending_in_redis), len(self.kept), len(self.lost)))
-        print("\n" + line)
-        return line
-
-
-def durable_tally(server: Server) -> DurableTally:
-    events = server.events()
-    accepted = {e["id"] for e in events if e["type"] == "accepted"}
-    done: Dict[str, List[str]] = {}
-    for e in events:
-        if e["type"] == "durable_done":
-            done.setdefault(e["id"], []).append(e["where"])
-    reruns = {e["id"] for e in events if e["type"] == "durable_start" and e["attempt"] >= 2}
-    return DurableTally(accepted, done, reruns, at_once=runs_at_once(events))
-
-
-def runs_at_once(events: List[Dict[str, Any]], alive: Callable[[int], bool] = lambda pid: _alive(pid)) -> Set[str]:
-    """Ids with two runs alive at the same time: a run lasts from its start to its end (its
-    ``durable_done``, or for ever while its process lives; a run whose process died without
-    finishing ended before any later run of its id started, which is what this checks)."""
-    runs: Dict[str, List[List[float]]] = {}
-    open_runs: Dict[Tuple[str, int, int], List[float]] = {}
-    for e in sorted(events, key=lambda e: e["t"]):
-        key = (e.get("id", ""), e["pid"], e.get("attempt", 0))
-        if e["type"] == "durable_start":
-            open_runs[key] = [e["t"], math.inf]
-            runs.setdefault(key[0], []).append(open_runs[key])
-        elif e["type"] == "durable_done" and key in open_runs:
-            open_runs.pop(key)[1] = e["t"]
-    for (task_id, pid, _), run in open_runs.items():
-        if not alive(pid):  # it died mid-run: it ended no later than the next run of its id started
-            later = [r[0] for r in runs[task_id] if r[0] > run[0]]
-            run[1] = min(later, default=run[0])
-    at_once = set()
-    for task_id, spans in runs.items():
-        spans.sort()
-        if any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)):
-            at_once.add(task_id)
-    return at_once
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def all_done(server: Server, also: Callable[[DurableTally], Set[str]] = lambda t: set()) -> Callable[[], bool]:
-    def check() -> bool:
-        tally = durable_tally(server)
-        return bool(tally.accepted) and not (tally.accepted - set(tally.done) - also(tally))
-    return check
-
-
 def start(server_factory: Callable[..., Server], *args: str, workers: int = 2,
           env: Optional[Dict[str, str]] = None) -> Server:
     require_wrk()
-    return server_factory("--workers", str(workers), "--threads", "4", *args, app=APP,
+    return server_factory("--workers", str(workers), "--threads", "4", *args, app=DURABLE_APP,
                           env={**JOURNAL, **(env or {})}, workers_ready=workers)
 
 
@@ -124,19 +39,6 @@ def check_log(server: Server) -> None:
     assert "Reason:" not in log, "the master halted:\n" + log
     assert "Traceback (most recent call last)" not in log, log
     assert "gave up durable task" not in log
-
-
-def plant(server: Server, pid: int, query: str) -> List[str]:
-    """Schedule durable tasks on worker ``pid`` (retrying until a request lands there)."""
-    planted: List[str] = []
-
-    def once() -> bool:
-        status, body = server.get("/durable?only=%d&%s" % (pid, query))
-        if status == 200:
-            planted.extend(body.decode().split()[:-1])
-        return bool(planted)
-    wait_for(once, 10, "durable tasks to land on worker %d" % pid)
-    return planted
 
 
 def test_sigkill_under_load_loses_no_durable_task(server_factory: Callable[..., Server]) -> None:
@@ -198,7 +100,6 @@ def test_hard_limit_termination_leaves_tasks_for_a_live_worker(server_factory: C
 
 
 def test_reruns_show_in_metrics_and_statsd(server_factory: Callable[..., Server]) -> None:
-    from .test_statsd import StatsdListener
     statsd = StatsdListener()
     try:
         server = start(server_factory, "--statsd-host", "127.0.0.1:%d" % statsd.port, "--statsd-prefix", "myapp")

@@ -28,9 +28,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
-from .conftest import REPO, Server, wait_for
-from .test_durable_faults import all_done, durable_tally, plant, runs_at_once
-from .test_faults import stop_cleanly
+from .fault_suite import all_done, durable_tally, plant, runs_at_once, stop_cleanly
+from .support import REPO, Server, wait_for
 
 APP = "tests.apps.durable_seams:app"
 
@@ -127,7 +126,7 @@ def test_tasks_queued_across_two_restarts_are_not_given_up(server_factory: Calla
 
 def test_a_given_up_task_is_kept_listed_requeued_and_purged(server_factory: Callable[..., Server],
                                                             tmp_path: Path) -> None:
-    from .test_statsd import StatsdListener
+    from .support import StatsdListener
     flag = tmp_path / "poison-on"
     flag.touch()
     journal = tmp_path / "journal.db"

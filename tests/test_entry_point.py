@@ -10,7 +10,7 @@ from gunicorn.util import load_class
 
 import edgesync
 
-from .conftest import Server
+from .support import Server
 
 SHORT_NAME = "egg:edgesync-wsgi#edgesync"
 

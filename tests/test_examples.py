@@ -8,69 +8,14 @@ picks the port) and ``.venv/bin/python`` becomes this interpreter.
 from __future__ import annotations
 
 import json
-import os
-import re
-import shlex
-import subprocess
-import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List
 
 import pytest
 
-from .conftest import REPO, Server, wait_for
+from .support import REPO, Server, call, readme_commands, run_example, wait_for
 
 EXAMPLES = {"flask_app:app", "fetch_and_log:app", "plain_wsgi:app", "django_app.wsgi"}
-
-
-def readme_commands() -> Dict[str, str]:
-    """The example commands of docs/getting-started.md, by the app they serve (their last word)."""
-    page = (REPO / "docs" / "getting-started.md").read_text()
-    section = page.split("\n## Examples\n", 1)[1].split("\n## ", 1)[0]
-    match = re.search(r"```bash\n(.*?)```", section, re.S)
-    assert match, "the Examples section of docs/getting-started.md has no bash block"
-    return {line.split()[-1]: line for line in match.group(1).splitlines() if line.strip()}
-
-
-def run_example(server_factory: Callable[..., Server], app: str, env: Dict[str, str]) -> Server:
-    """Run the docs' command for ``app``: its set-up steps, then gunicorn."""
-    *setup, serve = readme_commands()[app].split(" && ")
-    for step in setup:
-        words = shlex.split(step)
-        if words[0] == ".venv/bin/pip":
-            continue  # installs what this venv already has
-        assert words[0] == ".venv/bin/python", step
-        subprocess.run([sys.executable, *words[1:]], cwd=REPO, env={**os.environ, **env},
-                       check=True, timeout=120)
-    words = shlex.split(serve)
-    assert words[:5] == [".venv/bin/gunicorn", "-k", "edgesync.Worker", "-b", "127.0.0.1:8000"], serve
-    args = [str(REPO / w) if prev == "--chdir" else w for prev, w in zip(words[4:-2], words[5:-1], strict=True)]
-    server = server_factory(*args, app=words[-1], env=env, workers_ready=0)
-    server.wait_for_log(r"Booting worker with pid")
-
-    def answers() -> bool:
-        try:
-            server.get("/readiness-probe", timeout=2)
-            return True
-        except OSError:
-            return False
-    wait_for(answers, 20, "the example to answer")
-    return server
-
-
-def call(server: Server, method: str, path: str, form: Optional[Dict[str, str]] = None) -> Tuple[int, Any]:
-    """One HTTP request; the body is decoded as JSON when it is JSON."""
-    data = urllib.parse.urlencode(form).encode() if form is not None else None
-    req = urllib.request.Request("http://127.0.0.1:%d%s" % (server.port, path), data=data, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            status, body, ctype = resp.status, resp.read(), resp.headers.get("Content-Type", "")
-    except urllib.error.HTTPError as exc:
-        status, body, ctype = exc.code, exc.read(), exc.headers.get("Content-Type", "")
-    return status, json.loads(body) if "json" in ctype else body
 
 
 def test_readme_has_one_command_per_example() -> None:

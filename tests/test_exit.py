@@ -13,7 +13,7 @@ from typing import Callable
 
 import pytest
 
-from .conftest import Server
+from .support import Server
 
 APP = "tests.apps.exits:app"
 

@@ -23,7 +23,7 @@ from edgesync.flask import EdgeSync
 from edgesync.testing import TestRuntime
 
 from .apps import flaskapp
-from .conftest import REPO, Server, wait_for
+from .support import REPO, Server, wait_for
 
 REQUEST_ERROR = "Working outside of request context."
 

@@ -28,7 +28,7 @@ from typing import Dict, Tuple
 
 import pytest
 
-from .conftest import REPO
+from .support import REPO
 
 PLUGIN_DIR = REPO / "tests" / "gthread_compat"
 TEST_FILE = "tests/test_gthread.py"

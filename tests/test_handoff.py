@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,20 +21,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Set
 
 import pytest
 
-from .conftest import REPO, Server, wait_for
-from .test_durable_faults import APP, durable_tally, plant
-from .test_faults import Wrk, require_wrk, stop_cleanly
+from .fault_suite import DURABLE_APP, DurableTally, durable_tally, plant, stop_cleanly
+from .support import REDIS, REPO, Server, Wrk, free_port, missing, require_wrk, wait_for
 
 pytestmark = pytest.mark.slow
 
 QUEUE = "edgesync-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Redis:
@@ -44,11 +35,7 @@ class Redis:
     def __init__(self, workdir: Path):
         exe = shutil.which("redis-server")
         if exe is None:
-            if os.environ.get("ESTEST_REQUIRE_REDIS") == "1":
-                pytest.fail("redis-server is not installed and ESTEST_REQUIRE_REDIS=1: apt-get install -y "
-                            "redis-server (.ci/run does)")
-            pytest.skip("redis-server is not installed (the hand-off tests start their own); set "
-                        "ESTEST_REQUIRE_REDIS=1 to make this a failure")
+            missing(REDIS, "not installed (the hand-off tests start their own)")
         self.port = free_port()
         self.url = "redis://127.0.0.1:%d/0" % self.port
         self.log_path = workdir / "redis.log"
@@ -134,7 +121,7 @@ def start(server_factory: Callable[..., Server], redis: Redis, handoff_on: str, 
                 "EDGESYNC_HANDOFF_REDIS_URL": redis.url, "EDGESYNC_HANDOFF_QUEUE": QUEUE}
     if journal:
         settings["EDGESYNC_DURABLE_JOURNAL"] = "journal.db"
-    return server_factory("--workers", str(workers), "--threads", "4", app=APP, env={**settings, **(env or {})},
+    return server_factory("--workers", str(workers), "--threads", "4", app=DURABLE_APP, env={**settings, **(env or {})},
                           workers_ready=workers)
 
 
@@ -156,6 +143,15 @@ def settle(server: Server, redis: Redis, timeout: float = 120) -> None:
             sorted(missing)[:20], sorted(missing & redis.pending_ids())[:20])) from None
 
 
+def settle_and_stop(server: Server, redis: Redis, case: str) -> DurableTally:
+    """Wait until every accepted id completed somewhere, stop ``server`` cleanly; the tally, printed."""
+    settle(server, redis)
+    stop_cleanly(server)
+    tally = durable_tally(server)
+    tally.show(case)
+    return tally
+
+
 def test_always_hand_off_under_sigkill_and_sigterm(server_factory: Callable[..., Server], redis_server: Redis,
                                                    rq_workers: Callable[[Redis, Server], RQWorker]) -> None:
     # handoff_on = "always": wait_until is an enqueue. No RQ worker yet: every task waits in Redis,
@@ -173,10 +169,7 @@ def test_always_hand_off_under_sigkill_and_sigterm(server_factory: Callable[...,
                % result.requests)
     assert tally.lost == set() and tally.done == {} and len(tally.accepted) > 100
     rq_workers(redis_server, server)
-    settle(server, redis_server)
-    stop_cleanly(server)
-    tally = durable_tally(server)
-    tally.show("handoff always, after the RQ worker ran")
+    tally = settle_and_stop(server, redis_server, "handoff always, after the RQ worker ran")
     assert tally.lost == set() and {w for runs in tally.done.values() for w in runs} == {"rq"}
     assert redis_server.pending_ids() == set()
 
@@ -198,10 +191,8 @@ def test_deadline_hand_off_with_journal(server_factory: Callable[..., Server], r
     server.wait_for_log(r"worker %d: 1 durable task\(s\) not done, left in the journal" % victim, timeout=10)
     result = load.result()
     os.kill(other, signal.SIGKILL)  # and a SIGKILL under load for good measure: the journal has its tasks
-    settle(server, redis_server)
-    stop_cleanly(server)
-    tally = durable_tally(server)
-    tally.show("handoff at the drain deadline, with a journal (%d requests)" % result.requests)
+    tally = settle_and_stop(server, redis_server,
+                            "handoff at the drain deadline, with a journal (%d requests)" % result.requests)
     assert tally.lost == set()
     ran_in_rq = {i for i, runs in tally.done.items() if "rq" in runs}
     assert len(ran_in_rq & set(planted)) == 4
@@ -219,10 +210,7 @@ def test_deadline_hand_off_without_journal(server_factory: Callable[..., Server]
     planted = plant(server, victim, "first=30&rerun=0.05&n=2") + plant(server, victim, "first=0.05&n=2")
     os.kill(victim, signal.SIGTERM)
     server.wait_for_log(r"worker %d: handed 4 durable task\(s\) to rq queue" % victim, timeout=10)
-    settle(server, redis_server)
-    stop_cleanly(server)
-    tally = durable_tally(server)
-    tally.show("handoff at the drain deadline, no journal")
+    tally = settle_and_stop(server, redis_server, "handoff at the drain deadline, no journal")
     assert tally.lost == set() and all(tally.done[i] == ["rq"] for i in planted)
     assert len(set(planted) & tally.reruns) == 2  # the two that were running: attempt 2 on RQ
 
@@ -235,10 +223,7 @@ def test_queue_full_hand_off(server_factory: Callable[..., Server], redis_server
     assert server.get("/durable?first=3")[0] == 200  # holds the one background thread for 3 s
     status, body = server.get("/durable?first=0.01&n=19")
     assert status == 200, body  # no QueueFull: 2 more wait here (3 pending at most), 17 went to RQ
-    settle(server, redis_server)
-    stop_cleanly(server)
-    tally = durable_tally(server)
-    tally.show("handoff instead of QueueFull")
+    tally = settle_and_stop(server, redis_server, "handoff instead of QueueFull")
     where = [runs[0] for runs in tally.done.values()]
     assert tally.lost == set() and (where.count("gunicorn"), where.count("rq")) == (3, 17)
     assert not server.events("queue_full")
@@ -255,9 +240,6 @@ def test_hand_off_at_a_hard_limit_termination(server_factory: Callable[..., Serv
     planted = plant(server, victim, "first=60&rerun=0.05") + plant(server, victim, "first=0.05&n=2")
     server.wait_for_log(r"worker %d: terminating \(reason=wall_clock\)" % victim, timeout=15)
     server.wait_for_log(r"worker %d: handed 3 durable task\(s\) to rq queue" % victim, timeout=10)
-    settle(server, redis_server)
-    stop_cleanly(server)
-    tally = durable_tally(server)
-    tally.show("handoff at a wall-clock hard-limit termination, no journal")
+    tally = settle_and_stop(server, redis_server, "handoff at a wall-clock hard-limit termination, no journal")
     assert tally.lost == set() and all(tally.done[i] == ["rq"] for i in planted)
     assert set(planted) & tally.reruns == {planted[0]}

@@ -20,7 +20,7 @@ import pytest
 
 from edgesync._lifecycle import TRANSITIONS, Lifecycle, LifecycleError, State, Trigger
 
-from .conftest import REPO, Server, wait_for
+from .support import REPO, Server, wait_for
 
 APP = "tests.apps.lifecycle:app"
 LIMITS = """

@@ -7,9 +7,7 @@ samples every 50 ms, so on a loaded 2-core machine we allow a few hundred ms.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -19,7 +17,7 @@ import pytest
 
 from edgesync import _limits, testing
 
-from .conftest import Server, wait_for
+from .support import Server, require_wrk, wait_for
 
 LATE = 0.4  # seconds an action may come after its threshold on a busy CI machine
 
@@ -217,18 +215,9 @@ def test_a_wall_clock_retire_is_placed_away_from_the_siblings_retires() -> None:
         assert monitor.wall_soft == pytest.approx(2.5)
 
 
-def wrk_or_skip() -> str:
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        if os.environ.get("ESTEST_REQUIRE_WRK"):
-            pytest.fail("wrk is required (ESTEST_REQUIRE_WRK is set) but not installed")
-        pytest.skip("wrk is not installed (apt-get install -y wrk)")
-    return wrk
-
-
 @pytest.mark.slow
 def test_no_request_fails_across_many_wall_clock_retirements(server_factory: Callable[..., Server]) -> None:
-    wrk = wrk_or_skip()
+    wrk = require_wrk()
     server = server_factory("--workers", "2", "--threads", "4", workers_ready=2,
                             env=limits(wall_clock_limit_ms=3000, cpu_hard_limit_ms=2000))
     out = subprocess.run([wrk, "-t2", "-c16", "-d12s", "--timeout", "5s",

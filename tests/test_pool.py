@@ -20,18 +20,10 @@ from edgesync import InvocationCancelled, QueueFull, TaskInfo
 from edgesync._invocation import TASK, Invocation, Slot, Tracker, Verdict
 from edgesync._pool import Pool, Task, task_name
 
+from .support import wait_for
+
 #: Deadline for anything that normally takes milliseconds (the machine is shared and may be loaded).
 WAIT = 10.0
-
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "timed out after %.1fs waiting for %s" % (timeout, what)
-        time.sleep(0.005)
 
 
 class Gate:
@@ -100,7 +92,7 @@ def make_pool(gate: Gate) -> Iterator[Callable[..., Harness]]:
     for h in made:
         h.pool.shutdown("the test ended")
     for h in made:
-        wait_for(h.gone, "the threads of %s to exit after shutdown" % h.name)
+        wait_for(h.gone, WAIT, "the threads of %s to exit after shutdown" % h.name)
 
 
 def boom() -> None:
@@ -227,7 +219,7 @@ def test_shutdown_runs_what_was_accepted_then_lets_threads_exit(
     assert len(h.threads()) == 1, "a thread running a task is not interrupted"
     gate.open()
     assert [f.result(WAIT) for f in futures] == [0, 1, 2], "tasks accepted before shutdown still run"
-    wait_for(lambda: not h.threads(), "the pool's thread to exit")
+    wait_for(lambda: not h.threads(), WAIT, "the pool's thread to exit")
 
 
 def test_shutdown_of_idle_pool_ends_every_thread(make_pool: Callable[..., Harness], gate: Gate) -> None:
@@ -364,7 +356,7 @@ def test_abandon_cancels_queued_reports_running_and_closes(make_pool: Callable[.
     gate.open()
     assert running.result(WAIT) == "finished anyway", "a running task goes on until the process exits"
     elsewhere.set_result(None)
-    wait_for(lambda: not h.threads(), "the pool's thread to exit after abandon")
+    wait_for(lambda: not h.threads(), WAIT, "the pool's thread to exit after abandon")
     counts = h.pool.counts()
     assert (counts["completed"], counts["failed"], counts["abandoned"]) == (0, 0, 4), \
         "abandoned tasks are counted once, as abandoned"
@@ -389,7 +381,7 @@ def test_counts_and_snapshot(make_pool: Callable[..., Harness], gate: Gate) -> N
     elsewhere: Future[Any] = Future()
     h.pool.track(elsewhere, "elsewhere")
     gate.wait_entered(2)
-    wait_for(lambda: h.pool.counts()["running"] == 2, "two tasks to be marked running")
+    wait_for(lambda: h.pool.counts()["running"] == 2, WAIT, "two tasks to be marked running")
 
     assert h.pool.counts() == {"queued": 1, "running": 2, "tracked": 1, "completed": 0, "failed": 0,
                                "cancelled": 0, "abandoned": 0, "threads": 2}
@@ -464,7 +456,7 @@ def test_cancel_raises_inside_a_busy_loop_promptly() -> None:
     spinner = Spinner(tracker)
     assert spinner.slot is not None and spinner.inv is not None
     slot, inv = spinner.slot, spinner.inv
-    wait_for(lambda: (slot.cpu_seconds(inv) or 0) > 0.02, "the spinner to burn CPU")
+    wait_for(lambda: (slot.cpu_seconds(inv) or 0) > 0.02, WAIT, "the spinner to burn CPU")
     assert tracker.live() == [(slot, inv)]
 
     v = verdict()
@@ -493,11 +485,11 @@ def test_cpu_seconds_grows_while_busy_and_is_none_once_the_thread_is_gone() -> N
     spinner = Spinner(Tracker())
     assert spinner.slot is not None and spinner.inv is not None
     slot, inv = spinner.slot, spinner.inv
-    first = wait_for(lambda: slot.cpu_seconds(inv), "a first CPU reading")
-    wait_for(lambda: (slot.cpu_seconds(inv) or 0) > first + 0.02, "the CPU reading to grow")
+    first = wait_for(lambda: slot.cpu_seconds(inv), WAIT, "a first CPU reading")
+    wait_for(lambda: (slot.cpu_seconds(inv) or 0) > first + 0.02, WAIT, "the CPU reading to grow")
     spinner.finish()
     # Thread.join returns when the Python thread state is gone; the OS thread ends a moment later.
-    wait_for(lambda: slot.cpu_seconds(inv) is None, "cpu_seconds of a dead thread to be None")
+    wait_for(lambda: slot.cpu_seconds(inv) is None, WAIT, "cpu_seconds of a dead thread to be None")
 
 
 def test_cancel_of_an_ended_invocation_is_refused() -> None:
@@ -600,7 +592,7 @@ def test_pool_task_cancelled_by_a_verdict(make_pool: Callable[..., Harness]) -> 
 
     fut = h.submit(hog)
     assert started.wait(WAIT)
-    [(slot, inv)] = wait_for(h.tracker.live, "the task's invocation")
+    [(slot, inv)] = wait_for(h.tracker.live, WAIT, "the task's invocation")
     assert inv.kind == TASK and inv.label.name == task_name(hog) and inv.task is not None
     assert slot.cancel(inv, verdict("hog used 2000 ms of CPU (cpu_hard_limit_ms)"))
 

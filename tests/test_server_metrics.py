@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict
 
 import edgesync
 
-from .conftest import Server, wait_for
+from .support import Server, wait_for
 
 
 def test_outside_gunicorn_there_is_no_server_view() -> None:

@@ -14,6 +14,11 @@ in the first third of the run against those born in the last third, each read wh
 2-5 s old (serving, not yet retiring). The master is compared with itself, first third
 against last third. Then the usual reconciliation: no failed request, every accepted
 task completed or named as abandoned.
+
+The background queue must not grow either: the mix's tasks are short enough that one
+worker's pool keeps up with all the traffic one worker can answer (see ``MIX``), so a
+``QueueFull`` (the app's 503) means a backlog grew, and fails the test like a lost
+request does.
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import psutil
 import pytest
 
-from .conftest import Server
-from .test_faults import TASKS, Wrk, check_log, reconcile, start, stop_cleanly
+from .fault_suite import start, stop_and_reconcile
+from .support import Server, Wrk
 
 SOAK_SECONDS = int(os.environ.get("ESTEST_SOAK_SECONDS", "120"))
 SAMPLE_EVERY = 0.5
@@ -47,8 +52,18 @@ CONNECTIONS = 8
 SOCKET_TOLERANCE = CONNECTIONS + 2
 #: Background threads start lazily, up to background_threads (8): a burst of 8 tasks
 #: now and then brings every generation to its full pool early in its life, so the
-#: thread count at equal age does not depend on how busy a worker happened to be.
-BURST = "/task?lo=0.05&hi=0.1&n=8"
+#: thread count at equal age does not depend on how busy a worker happened to be
+#: (a thread starts while more tasks are pending than threads run: the 8 are accepted
+#: within microseconds, and each sleeps 5-10 ms).
+BURST = "/task?lo=0.005&hi=0.01&n=8"
+#: wrk's mix: plain requests, short tasks, failing tasks, context checks, bursts. Its tasks
+#: sleep about 0.45 ms per request on average (231 requests: 10 x 2 ms, 10 x ~0, 10 x 2.5 ms,
+#: 8 x 7.5 ms), so even all the traffic on one worker (3,000-3,700 requests/s with Connection:
+#: close on a loaded 2-core machine) keeps under 2 of its 8 threads busy: measured with one
+#: worker and /metrics read every 0.1 s, its queue held a median of 0 tasks, 59 at most. Tasks
+#: that outran the pool (3.2 ms per request is 10-12 threads' worth at that rate) would fill the
+#: queue to max_pending_tasks and answer 503s without any leak: a QueueFull would say nothing.
+MIX = {"/ok": 200, "/task?lo=0.001&hi=0.003": 10, "/fail": 10, "/ctx?id={id}": 10, BURST: 1}
 #: No worker ever has more threads than: main, 4 request threads, 8 background
 #: threads, the limits monitor, the beforeunload thread, faulthandler's watchdog.
 THREAD_BOUND = 1 + 4 + 8 + 1 + 1 + 1
@@ -151,17 +166,13 @@ def test_soak_nothing_grows(server_factory: Callable[..., Server]) -> None:
     sampler = Sampler(server.proc.pid)
     began = time.time()
     try:
-        result = Wrk(server, SOAK_SECONDS, {"/ok": 200, TASKS: 10, "/fail": 10, "/ctx?id={id}": 10,
-                                            BURST: 1}, connections=CONNECTIONS, headers=("Connection: close",)).result()
+        result = Wrk(server, SOAK_SECONDS, MIX, connections=CONNECTIONS, headers=("Connection: close",)).result()
     finally:
         sampler.stop()
     ended = time.time()
     retirements = server.log.count("retiring (reason=")
-    stop_cleanly(server)
-    check_log(server)
-    tally = reconcile(server)
-    tally.requests, tally.failed_requests = result.requests, result.failed()
-    tally.show("soak %ds (%d retirements)" % (SOAK_SECONDS, retirements))
+    tally = stop_and_reconcile(server, result, "soak %ds (%d retirements)" % (SOAK_SECONDS, retirements))
+    assert not server.events("queue_full"), "the background queue filled up: a backlog grew"
     assert result.failed() == 0, result.output
     assert tally.unaccounted == set()
 

@@ -2,48 +2,11 @@
 
 from __future__ import annotations
 
-import socket
-import time
-from typing import Callable, Iterator, List
+from typing import Callable, Iterator
 
 import pytest
 
-from .conftest import Server
-
-
-class StatsdListener:
-    """A UDP socket on 127.0.0.1 (port from the OS) that keeps every statsd line it receives."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.lines: List[str] = []
-
-    def wait_for(self, *wanted: str, timeout: float = 15.0) -> None:
-        """Receive until every line in ``wanted`` has arrived; fail after ``timeout`` s."""
-        deadline = time.monotonic() + timeout
-        while True:
-            missing = [w for w in wanted if not self.received(w)]
-            if not missing:
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError("statsd lines not received within %.0fs: %s\nreceived: %s"
-                                     % (timeout, missing, sorted(set(self.lines))))
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            self.lines.extend(line for line in data.decode().splitlines() if line)
-
-    def received(self, line: str) -> bool:
-        """``line`` arrived, possibly with a sampling rate appended (gunicorn adds ``|@1.0``)."""
-        return any(got == line or got.startswith(line + "|@") for got in self.lines)
-
-    def close(self) -> None:
-        self.sock.close()
+from .support import Server, StatsdListener
 
 
 @pytest.fixture

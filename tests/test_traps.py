@@ -12,7 +12,7 @@ from typing import Callable
 
 import pytest
 
-from .conftest import REPO, Server
+from .support import REPO, Server
 
 APP = "tests.apps.traps:app"
 FOREIGN_WORKER = "not edgesync.Worker"

@@ -17,7 +17,7 @@ from typing import Callable
 
 import pytest
 
-from .conftest import REPO, Server, wait_for
+from .support import REPO, Server, wait_for
 
 
 def test_a_worker_takes_no_more_connections_than_it_has_free_threads(
