@@ -21,7 +21,7 @@ from edgesync._journal import Journal, JournalError, check, host_id
 from edgesync.testing import runtime
 
 from .apps import durable_tasks
-from .conftest import REPO, wait_for
+from .support import REPO, wait_for
 
 DEAD_PID = 2**22 + 1  # above pid_max here: never alive
 
