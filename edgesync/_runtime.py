@@ -178,16 +178,45 @@ class Runtime:
         done = threading.Event()
         with self._lock:
             self.posted.append(done)
-            if self._event_thread is None:
-                self._event_thread = threading.Thread(target=_dispatch_events, args=(self._events,),
-                                                      name="edgesync-events", daemon=True)
-                self._event_thread.start()
-            self._events.put((event, done))
-            if self.lifecycle.state is State.UNLOADED:
-                # Nothing will stop this thread later: let it exit after this event.
-                self._events.put(None)
-                self._event_thread = None
+            if not self._start_events():
+                inline = True
+            else:
+                inline = False
+                self._events.put((event, done))
+                if self.lifecycle.state is State.UNLOADED:
+                    # Nothing will stop this thread later: let it exit after this event.
+                    self._events.put(None)
+                    self._event_thread = None
+        if inline:
+            # No thread to be had (see start_events): the listeners run here, and the
+            # drain waits for them past its deadline, but they run.
+            try:
+                _events.dispatch(event)
+            finally:
+                done.set()
         return done
+
+    def start_events(self) -> None:
+        """Start the events thread now, not on the first event.
+
+        The default runtime does when it is created: it drains at interpreter exit,
+        where CPython 3.12 refuses to start any thread ("can't create new thread at
+        interpreter shutdown"), ``threading``'s own exit hooks included.
+        """
+        with self._lock:
+            self._start_events()
+
+    def _start_events(self) -> bool:
+        """Have the events thread running; False if Python refuses a new thread. Holds ``_lock``."""
+        if self._event_thread is None:
+            thread = threading.Thread(target=_dispatch_events, args=(self._events,),
+                                      name="edgesync-events", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # interpreter shutdown (CPython 3.12)
+                return False
+            self._event_thread = thread
+        return True
 
     # -- transitions -------------------------------------------------------------
 
@@ -423,14 +452,36 @@ def _start_default() -> Runtime:
     global _current, _default
     with _current_lock:
         if _current is None:
-            _default = _current = Runtime(load_settings())
-            atexit.register(_drain_default_at_exit, _default)
+            rt = Runtime(load_settings())
+            rt.start_events()  # the exit drain may not be able to (see start_events)
+            _default = _current = rt
+            atexit.register(_drain_default_at_exit, rt)
+            _drain_at_multiprocessing_exit(rt)
         return _current
+
+
+def _drain_at_multiprocessing_exit(rt: Runtime) -> None:
+    """In a ``multiprocessing`` child, drain ``rt`` when the child's target returns.
+
+    A forked child ends with ``os._exit`` once its target returns (popen_fork.py,
+    ``_launch``): ``atexit`` never runs there. Every child, forked or spawned, runs
+    multiprocessing's own exit (``util._exit_function``, from ``Process._bootstrap``)
+    first: the drain goes there too, ahead of the finalizers that close the queues
+    and pools its tasks may use (the highest ``exitpriority`` runs first).
+    """
+    process = sys.modules.get("multiprocessing.process")
+    if process is None or process.parent_process() is None:
+        return  # not a multiprocessing child
+    from multiprocessing import util
+
+    util.Finalize(None, _drain_default_at_exit, args=(rt,), exitpriority=100)
 
 
 def _drain_default_at_exit(rt: Runtime) -> None:
     if rt is not _default or rt.pid != os.getpid():
         return  # a forked child inherited the registration, not the runtime
+    if not rt.lifecycle.serving:
+        return  # drained already (a spawned child runs multiprocessing's exit, then atexit)
     timeout = rt.settings.exit_drain_timeout_ms / 1000.0
     # Before anything is said: a Ctrl-C answering the announcement must find it.
     host = ProcessHost(rt, timeout, catch_ctrl_c=True)
