@@ -457,6 +457,7 @@ def _start_default() -> Runtime:
             _default = _current = rt
             atexit.register(_drain_default_at_exit, rt)
             _drain_at_multiprocessing_exit(rt)
+            _watch_for_restart()
         return _current
 
 
@@ -486,8 +487,7 @@ def _drain_default_at_exit(rt: Runtime) -> None:
     # Before anything is said: a Ctrl-C answering the announcement must find it.
     host = ProcessHost(rt, timeout, catch_ctrl_c=True)
     pending = rt.pool.pending
-    reloading = any(os.environ.get(name) == "true" for name in _RELOADER_CHILD)
-    if reloading:
+    if _restart_watch is not None and _restart_watch.restarting:
         host.timeout = 0.0
         if pending:
             log.warning("edgesync: the reloader restarts this process: abandoning %d background "
@@ -496,6 +496,12 @@ def _drain_default_at_exit(rt: Runtime) -> None:
         # Said at once, at WARNING so that it shows without any logging set up.
         log.warning("edgesync: the process is exiting: waiting up to %.0fs (exit_drain_timeout_ms) "
                     "for %d background task(s); press Ctrl-C again to abandon them", timeout, pending)
+        if _restart_watch is not None:
+            # werkzeug's and Django's reloaders wait 0.25 s for their child after a Ctrl-C
+            # of their own (subprocess.call / run), then kill it.
+            log.warning("edgesync: if the Ctrl-C reached the reloader process too (a terminal sends it to "
+                        "both), it kills this process 0.25s from now; to let the tasks finish, quit with: "
+                        "kill -INT %d", rt.pid)
     drain_default(rt, timeout, host=host)
 
 
@@ -570,8 +576,39 @@ def drain_default(rt: Runtime, timeout: float, trigger: Trigger = Trigger.EXIT,
 
 
 #: Set in the child process of a development reloader (Werkzeug's, Django's
-#: runserver): it exits to be restarted on every code change, and must not wait.
+#: runserver). It exits to be restarted on every code change, and must not wait
+#: then; it also exits when the user quits (Ctrl-C), and drains then as any exit.
 _RELOADER_CHILD = ("WERKZEUG_RUN_MAIN", "RUN_MAIN")
+#: Where those reloaders say that a code change restarts the child, just before it
+#: exits with status 3 (the status never reaches an exit hook, the line does):
+#: werkzeug/_reloader.py ``log_reload`` (" * Detected change in '...', reloading"),
+#: django/utils/autoreload.py ``trigger_reload`` ("%s changed, reloading.").
+_RELOADER_LOGGERS = ("werkzeug", "django.utils.autoreload")
+
+
+class _RestartWatch(logging.Filter):
+    """Notes the reloader's restart line as it passes (a filter that drops nothing)."""
+
+    restarting = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if isinstance(msg, str) and msg.rstrip(". ").endswith("reloading"):
+            self.restarting = True
+        return True
+
+
+_restart_watch: Optional[_RestartWatch] = None
+
+
+def _watch_for_restart() -> None:
+    """In a reloader's child, start noting whether the reloader restarts it (idempotent)."""
+    global _restart_watch
+    if _restart_watch is not None or not any(os.environ.get(n) == "true" for n in _RELOADER_CHILD):
+        return
+    _restart_watch = _RestartWatch()
+    for name in _RELOADER_LOGGERS:
+        logging.getLogger(name).addFilter(_restart_watch)
 
 
 def _after_fork_in_child() -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -24,7 +26,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, wait_for
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys, time
@@ -107,3 +109,122 @@ def test_a_task_a_listener_schedules_at_exit_runs(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr, done.stderr
     ran = sorted(n["tag"] for n in notes(tmp_path) if n["type"] == "ran")
     assert ran == ["listener", "main"], (notes(tmp_path), done.stderr)
+
+
+FLASK_APP = textwrap.dedent("""
+    import json, os, time
+    from flask import Flask
+    import edgesync
+
+    app = Flask(__name__)
+    out = os.environ["OUT"]
+
+    def note(**kw):
+        with open(out, "a") as f:
+            f.write(json.dumps(kw) + "\\n")
+
+    def job(seconds):
+        time.sleep(seconds)
+        note(type="ran", pid=os.getpid())
+
+    def on_beforeunload(ev):
+        time.sleep(0.2)  # a listener that takes a moment, as one that saves progress does
+        note(type="beforeunload", reason=ev.reason, pid=os.getpid())
+
+    edgesync.add_event_listener("beforeunload", on_beforeunload)
+
+    @app.get("/task/<float:seconds>")
+    def task(seconds):
+        edgesync.wait_until(job, seconds)
+        return str(os.getpid())
+""")
+
+RESTART_LINE = "the reloader restarts this process: abandoning 1 background task(s) now"
+
+
+class FlaskRun:
+    """``flask run --debug`` in its own process group, as a terminal runs it."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        (tmp_path / "app.py").write_text(FLASK_APP)
+        self.log_path = tmp_path / "flask.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGESYNC_", "WERKZEUG", "RUN_MAIN"))}
+        env.update({"OUT": str(tmp_path / "out.jsonl"), "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "flask", "--app", "app", "run", "--debug", "--port", "0"],
+                cwd=tmp_path, env=env, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        def listening() -> Any:
+            assert self.proc.poll() is None, self.log
+            return re.search(r"Running on http://127\.0\.0\.1:(\d+)", self.log)
+        self.port = int(wait_for(listening, 30, "flask run to listen").group(1))
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def schedule(self, seconds: float) -> int:
+        """Schedule a task in the reloader's child; its pid."""
+        import http.client
+
+        def answered() -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            try:
+                conn.request("GET", "/task/%s" % seconds)
+                resp = conn.getresponse()
+                return int(resp.read()) if resp.status == 200 else 0
+            except OSError:
+                return 0
+            finally:
+                conn.close()
+        return int(wait_for(answered, 30, "the app to answer"))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+def test_flask_run_debug_ctrl_c_to_the_child_drains_as_any_exit(tmp_path: Path) -> None:
+    run = FlaskRun(tmp_path)
+    try:
+        child = run.schedule(1.0)
+        os.kill(child, signal.SIGINT)
+        assert run.proc.wait(30) == 0, run.log
+        got = notes(tmp_path)
+        assert [n["type"] for n in got] == ["beforeunload", "ran"], (got, run.log)
+        assert got[0]["reason"] == "termination" and got[0]["pid"] == child
+        assert "the process is exiting: waiting up to 30s" in run.log, run.log
+        assert "reloader restarts" not in run.log, run.log
+    finally:
+        run.close()
+
+
+def test_flask_run_debug_ctrl_c_in_the_terminal_is_a_quit_not_a_restart(tmp_path: Path) -> None:
+    # The terminal sends SIGINT to the whole group; werkzeug's reloader process then waits
+    # 0.25 s for its child (subprocess.call) and kills it: the child drains meanwhile.
+    run = FlaskRun(tmp_path)
+    try:
+        run.schedule(5.0)
+        os.killpg(run.proc.pid, signal.SIGINT)
+        run.proc.wait(30)
+        assert "reloader restarts" not in run.log, run.log
+        assert "kills this process 0.25s from now; to let the tasks finish, quit with: kill -INT" in run.log, run.log
+    finally:
+        run.close()
+
+
+def test_flask_run_debug_code_change_restarts_at_once(tmp_path: Path) -> None:
+    run = FlaskRun(tmp_path)
+    try:
+        child = run.schedule(30.0)
+        app = tmp_path / "app.py"
+        app.write_text(app.read_text() + "\n# changed\n")
+        wait_for(lambda: RESTART_LINE in run.log, 30, "the restart to abandon the task")
+        assert run.schedule(0.0) != child, "the reloader did not restart its child"
+        assert "abandoned task app.job (running" in run.log, run.log
+        assert "the process is exiting" not in run.log, run.log
+    finally:
+        run.close()
