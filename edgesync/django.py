@@ -56,6 +56,7 @@ backend", for what that guarantees and what the backend declares it supports.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import importlib
 import inspect
 import os
@@ -210,6 +211,11 @@ def _define_tasks_backend(api: _TasksAPI) -> type:
         are visible only in the process that enqueued the task (the
         ``RESULTS_KEPT`` most recent finished ones, plus every pending one).
 
+        Every ``TaskResult`` handed out (by ``enqueue``, ``get_result`` and the
+        ``task_*`` signals) is a copy: the state when it was handed out, consistent
+        (never a status without its data), updated by ``refresh()``, as Django
+        documents. Only the task's own ``TaskContext.task_result`` is the live one.
+
         ``enqueue`` raises what ``wait_until`` raises (``edgesync.QueueFull``, or
         ``RuntimeError`` once the instance is unloading); ``get_result`` raises
         ``TaskResultDoesNotExist`` for an id this process does not hold.
@@ -240,6 +246,7 @@ def _define_tasks_backend(api: _TasksAPI) -> type:
             object.__setattr__(result, "enqueued_at", timezone.now())
             store = _store(self.alias)
             store.add(result)
+            handed_out = store.copy(result)  # before the task can start: READY
             run = _TaskRun(api, type(self), result, store, self.results_kept)
             try:
                 future = wait_until(run)
@@ -250,16 +257,17 @@ def _define_tasks_backend(api: _TasksAPI) -> type:
                 raise
             future.add_done_callback(run.settle_if_never_ran)
             try:
-                api.signals.task_enqueued.send(type(self), task_result=result)
+                api.signals.task_enqueued.send(type(self), task_result=store.copy(handed_out))
             finally:
                 run.enqueued.set()
-            return result
+            return handed_out
 
         def get_result(self, result_id: str) -> Any:
-            result = _store(self.alias).get(result_id)
+            store = _store(self.alias)
+            result = store.get(result_id)
             if result is None:
                 raise api.TaskResultDoesNotExist(result_id)
-            return result
+            return store.copy(result)
 
     TasksBackend.__module__ = __name__
     TasksBackend.__qualname__ = "TasksBackend"
@@ -282,10 +290,14 @@ def _results_kept(alias: str, options: Dict[str, Any]) -> int:
 
 class _ResultStore:
     """The results of one backend alias in this process: every pending one, and the
-    ``kept`` most recently finished ones."""
+    ``kept`` most recently finished ones.
+
+    Rule: a live result changes only under ``lock`` (``_TaskRun.update``), and leaves
+    the store only as a ``copy``, taken under it.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = self.lock = threading.Lock()
         self._results: Dict[str, Any] = {}
         self._finished: Deque[str] = collections.deque()
 
@@ -300,6 +312,15 @@ class _ResultStore:
     def get(self, result_id: str) -> Any:
         with self._lock:
             return self._results.get(result_id)
+
+    def copy(self, result: Any) -> Any:
+        """``result`` as it is now, in an object of its own (its lists copied too)."""
+        twin = object.__new__(type(result))
+        with self._lock:
+            for field in dataclasses.fields(result):
+                value = getattr(result, field.name)
+                object.__setattr__(twin, field.name, list(value) if isinstance(value, list) else value)
+        return twin
 
     def finished(self, result_id: str, kept: int) -> None:
         with self._lock:
@@ -341,9 +362,8 @@ _ENQUEUED_WAIT_SECONDS = 5.0
 class _TaskRun:
     """One enqueued task, as the callable ``wait_until`` runs; it updates the result.
 
-    Rule: each field of the result is written before the status that announces it
-    (``errors`` before FAILED, the return value before SUCCESSFUL), so a request
-    thread reading the live result never sees a status without its data.
+    Rule: each change of the result (a status with the data it announces) is made
+    under the store's lock, so a copy never shows a status without its data.
     """
 
     def __init__(self, api: _TasksAPI, sender: type, result: Any, store: _ResultStore, kept: int):
@@ -365,39 +385,45 @@ class _TaskRun:
         # wait_until accepted the task.
         self.enqueued.wait(_ENQUEUED_WAIT_SECONDS)
         started = timezone.now()
-        object.__setattr__(result, "started_at", started)
-        object.__setattr__(result, "last_attempted_at", started)
-        result.worker_ids.append(_worker_id())
-        object.__setattr__(result, "status", status.RUNNING)
+        with self.store.lock:
+            object.__setattr__(result, "started_at", started)
+            object.__setattr__(result, "last_attempted_at", started)
+            result.worker_ids.append(_worker_id())
+            object.__setattr__(result, "status", status.RUNNING)
         try:
-            api.signals.task_started.send(self.sender, task_result=result)
+            api.signals.task_started.send(self.sender, task_result=self.store.copy(result))
             args = list(result.args)
             if task.takes_context:
                 args.insert(0, api.TaskContext(task_result=result))
             value = task.func(*args, **result.kwargs)
             if inspect.isawaitable(value):
                 value = run_awaitable(_with_async_connection_hygiene(value))
-            object.__setattr__(result, "_return_value", api.normalize_json(value))
+            value = api.normalize_json(value)
         # why BaseException: a cancellation by a CPU limit (InvocationCancelled) fails
         # the task too; it is recorded here and re-raised for edgesync to count.
         except BaseException as exc:
             self._finish(status.FAILED, exc)
             raise
-        self._finish(status.SUCCESSFUL, None)
-        return result._return_value
+        self._finish(status.SUCCESSFUL, None, value)
+        return value
 
-    def _finish(self, outcome: Any, exc: Optional[BaseException]) -> None:
+    def _finish(self, outcome: Any, exc: Optional[BaseException], value: Any = None) -> None:
         result = self.result
-        if exc is not None:
-            result.errors.append(self.api.TaskError(
-                exception_class_path="%s.%s" % (type(exc).__module__, type(exc).__qualname__),
-                traceback="".join(traceback.format_exception(exc))))
-        object.__setattr__(result, "finished_at", timezone.now())
-        object.__setattr__(result, "status", outcome)
+        error = None if exc is None else self.api.TaskError(
+            exception_class_path="%s.%s" % (type(exc).__module__, type(exc).__qualname__),
+            traceback="".join(traceback.format_exception(exc)))
+        finished = timezone.now()
+        with self.store.lock:
+            if error is not None:
+                result.errors.append(error)
+            else:
+                object.__setattr__(result, "_return_value", value)
+            object.__setattr__(result, "finished_at", finished)
+            object.__setattr__(result, "status", outcome)
         self.store.finished(result.id, self.kept)
         # Sent inside the task's ``except`` block when it failed, as Django's own
         # backends do: receivers (its logger among them) see the exception.
-        self.api.signals.task_finished.send(self.sender, task_result=result)
+        self.api.signals.task_finished.send(self.sender, task_result=self.store.copy(result))
 
     def settle_if_never_ran(self, future: Future[Any]) -> None:
         """A done callback: the task was cancelled before it started (the instance
