@@ -144,8 +144,8 @@ def runtime_metrics() -> Dict[str, Any]:
     ``recorded``, ``completed``, ``rerun``, ``given_up``, ``handed_off``,
     ``left_pending`` and ``journal_pending``, the rows of the whole journal).
     Outside gunicorn this creates the default runtime if needed (its events thread
-    starts then, its pool's threads when work arrives); in the gunicorn master (``--preload``) it describes a
-    runtime that is never installed.
+    starts then, its pool's threads when work arrives); in the gunicorn master
+    (``--preload``) it describes a runtime that is never installed.
     """
     rt = _peek_runtime()
     if rt is None:

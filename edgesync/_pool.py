@@ -151,7 +151,7 @@ class Pool:
         if start_thread:
             try:
                 t.start()
-            except RuntimeError:
+            except RuntimeError as exc:
                 # CPython 3.12 refuses new threads at interpreter shutdown. The threads
                 # already running take the task from the queue; with none, nothing would.
                 with self._lock:
@@ -159,9 +159,9 @@ class Pool:
                     if not self._threads:
                         tasks.discard(task)
                         raise RuntimeError(
-                            "edgesync: Python is shutting down and starts no new thread, and this "
-                            "pool has none to run the task: run the work inline, or schedule it "
-                            "before the interpreter exits") from None
+                            "edgesync: Python refused a thread for the background task (%s; CPython "
+                            "3.12 does at interpreter exit) and this pool has none to run it: run "
+                            "the work inline, or schedule it before the interpreter exits" % exc) from exc
         self._queue.put(task)
         return task.future
 

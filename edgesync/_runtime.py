@@ -178,10 +178,8 @@ class Runtime:
         done = threading.Event()
         with self._lock:
             self.posted.append(done)
-            if not self._start_events():
-                inline = True
-            else:
-                inline = False
+            inline = not self._start_events()
+            if not inline:
                 self._events.put((event, done))
                 if self.lifecycle.state is State.UNLOADED:
                     # Nothing will stop this thread later: let it exit after this event.
