@@ -167,7 +167,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
             cls._reread = False
             try:
                 cls._settings = load_settings()
-                self.log.info("edgesync: settings re-read on reload, from %s", describe_source())
+                self.log.info("edgesync: settings from %s", describe_source())
             except ConfigError as exc:
                 if cls._settings is None:
                     raise
