@@ -155,7 +155,9 @@ class FlaskRun:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "flask", "--app", "app", "run", "--debug", "--port", "0"],
                 cwd=tmp_path, env=env, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                stderr=subprocess.STDOUT, start_new_session=True,
+                # As a terminal starts it: SIGINT handled (a shell's background job inherits it ignored).
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         def listening() -> Any:
             assert self.proc.poll() is None, self.log
             return re.search(r"Running on http://127\.0\.0\.1:(\d+)", self.log)
