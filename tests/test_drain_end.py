@@ -66,7 +66,9 @@ def run_script(tmp_path: Path, env: Dict[str, str]) -> subprocess.Popen[str]:
     full = {k: v for k, v in os.environ.items() if not k.startswith(("EDGESYNC_", "WERKZEUG", "RUN_MAIN"))}
     full.update({"OUT": str(tmp_path / "out.jsonl"), "PYTHONPATH": str(REPO)}, **env)
     return subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=full, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # As from a terminal: SIGINT handled, whatever this process inherited.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def notes(tmp_path: Path) -> List[Dict[str, Any]]:
