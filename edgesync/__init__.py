@@ -35,6 +35,7 @@ from ._events import (
 from ._identity import named, task_id
 from ._invocation import InvocationCancelled
 from ._pool import QueueFull
+from ._process import checking_config as _checking_config
 from ._process import first_runtime as _first_runtime
 from ._process import metrics_runtime as _metrics_runtime
 from ._runtime import peek as _peek_runtime
@@ -146,14 +147,20 @@ def runtime_metrics() -> Dict[str, Any]:
     ``journal_pending`` and ``journal_given_up`` (the given-up tasks it keeps:
     ``python -m edgesync durable``), ``journal`` (its path) and ``handoff`` (the
     target, or None)).
-    Outside gunicorn this creates the default runtime if needed (no thread starts
-    until work arrives); in the gunicorn master (``--preload``) it describes a
-    runtime that is never installed.
+    Outside gunicorn this creates the default runtime if needed (its events thread
+    starts then, its pool's threads when work arrives); in the gunicorn master
+    (``--preload``) it describes a runtime that is never installed.
     """
     rt = _peek_runtime()
     if rt is None:
         rt = _metrics_runtime()
     return rt.metrics()
+
+
+if _checking_config():
+    # gunicorn --check-config imports the app, never the worker class: validate here,
+    # so that a broken edgesync.toml fails the check (gunicorn prints the ConfigError).
+    load_settings()
 
 
 def __getattr__(name: str) -> Any:

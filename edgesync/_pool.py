@@ -149,7 +149,19 @@ class Pool:
                                      name="%s-%d" % (self._name, len(self._threads)), daemon=True)
                 self._threads.append(t)
         if start_thread:
-            t.start()
+            try:
+                t.start()
+            except RuntimeError as exc:
+                # CPython 3.12 refuses new threads at interpreter shutdown. The threads
+                # already running take the task from the queue; with none, nothing would.
+                with self._lock:
+                    self._threads.remove(t)
+                    if not self._threads:
+                        tasks.discard(task)
+                        raise RuntimeError(
+                            "edgesync: Python refused a thread for the background task (%s; CPython "
+                            "3.12 does at interpreter exit) and this pool has none to run it: run "
+                            "the work inline, or schedule it before the interpreter exits" % exc) from exc
         self._queue.put(task)
         return task.future
 

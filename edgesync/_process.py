@@ -84,6 +84,23 @@ def running_arbiter() -> Any:
     return None
 
 
+def checking_config() -> bool:
+    """Whether this process is ``gunicorn --check-config`` loading the app (the caller's stack says).
+
+    That run imports the app and exits: it never resolves the worker class, so
+    ``Worker.check_config`` never runs there (gunicorn/app/base.py, ``run``).
+    """
+    if "gunicorn.app.base" not in sys.modules:
+        return False
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_globals.get("__name__") == "gunicorn.app.base" and frame.f_code.co_name == "run":
+            cfg = getattr(frame.f_locals.get("self"), "cfg", None)
+            return bool(getattr(cfg, "check_config", False))
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
 def first_runtime() -> Runtime:
     """The runtime for a ``wait_until`` made while none is installed (see the module docstring)."""
     global _warned

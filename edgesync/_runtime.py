@@ -178,16 +178,43 @@ class Runtime:
         done = threading.Event()
         with self._lock:
             self.posted.append(done)
-            if self._event_thread is None:
-                self._event_thread = threading.Thread(target=_dispatch_events, args=(self._events,),
-                                                      name="edgesync-events", daemon=True)
-                self._event_thread.start()
-            self._events.put((event, done))
-            if self.lifecycle.state is State.UNLOADED:
-                # Nothing will stop this thread later: let it exit after this event.
-                self._events.put(None)
-                self._event_thread = None
+            inline = not self._start_events()
+            if not inline:
+                self._events.put((event, done))
+                if self.lifecycle.state is State.UNLOADED:
+                    # Nothing will stop this thread later: let it exit after this event.
+                    self._events.put(None)
+                    self._event_thread = None
+        if inline:
+            # No thread to be had (see start_events): the listeners run here, and the
+            # drain waits for them past its deadline, but they run.
+            try:
+                _events.dispatch(event)
+            finally:
+                done.set()
         return done
+
+    def start_events(self) -> None:
+        """Start the events thread now, not on the first event.
+
+        The default runtime does when it is created: it drains at interpreter exit,
+        where CPython 3.12 refuses to start any thread ("can't create new thread at
+        interpreter shutdown"), ``threading``'s own exit hooks included.
+        """
+        with self._lock:
+            self._start_events()
+
+    def _start_events(self) -> bool:
+        """Have the events thread running; False if Python refuses a new thread. Holds ``_lock``."""
+        if self._event_thread is None:
+            thread = threading.Thread(target=_dispatch_events, args=(self._events,),
+                                      name="edgesync-events", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # interpreter shutdown (CPython 3.12)
+                return False
+            self._event_thread = thread
+        return True
 
     # -- transitions -------------------------------------------------------------
 
@@ -423,20 +450,42 @@ def _start_default() -> Runtime:
     global _current, _default
     with _current_lock:
         if _current is None:
-            _default = _current = Runtime(load_settings())
-            atexit.register(_drain_default_at_exit, _default)
+            rt = Runtime(load_settings())
+            rt.start_events()  # the exit drain may not be able to (see start_events)
+            _default = _current = rt
+            atexit.register(_drain_default_at_exit, rt)
+            _drain_at_multiprocessing_exit(rt)
+            _watch_for_restart()
         return _current
+
+
+def _drain_at_multiprocessing_exit(rt: Runtime) -> None:
+    """In a ``multiprocessing`` child, drain ``rt`` when the child's target returns.
+
+    A forked child ends with ``os._exit`` once its target returns (popen_fork.py,
+    ``_launch``): ``atexit`` never runs there. Every child, forked or spawned, runs
+    multiprocessing's own exit (``util._exit_function``, from ``Process._bootstrap``)
+    first: the drain goes there too, ahead of the finalizers that close the queues
+    and pools its tasks may use (the highest ``exitpriority`` runs first).
+    """
+    process = sys.modules.get("multiprocessing.process")
+    if process is None or process.parent_process() is None:
+        return  # not a multiprocessing child
+    from multiprocessing import util
+
+    util.Finalize(None, _drain_default_at_exit, args=(rt,), exitpriority=100)
 
 
 def _drain_default_at_exit(rt: Runtime) -> None:
     if rt is not _default or rt.pid != os.getpid():
         return  # a forked child inherited the registration, not the runtime
+    if not rt.lifecycle.serving:
+        return  # drained already (a spawned child runs multiprocessing's exit, then atexit)
     timeout = rt.settings.exit_drain_timeout_ms / 1000.0
     # Before anything is said: a Ctrl-C answering the announcement must find it.
     host = ProcessHost(rt, timeout, catch_ctrl_c=True)
     pending = rt.pool.pending
-    reloading = any(os.environ.get(name) == "true" for name in _RELOADER_CHILD)
-    if reloading:
+    if _restart_watch is not None and _restart_watch.restarting:
         host.timeout = 0.0
         if pending:
             log.warning("edgesync: the reloader restarts this process: abandoning %d background "
@@ -445,6 +494,12 @@ def _drain_default_at_exit(rt: Runtime) -> None:
         # Said at once, at WARNING so that it shows without any logging set up.
         log.warning("edgesync: the process is exiting: waiting up to %.0fs (exit_drain_timeout_ms) "
                     "for %d background task(s); press Ctrl-C again to abandon them", timeout, pending)
+        if _restart_watch is not None:
+            # werkzeug's and Django's reloaders wait 0.25 s for their child after a Ctrl-C
+            # of their own (subprocess.call / run), then kill it.
+            log.warning("edgesync: if the Ctrl-C reached the reloader process too (a terminal sends it to "
+                        "both), it kills this process 0.25s from now; to let the tasks finish, quit with: "
+                        "kill -INT %d", rt.pid)
     drain_default(rt, timeout, host=host)
 
 
@@ -519,8 +574,39 @@ def drain_default(rt: Runtime, timeout: float, trigger: Trigger = Trigger.EXIT,
 
 
 #: Set in the child process of a development reloader (Werkzeug's, Django's
-#: runserver): it exits to be restarted on every code change, and must not wait.
+#: runserver). It exits to be restarted on every code change, and must not wait
+#: then; it also exits when the user quits (Ctrl-C), and drains then as any exit.
 _RELOADER_CHILD = ("WERKZEUG_RUN_MAIN", "RUN_MAIN")
+#: Where those reloaders say that a code change restarts the child, just before it
+#: exits with status 3 (the status never reaches an exit hook, the line does):
+#: werkzeug/_reloader.py ``log_reload`` (" * Detected change in '...', reloading"),
+#: django/utils/autoreload.py ``trigger_reload`` ("%s changed, reloading.").
+_RELOADER_LOGGERS = ("werkzeug", "django.utils.autoreload")
+
+
+class _RestartWatch(logging.Filter):
+    """Notes the reloader's restart line as it passes (a filter that drops nothing)."""
+
+    restarting = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if isinstance(msg, str) and msg.rstrip(". ").endswith("reloading"):
+            self.restarting = True
+        return True
+
+
+_restart_watch: Optional[_RestartWatch] = None
+
+
+def _watch_for_restart() -> None:
+    """In a reloader's child, start noting whether the reloader restarts it (idempotent)."""
+    global _restart_watch
+    if _restart_watch is not None or not any(os.environ.get(n) == "true" for n in _RELOADER_CHILD):
+        return
+    _restart_watch = _RestartWatch()
+    for name in _RELOADER_LOGGERS:
+        logging.getLogger(name).addFilter(_restart_watch)
 
 
 def _after_fork_in_child() -> None:

@@ -121,19 +121,40 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
     ``beforeunload`` before it exits. docs/model.md tells how.
     """
 
-    # The last settings that validated, in the master: a HUP that brings a broken
+    # design: settings are gunicorn's kind of settings: read once in the master
+    # (check_config), validated, inherited by every worker through fork, re-read on
+    # reload (HUP) only. A worker replacing one that died never reads the file.
+    # The settings that validated last, in the master: a HUP that brings a broken
     # edgesync.toml keeps serving with these instead of failing every new worker.
     _settings: ClassVar[Optional[Settings]] = None
+    _reread: ClassVar[bool] = False  # a reload asked for the settings to be read again
     max_requests: int  # gunicorn's Worker.__init__ sets it (cfg.max_requests plus its jitter)
+
+    @classmethod
+    def setup(cls) -> None:
+        """gunicorn resolved the worker class: at start, and on every reload (HUP).
+
+        gunicorn calls it from ``Config.worker_class`` (``Arbiter.setup``), before the
+        reload applies its ``raw_env``: the next worker constructed reads the settings
+        (in the master, before it forks).
+        """
+        cls._reread = True
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
         """Validate edgesync's settings in the master, before any worker forks.
 
-        Raises ``ConfigError`` (a ``RuntimeError``: gunicorn prints it and exits 1).
+        Raises ``ConfigError`` (a ``RuntimeError``: gunicorn prints it on stderr and
+        exits 1), logged first in gunicorn's error log (``--error-logfile``: with
+        ``--daemon`` there is no stderr).
         """
         super().check_config(cfg, log)
-        cls._settings = load_settings()
+        try:
+            cls._settings = load_settings()
+        except ConfigError as exc:
+            log.error("edgesync: %s", exc)
+            raise
+        cls._reread = False
         log.info("edgesync: settings from %s", describe_source())
         # Each worker ends without Python's teardown of its modules (see _exit).
         _exit.install()
@@ -144,16 +165,19 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        # Runs in the master, before fork: read the settings (a reload may have
-        # changed them), and keep nothing with threads or OS handles.
-        try:
-            settings = type(self)._settings = load_settings()
-        except ConfigError as exc:
-            previous = type(self)._settings
-            if previous is None:
-                raise
-            self.log.error("edgesync: %s; keeping the previous settings", exc)
-            settings = previous
+        # Runs in the master, before fork: keep nothing with threads or OS handles.
+        cls = type(self)
+        if cls._reread or cls._settings is None:
+            cls._reread = False
+            try:
+                cls._settings = load_settings()
+                self.log.info("edgesync: settings from %s", describe_source())
+            except ConfigError as exc:
+                if cls._settings is None:
+                    raise
+                self.log.error("edgesync: %s; keeping the previous settings", exc)
+        settings = cls._settings
+        assert settings is not None
         self.settings: Settings = settings
         self.runtime: Runtime = None  # type: ignore[assignment]  # set in init_process
         self.monitor: Optional[Monitor] = None

@@ -56,8 +56,11 @@ backend", for what that guarantees and what the backend declares it supports.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import importlib
 import inspect
+import json
+import logging
 import os
 import secrets
 import socket
@@ -73,8 +76,11 @@ from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-u
 from django.db import close_old_connections, connections  # type: ignore[import-untyped]
 from django.utils import timezone  # type: ignore[import-untyped]
 
-from . import _runtime, wait_until
+from . import _results, _runtime, wait_until
+from ._config import Settings, load_settings
 from ._pool import run_awaitable
+
+log = logging.getLogger("edgesync")
 
 # TasksBackend is public too, but built on first access (see ``__getattr__``), so a
 # star import does not need Django's Tasks framework.
@@ -205,10 +211,17 @@ def _define_tasks_backend(api: _TasksAPI) -> type:
         ``TASKS = {"default": {"BACKEND": "edgesync.django.TasksBackend"}}``. Each
         enqueued task is one ``edgesync.wait_until`` task of this worker: it runs on
         the background threads with edgesync's limits, keeps the instance up until it
-        is done, and runs between two ``close_old_connections()``. Nothing is written
-        anywhere: a task not yet finished when the process dies is lost, and results
-        are visible only in the process that enqueued the task (the
-        ``RESULTS_KEPT`` most recent finished ones, plus every pending one).
+        is done, and runs between two ``close_old_connections()``. A task not yet
+        finished when the process dies is lost. Results are kept in the process that
+        enqueued the task (the ``RESULTS_KEPT`` most recent finished ones, plus every
+        pending one); with ``durable_journal`` set they are also written to its SQLite
+        file (edgesync._results: the same retention per alias), where ``get_result``
+        in any process of the server finds them (``supports_get_result`` is then True).
+
+        Every ``TaskResult`` handed out (by ``enqueue``, ``get_result`` and the
+        ``task_*`` signals) is a copy: the state when it was handed out, consistent
+        (never a status without its data), updated by ``refresh()``, as Django
+        documents. Only the task's own ``TaskContext.task_result`` is the live one.
 
         ``enqueue`` raises what ``wait_until`` raises (``edgesync.QueueFull``, or
         ``RuntimeError`` once the instance is unloading); ``get_result`` raises
@@ -219,8 +232,10 @@ def _define_tasks_backend(api: _TasksAPI) -> type:
         supports_defer = False
         # Coroutine functions run on an event loop of the background thread.
         supports_async_task = True
-        # Results live in this process only, not "from any thread/process".
-        supports_get_result = False
+        @property
+        def supports_get_result(self) -> bool:
+            """Results are readable "from any thread/process" once ``durable_journal`` is set."""
+            return _shared_results() is not None
         # One FIFO queue: a priority would be recorded but would order nothing.
         supports_priority = False
 
@@ -240,8 +255,10 @@ def _define_tasks_backend(api: _TasksAPI) -> type:
             object.__setattr__(result, "enqueued_at", timezone.now())
             store = _store(self.alias)
             store.add(result)
+            handed_out = store.copy(result)  # before the task can start: READY
             run = _TaskRun(api, type(self), result, store, self.results_kept)
             try:
+                _publish(handed_out, self.results_kept)
                 future = wait_until(run)
             except BaseException:
                 # why BaseException: whatever refused the task (QueueFull, unloading),
@@ -250,16 +267,21 @@ def _define_tasks_backend(api: _TasksAPI) -> type:
                 raise
             future.add_done_callback(run.settle_if_never_ran)
             try:
-                api.signals.task_enqueued.send(type(self), task_result=result)
+                api.signals.task_enqueued.send(type(self), task_result=store.copy(handed_out))
             finally:
                 run.enqueued.set()
-            return result
+            return handed_out
 
         def get_result(self, result_id: str) -> Any:
-            result = _store(self.alias).get(result_id)
-            if result is None:
+            store = _store(self.alias)
+            result = store.get(result_id)
+            if result is not None:
+                return store.copy(result)
+            shared = _shared_results()
+            doc = None if shared is None else shared.get(self.alias, result_id)
+            if doc is None:
                 raise api.TaskResultDoesNotExist(result_id)
-            return result
+            return _from_doc(api, doc)
 
     TasksBackend.__module__ = __name__
     TasksBackend.__qualname__ = "TasksBackend"
@@ -282,10 +304,14 @@ def _results_kept(alias: str, options: Dict[str, Any]) -> int:
 
 class _ResultStore:
     """The results of one backend alias in this process: every pending one, and the
-    ``kept`` most recently finished ones."""
+    ``kept`` most recently finished ones.
+
+    Rule: a live result changes only under ``lock`` (``_TaskRun.update``), and leaves
+    the store only as a ``copy``, taken under it.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = self.lock = threading.Lock()
         self._results: Dict[str, Any] = {}
         self._finished: Deque[str] = collections.deque()
 
@@ -300,6 +326,15 @@ class _ResultStore:
     def get(self, result_id: str) -> Any:
         with self._lock:
             return self._results.get(result_id)
+
+    def copy(self, result: Any) -> Any:
+        """``result`` as it is now, in an object of its own (its lists copied too)."""
+        twin = object.__new__(type(result))
+        with self._lock:
+            for field in dataclasses.fields(result):
+                value = getattr(result, field.name)
+                object.__setattr__(twin, field.name, list(value) if isinstance(value, list) else value)
+        return twin
 
     def finished(self, result_id: str, kept: int) -> None:
         with self._lock:
@@ -330,6 +365,59 @@ def _forget_results_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_results_after_fork)
 
 
+_settings_read: Dict[int, Settings] = {}  # outside a runtime: pid -> settings read once
+
+
+def _shared_results() -> Optional[_results.SharedResults]:
+    """The results table every worker of the server reads, when ``durable_journal`` is set."""
+    rt = _runtime.peek()
+    if rt is not None:
+        settings = rt.settings  # a gunicorn worker: what the master read (edgesync._worker)
+    else:
+        settings = _settings_read.get(os.getpid()) or _settings_read.setdefault(os.getpid(), load_settings())
+    if not settings.durable_journal:
+        return None
+    return _results.shared_results(os.path.abspath(settings.durable_journal))
+
+
+def _publish(result: Any, kept: int) -> None:
+    """Write ``result`` (a copy: nothing changes it meanwhile) where every worker reads it."""
+    shared = _shared_results()
+    if shared is not None:
+        shared.put(result.backend, result.id, _to_doc(result),
+                   None if result.finished_at is None else result.finished_at.timestamp(), kept)
+
+
+def _to_doc(result: Any) -> str:
+    task = result.task
+    return json.dumps({
+        "task": task.module_path, "queue_name": task.queue_name, "backend": result.backend,
+        "id": result.id, "status": str(result.status), "args": result.args, "kwargs": result.kwargs,
+        **{name: None if getattr(result, name) is None else getattr(result, name).isoformat()
+           for name in ("enqueued_at", "started_at", "finished_at", "last_attempted_at")},
+        "errors": [[e.exception_class_path, e.traceback] for e in result.errors],
+        "worker_ids": result.worker_ids, "return_value": result._return_value})
+
+
+def _from_doc(api: _TasksAPI, doc: str) -> Any:
+    from datetime import datetime
+
+    from django.utils.module_loading import import_string  # type: ignore[import-untyped]
+
+    d = json.loads(doc)
+    task = import_string(d["task"])
+    if (task.queue_name, task.backend) != (d["queue_name"], d["backend"]):
+        task = task.using(queue_name=d["queue_name"], backend=d["backend"])
+    result = api.TaskResult(
+        task=task, id=d["id"], status=api.TaskResultStatus(d["status"]), args=d["args"], kwargs=d["kwargs"],
+        backend=d["backend"], worker_ids=d["worker_ids"],
+        errors=[api.TaskError(exception_class_path=path, traceback=tb) for path, tb in d["errors"]],
+        **{name: None if d[name] is None else datetime.fromisoformat(d[name])
+           for name in ("enqueued_at", "started_at", "finished_at", "last_attempted_at")})
+    object.__setattr__(result, "_return_value", d["return_value"])
+    return result
+
+
 def _worker_id() -> str:
     return "%s:%d" % (socket.gethostname()[:40], os.getpid())
 
@@ -341,9 +429,8 @@ _ENQUEUED_WAIT_SECONDS = 5.0
 class _TaskRun:
     """One enqueued task, as the callable ``wait_until`` runs; it updates the result.
 
-    Rule: each field of the result is written before the status that announces it
-    (``errors`` before FAILED, the return value before SUCCESSFUL), so a request
-    thread reading the live result never sees a status without its data.
+    Rule: each change of the result (a status with the data it announces) is made
+    under the store's lock, so a copy never shows a status without its data.
     """
 
     def __init__(self, api: _TasksAPI, sender: type, result: Any, store: _ResultStore, kept: int):
@@ -365,39 +452,56 @@ class _TaskRun:
         # wait_until accepted the task.
         self.enqueued.wait(_ENQUEUED_WAIT_SECONDS)
         started = timezone.now()
-        object.__setattr__(result, "started_at", started)
-        object.__setattr__(result, "last_attempted_at", started)
-        result.worker_ids.append(_worker_id())
-        object.__setattr__(result, "status", status.RUNNING)
+        with self.store.lock:
+            object.__setattr__(result, "started_at", started)
+            object.__setattr__(result, "last_attempted_at", started)
+            result.worker_ids.append(_worker_id())
+            object.__setattr__(result, "status", status.RUNNING)
+        self._publish()
         try:
-            api.signals.task_started.send(self.sender, task_result=result)
+            api.signals.task_started.send(self.sender, task_result=self.store.copy(result))
             args = list(result.args)
             if task.takes_context:
                 args.insert(0, api.TaskContext(task_result=result))
             value = task.func(*args, **result.kwargs)
             if inspect.isawaitable(value):
                 value = run_awaitable(_with_async_connection_hygiene(value))
-            object.__setattr__(result, "_return_value", api.normalize_json(value))
+            value = api.normalize_json(value)
         # why BaseException: a cancellation by a CPU limit (InvocationCancelled) fails
         # the task too; it is recorded here and re-raised for edgesync to count.
         except BaseException as exc:
             self._finish(status.FAILED, exc)
             raise
-        self._finish(status.SUCCESSFUL, None)
-        return result._return_value
+        self._finish(status.SUCCESSFUL, None, value)
+        return value
 
-    def _finish(self, outcome: Any, exc: Optional[BaseException]) -> None:
+    def _finish(self, outcome: Any, exc: Optional[BaseException], value: Any = None) -> None:
         result = self.result
-        if exc is not None:
-            result.errors.append(self.api.TaskError(
-                exception_class_path="%s.%s" % (type(exc).__module__, type(exc).__qualname__),
-                traceback="".join(traceback.format_exception(exc))))
-        object.__setattr__(result, "finished_at", timezone.now())
-        object.__setattr__(result, "status", outcome)
+        error = None if exc is None else self.api.TaskError(
+            exception_class_path="%s.%s" % (type(exc).__module__, type(exc).__qualname__),
+            traceback="".join(traceback.format_exception(exc)))
+        finished = timezone.now()
+        with self.store.lock:
+            if error is not None:
+                result.errors.append(error)
+            else:
+                object.__setattr__(result, "_return_value", value)
+            object.__setattr__(result, "finished_at", finished)
+            object.__setattr__(result, "status", outcome)
         self.store.finished(result.id, self.kept)
+        self._publish()
         # Sent inside the task's ``except`` block when it failed, as Django's own
         # backends do: receivers (its logger among them) see the exception.
-        self.api.signals.task_finished.send(self.sender, task_result=result)
+        self.api.signals.task_finished.send(self.sender, task_result=self.store.copy(result))
+
+    def _publish(self) -> None:
+        try:
+            _publish(self.store.copy(self.result), self.kept)
+        # why Exception: the task's own outcome must not depend on the shared copy of
+        # its result; other workers see the previous state (logged, with why).
+        except Exception:
+            log.exception("edgesync: could not write the result %s to the durable_journal; other "
+                          "workers read its previous state", self.result.id)
 
     def settle_if_never_ran(self, future: Future[Any]) -> None:
         """A done callback: the task was cancelled before it started (the instance

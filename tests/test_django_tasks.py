@@ -64,6 +64,12 @@ from .apps.djangotasks import tasks  # noqa: E402  (@task needs the settings abo
 WORKER_ID = "%s:%d" % (socket.gethostname()[:40], os.getpid())
 
 
+def refreshed(result: Any) -> Any:
+    """``result`` after ``refresh()``: a result is the state when it was handed out."""
+    result.refresh()
+    return result
+
+
 @pytest.fixture(autouse=True)
 def hygiene_hook_removed() -> Iterator[None]:
     """The backend installs edgesync.django's task hook; keep it out of later tests."""
@@ -113,21 +119,22 @@ def test_enqueue_runs_the_task_in_the_background_and_the_result_follows(
     assert result.status in (TaskResultStatus.READY, TaskResultStatus.RUNNING)
     assert result.enqueued_at is not None and result.finished_at is None
     assert (result.args, result.kwargs, result.backend) == (["g"], {}, "default")
-    # The result enqueue returned is live: a request thread reads the task's progress.
-    wait_for(lambda: result.status == TaskResultStatus.RUNNING, 5, "the task to start")
+    # The result is the state when it was handed out; refresh() reads the task's progress.
+    wait_for(lambda: refreshed(result).status == TaskResultStatus.RUNNING, 5, "the task to start")
     assert result.started_at is not None and result.worker_ids == [WORKER_ID]
     with pytest.raises(ValueError, match="not finished"):
         _ = result.return_value
-    assert tasks.blocked.get_result(result.id) is result
+    found = tasks.blocked.get_result(result.id)
+    assert found is not result and found.status == TaskResultStatus.RUNNING
     gates("g").set()
     edgesync_runtime.wait()
+    assert result.status == found.status == TaskResultStatus.RUNNING, "a result changed under its holder"
+    result.refresh()
     assert result.status == TaskResultStatus.SUCCESSFUL
     assert result.return_value.startswith("edgesync-task")  # it ran on a background thread
     assert result.enqueued_at <= result.started_at <= result.finished_at
     assert result.last_attempted_at == result.started_at and result.attempts == 1
     assert result.errors == []
-    result.refresh()  # what code written for a database backend does: harmless here
-    assert result.status == TaskResultStatus.SUCCESSFUL
     assert signal_log == [("task_enqueued", result.id, "READY"), ("task_started", result.id, "RUNNING"),
                           ("task_finished", result.id, "SUCCESSFUL")]
     assert edgesync_runtime.metrics()["tasks"]["completed"] == 1
@@ -147,6 +154,7 @@ def test_beforeunload_names_pending_tasks_by_function_and_result_id(
 def test_arguments_and_return_values_are_json(edgesync_runtime: TestRuntime) -> None:
     result = tasks.add.enqueue(2, b=3)
     edgesync_runtime.wait()
+    result.refresh()
     assert (result.args, result.kwargs, result.return_value) == ([2], {"b": 3}, 5)
     with pytest.raises(TypeError):
         tasks.add.enqueue(object(), 1)  # refused by Django at enqueue, never run
@@ -159,6 +167,7 @@ def test_a_failing_task_is_failed_with_its_error_and_not_swallowed(
     rejections = edgesync_runtime.record("unhandledrejection")
     result = tasks.fail.enqueue("boom")
     edgesync_runtime.wait()
+    result.refresh()
     assert result.status == TaskResultStatus.FAILED
     [error] = result.errors
     assert error.exception_class is ValueError
@@ -175,6 +184,7 @@ def test_a_failing_task_is_failed_with_its_error_and_not_swallowed(
 def test_an_async_task_runs_on_a_background_thread(edgesync_runtime: TestRuntime) -> None:
     result = tasks.async_double.enqueue(21)
     edgesync_runtime.wait()
+    result.refresh()
     assert result.status == TaskResultStatus.SUCCESSFUL, result.errors
     assert result.return_value["value"] == 42
     assert result.return_value["thread"].startswith("edgesync-task")
@@ -184,6 +194,8 @@ def test_tasks_close_their_database_connections(edgesync_runtime: TestRuntime) -
     tasks.CONNECTIONS.clear()
     sync, async_ = tasks.sync_connect.enqueue(), tasks.async_connect.enqueue()
     edgesync_runtime.wait()
+    sync.refresh()
+    async_.refresh()
     assert sync.status == async_.status == TaskResultStatus.SUCCESSFUL, (sync.errors, async_.errors)
     # An async task's sync_to_async calls run on a thread of its own (not asgiref's
     # process-wide one, which nothing cleans): its connection is closed and the
@@ -198,6 +210,7 @@ def test_tasks_close_their_database_connections(edgesync_runtime: TestRuntime) -
 def test_a_task_that_takes_context_gets_its_own_result(edgesync_runtime: TestRuntime) -> None:
     result = tasks.with_context.enqueue("x")
     edgesync_runtime.wait()
+    result.refresh()
     assert result.return_value == ["x", 1, result.id]
     assert result.args == ["x"]  # the context is not an argument
 
@@ -207,6 +220,8 @@ def test_queue_names_are_checked_against_the_backends_queues(edgesync_runtime: T
     result = tasks.send_email.enqueue("a@example.com")
     other = tasks.add.using(queue_name="emails").enqueue(1, 1)
     edgesync_runtime.wait()
+    result.refresh()
+    other.refresh()
     assert (result.return_value, other.return_value) == ("sent to a@example.com", 2)
     with pytest.raises(InvalidTask, match="Queue 'nope' is not valid"):
         tasks.add.using(queue_name="nope")
@@ -225,8 +240,9 @@ def test_priorities_and_run_after_are_refused_not_ignored() -> None:
 def test_results_are_found_by_id_in_this_process(edgesync_runtime: TestRuntime) -> None:
     result = tasks.add.enqueue(1, 2)
     edgesync_runtime.wait()
-    assert task_backends["default"].get_result(result.id) is result
-    assert tasks.add.get_result(result.id) is result
+    found = task_backends["default"].get_result(result.id)
+    assert found is not result and found.return_value == 3 and found.id == result.id
+    assert tasks.add.get_result(result.id).return_value == 3
     with pytest.raises(TaskResultMismatch):
         tasks.fail.get_result(result.id)
     with pytest.raises(TaskResultDoesNotExist):
@@ -235,19 +251,25 @@ def test_results_are_found_by_id_in_this_process(edgesync_runtime: TestRuntime) 
     with pytest.raises(TaskResultDoesNotExist):
         task_backends["small"].get_result(result.id)
 
-    # From another thread (another request): the same live result.
+    # From another thread (another request): the same result, in an object of its own.
     seen: List[Any] = []
     thread = threading.Thread(target=lambda: seen.append(tasks.add.get_result(result.id)))
     thread.start()
     thread.join(5)
-    assert seen == [result]
+    assert [(r.id, r.return_value) for r in seen] == [(result.id, 3)] and seen[0] is not found
 
 
 def test_only_the_most_recent_finished_results_are_kept() -> None:
     with runtime(background_threads=1) as rt:  # one thread: they finish in order
-        results = [tasks.small.enqueue(n) for n in range(4)]
-        rt.wait()
-    assert [r.return_value for r in results] == [0, 1, 2, 3]
+        seen: List[Any] = []
+        signals.task_finished.connect(lambda sender, task_result, **kw: seen.append(task_result),
+                                      weak=False, dispatch_uid="kept")
+        try:
+            results = [tasks.small.enqueue(n) for n in range(4)]
+            rt.wait()
+        finally:
+            signals.task_finished.disconnect(dispatch_uid="kept")
+    assert [r.return_value for r in seen] == [0, 1, 2, 3]
     backend = task_backends["small"]
     assert backend.results_kept == 2
     found = []
@@ -274,7 +296,7 @@ def test_a_full_queue_surfaces_as_queue_full(gates: Callable[[str], threading.Ev
             tasks.add.enqueue(1, 2)
         gates("full").set()
         rt.wait()
-        assert running.status == TaskResultStatus.SUCCESSFUL
+        assert refreshed(running).status == TaskResultStatus.SUCCESSFUL
         assert rt.metrics()["tasks"]["completed"] == 1
 
 
@@ -282,20 +304,21 @@ def test_an_unloading_instance_refuses_and_fails_what_never_started(
         gates: Callable[[str], threading.Event], signal_log: List[Tuple[str, str, str]]) -> None:
     with runtime(background_threads=1) as rt:
         running = tasks.blocked.enqueue("unload")
-        wait_for(lambda: running.status == TaskResultStatus.RUNNING, 5, "the first task to start")
+        wait_for(lambda: refreshed(running).status == TaskResultStatus.RUNNING, 5, "the first task to start")
         queued = tasks.add.enqueue(1, 2)
         abandoned = rt.runtime.unload("the test unloads it")
         assert len(abandoned) == 2
         with pytest.raises(RuntimeError, match="unloading"):
             tasks.add.enqueue(3, 4)
         # The queued task never ran: its result says so rather than READY for ever.
+        queued.refresh()
         assert queued.status == TaskResultStatus.FAILED
         assert queued.errors[0].exception_class is CancelledError
         assert "before the task could start" in queued.errors[0].traceback
         assert signal_log[-1] == ("task_finished", queued.id, "FAILED")
-        assert running.status == TaskResultStatus.RUNNING  # still running, still honest
+        assert refreshed(running).status == TaskResultStatus.RUNNING  # still running, still honest
         gates("unload").set()
-        wait_for(lambda: running.status == TaskResultStatus.SUCCESSFUL, 5, "the running task to end")
+        wait_for(lambda: refreshed(running).status == TaskResultStatus.SUCCESSFUL, 5, "the running task to end")
 
 
 def test_without_a_tasks_framework_only_the_backend_fails_and_says_what_to_install() -> None:

@@ -51,6 +51,12 @@ SCRIPT = textwrap.dedent("""
     print("ready", flush=True)
     if os.environ.get("BLOCK"):
         threading.Event().wait(60)   # Ctrl-C ends this with KeyboardInterrupt
+    if os.environ.get("RELOAD_LOGGER"):   # what a reloader logs as it restarts its child
+        import logging
+        reloader = logging.getLogger(os.environ["RELOAD_LOGGER"])
+        reloader.setLevel(logging.INFO)
+        reloader.info(os.environ["RELOAD_LINE"], "app.py")
+        sys.exit(3)
 """)
 
 
@@ -60,7 +66,9 @@ def run_script(tmp_path: Path, env: Dict[str, str]) -> subprocess.Popen[str]:
     full = {k: v for k, v in os.environ.items() if not k.startswith(("EDGESYNC_", "WERKZEUG", "RUN_MAIN"))}
     full.update({"OUT": str(tmp_path / "out.jsonl"), "PYTHONPATH": str(REPO)}, **env)
     return subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=full, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # As from a terminal: SIGINT handled, whatever this process inherited.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def notes(tmp_path: Path) -> List[Dict[str, Any]]:
@@ -104,9 +112,12 @@ def test_exit_drain_time_is_a_setting(tmp_path: Path) -> None:
     assert "abandoned task __main__.job (running" in err
 
 
-@pytest.mark.parametrize("variable", ["WERKZEUG_RUN_MAIN", "RUN_MAIN"])
-def test_a_reloader_child_never_waits(tmp_path: Path, variable: str) -> None:
-    proc = run_script(tmp_path, {variable: "true"})
+@pytest.mark.parametrize("variable, logger, line", [
+    ("WERKZEUG_RUN_MAIN", "werkzeug", " * Detected change in %r, reloading"),
+    ("RUN_MAIN", "django.utils.autoreload", "%s changed, reloading.")])
+def test_a_reloader_child_never_waits_to_restart(tmp_path: Path, variable: str, logger: str, line: str) -> None:
+    # A quit (no restart line) drains as any exit: tests/test_exit_fidelity.py.
+    proc = run_script(tmp_path, {variable: "true", "RELOAD_LOGGER": logger, "RELOAD_LINE": line})
     started = time.monotonic()
     _, err = proc.communicate(timeout=20)
     assert time.monotonic() - started < 3, "the exit drain stalled the reloader"

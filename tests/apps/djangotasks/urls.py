@@ -31,7 +31,8 @@ def result(request: Any) -> JsonResponse:
     found = default_task_backend.get_result(request.GET["id"])
     return JsonResponse({"status": found.status, "worker_ids": found.worker_ids,
                          "errors": [e.exception_class_path for e in found.errors],
-                         "return_value": found.return_value if found.status == "SUCCESSFUL" else None})
+                         "return_value": found.return_value if found.status == "SUCCESSFUL" else None,
+                         "pid": os.getpid()})
 
 
 def pid(request: Any) -> HttpResponse:
