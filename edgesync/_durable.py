@@ -26,6 +26,10 @@ T = TypeVar("T")
 
 _attempt: contextvars.ContextVar[int] = contextvars.ContextVar("edgesync_attempt", default=0)
 
+#: ``edgesync.otel`` while it is on: its ``carrier()`` is kept with each task's arguments and
+#: its ``run(carrier, attempt)`` is entered around each run (see ``attempt_scope``).
+tracing: Any = None
+
 
 def current_attempt() -> int:
     """The attempt number of the durable task running in this context: 1 on its first run.
