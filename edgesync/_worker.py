@@ -14,7 +14,9 @@ None of it exits with status 3 or 4 (gunicorn halts the whole server on those).
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging
+import os
 import queue
 import selectors
 import sys
@@ -122,6 +124,19 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
     # edgesync.toml keeps serving with these instead of failing every new worker.
     _settings: ClassVar[Optional[Settings]] = None
     max_requests: int  # gunicorn's Worker.__init__ sets it (cfg.max_requests plus its jitter)
+
+    @classmethod
+    def setup(cls) -> None:
+        """gunicorn calls it in the master when it loads the worker class, before ``--preload``.
+
+        With ``PROMETHEUS_MULTIPROC_DIR`` set and prometheus_client installed, every
+        metric of the server must use edgesync.prometheus's process identifier, from
+        the first one made: it is turned on here (see that module).
+        """
+        # The variable without the client: nothing writes metrics, nothing to do.
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and importlib.util.find_spec("prometheus_client"):
+            from . import prometheus
+            prometheus.install()
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -395,6 +410,8 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         super().notify()
         # At each heartbeat, this worker's figures go to the table edgesync.server_metrics() reads.
         _recycle.publish(self.runtime)
+        if _runtime.on_heartbeat is not None:
+            _runtime.on_heartbeat(self.runtime)
 
     def tick(self, timeout: float) -> None:
         self.heartbeat()

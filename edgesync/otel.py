@@ -127,7 +127,7 @@ def _run_in_span(tracer: Tracer, fn: Callable[..., Any], args: Any, kwargs: Any)
     caller = trace.get_current_span().get_span_context()
     links = [Link(caller, {"edgesync.link": "wait_until"})] if caller.is_valid else []
     task, inv = _current_task()
-    name: str = getattr(task, "name", None) or getattr(fn, "__qualname__", "task")
+    name = str(getattr(task, "name", None) or getattr(fn, "__qualname__", "task"))
     attributes: Dict[str, Any] = {
         "messaging.system": "edgesync", "messaging.operation.type": "process",
         "messaging.operation.name": "process", TASK_NAME: name}
