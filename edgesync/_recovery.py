@@ -155,7 +155,7 @@ class _Keeper:
         def run() -> Any:
             held.started = True
             try:
-                with attempt_scope(attempt):
+                with attempt_scope(attempt, held.args):
                     result = target(*args, **kwargs)
                     if inspect.isawaitable(result):
                         result = asyncio.run(_await(result))
@@ -310,7 +310,7 @@ async def _await(awaitable: Any) -> Any:
 
 
 def _decode(args: str) -> Any:
-    positional, keywords = json.loads(args)
+    positional, keywords = json.loads(args)[:2]
     return positional, keywords
 
 

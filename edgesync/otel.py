@@ -130,7 +130,7 @@ def _run_in_span(tracer: Tracer, fn: Callable[..., Any], args: Any, kwargs: Any)
     name = str(getattr(task, "name", None) or getattr(fn, "__qualname__", "task"))
     attributes: Dict[str, Any] = {
         "messaging.system": "edgesync", "messaging.operation.type": "process",
-        "messaging.operation.name": "process", TASK_NAME: name}
+        "messaging.operation.name": "process", TASK_NAME: name, TASK_ATTEMPT: 1}
     if task is not None:
         attributes[TASK_ID] = attributes["messaging.message.id"] = task.id
         if task.started is not None:
@@ -175,7 +175,6 @@ def _end(span: Span, outcome: str, token: object) -> None:
             with _lock:
                 ended_by_unload = _running.pop(span, False)
             if not ended_by_unload:
-                span.set_attribute(TASK_ATTEMPT, _durable.current_attempt() or 1)
                 span.set_attribute(TASK_OUTCOME, outcome)
                 span.end()
             return
@@ -272,7 +271,7 @@ class _DurableTracing:
         return carrier
 
     @contextmanager
-    def run(self, carrier: Dict[str, str], attempt: int) -> Iterator[None]:
+    def run(self, carrier: Dict[str, str], attempt: int, name: str) -> Iterator[None]:
         """Around a run of a durable task: link its span to the trace that created it.
 
         On an edgesync worker the task span exists already (the task hook): it gains
@@ -281,7 +280,9 @@ class _DurableTracing:
         origin = _origin(carrier)
         current = trace.get_current_span()
         if current.is_recording() and current in _running:
-            if origin is not None and origin != current.get_span_context():
+            current.set_attribute(TASK_ATTEMPT, attempt)
+            # A first run in the process that accepted it links to its caller already.
+            if origin is not None and all(link.context != origin for link in getattr(current, "links", ())):
                 current.add_link(origin, {"edgesync.link": "durable_origin"})
             yield
             return
@@ -290,9 +291,11 @@ class _DurableTracing:
             yield
             return
         links = [] if origin is None else [Link(origin, {"edgesync.link": "durable_origin"})]
-        with tracer.start_as_current_span("edgesync.task", context=otel_context.Context(), kind=SpanKind.CONSUMER,
-                                          links=links, attributes={"messaging.system": "edgesync",
-                                                                   TASK_ATTEMPT: attempt}):
+        # The task runs outside an edgesync runtime (a job on an RQ worker): its own span.
+        with tracer.start_as_current_span("edgesync.task " + name.replace(":", "."), context=otel_context.Context(),
+                                          kind=SpanKind.CONSUMER, links=links,
+                                          attributes={"messaging.system": "edgesync", TASK_ATTEMPT: attempt,
+                                                      TASK_NAME: name.replace(":", ".")}):
             yield
 
 

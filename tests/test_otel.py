@@ -7,6 +7,7 @@ file that these tests read; nothing is mocked.
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 from typing import Any, Callable, Dict, List
@@ -16,6 +17,7 @@ import pytest
 pytest.importorskip("opentelemetry.sdk")
 
 from .conftest import Server, wait_for
+from .test_handoff import QUEUE, Redis, RQWorker, redis_server, rq_workers  # noqa: F401 (fixtures)
 from .test_limits import NO_LIMITS, limits
 
 
@@ -35,8 +37,8 @@ def wait_span(path: Path, predicate: Callable[[Dict[str, Any]], bool], what: str
 
 
 def start(server_factory: Callable[..., Server], tmp_path: Path, *args: str,
-          env: Dict[str, str] = NO_LIMITS) -> Server:
-    return server_factory(*args, app="tests.apps.otel:app",
+          env: Dict[str, str] = NO_LIMITS, workers_ready: int = 1) -> Server:
+    return server_factory(*args, app="tests.apps.otel:app", workers_ready=workers_ready,
                           env=dict(env, SPANS_FILE=str(tmp_path / "spans.jsonl")))
 
 
@@ -122,3 +124,41 @@ def test_an_abandoned_task_span_still_reaches_the_exporter(server_factory: Calla
     [unload] = [e for e in worker["events"] if e["name"] == "edgesync.unload"]
     assert unload["attributes"]["edgesync.abandoned_tasks"] == 1
     assert unload["attributes"]["edgesync.abandoned_task_ids"] == [task["attributes"]["edgesync.task.id"]]
+
+
+def test_a_durable_task_rerun_after_its_worker_died_links_to_the_original_trace(
+        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    env = dict(NO_LIMITS, EDGESYNC_DURABLE_JOURNAL=str(tmp_path / "journal.db"))
+    server = start(server_factory, tmp_path, "-w", "2", "--threads", "2", env=env, workers_ready=2)
+    path = tmp_path / "spans.jsonl"
+    assert server.get("/durable?id=d1&sleep=60")[0] == 200
+    [first] = server.wait_for_events("durable_start", where=lambda e: e["attempt"] == 1)
+    request = wait_span(path, lambda s: s["name"] == "GET /durable", "the request span")
+    os.kill(first["pid"], signal.SIGKILL)  # the task's span dies with it, never exported
+    server.wait_for_events("durable_start", where=lambda e: e["attempt"] == 2, timeout=30)
+    rerun = wait_span(path, lambda s: s["name"] == "edgesync.task tests.apps.otel.durable_work"
+                      and s["attributes"]["edgesync.task.attempt"] == 2, "the re-run's span")
+    assert rerun["pid"] != first["pid"] and rerun["parent"] is None
+    assert rerun["links"] == [{"trace_id": request["trace_id"], "span_id": request["span_id"],
+                               "attributes": {"edgesync.link": "durable_origin"}}]
+    assert rerun["attributes"]["edgesync.task.outcome"] == "completed"
+
+
+def test_a_durable_task_handed_to_rq_links_to_the_original_trace(
+        server_factory: Callable[..., Server], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        redis_server: Redis, rq_workers: Callable[[Redis, Server], RQWorker]) -> None:  # noqa: F811
+    env = dict(NO_LIMITS, EDGESYNC_HANDOFF="rq", EDGESYNC_HANDOFF_ON="always",
+               EDGESYNC_HANDOFF_REDIS_URL=redis_server.url, EDGESYNC_HANDOFF_QUEUE=QUEUE)
+    server = start(server_factory, tmp_path, "--threads", "2", env=env)
+    path = tmp_path / "spans.jsonl"
+    assert server.get("/durable?id=r1")[0] == 200
+    request = wait_span(path, lambda s: s["name"] == "GET /durable", "the request span")
+    monkeypatch.setenv("SPANS_FILE", str(path))  # the RQ worker imports tests.apps.otel, which traces
+    rq_workers(redis_server, server)
+    job = wait_span(path, lambda s: s["name"] == "edgesync.task tests.apps.otel.durable_work", "the job's span", 30)
+    [ran] = server.wait_for_events("durable_start")
+    assert job["pid"] == ran["pid"] != server.worker_pids()[0]
+    assert job["parent"] is None and job["links"] == [
+        {"trace_id": request["trace_id"], "span_id": request["span_id"],
+         "attributes": {"edgesync.link": "durable_origin"}}]
+    assert job["attributes"]["edgesync.task.attempt"] == 1

@@ -78,6 +78,14 @@ def work(tag: str, seconds: float) -> str:
     return tag
 
 
+@edgesync.durable
+def durable_work(tag: str, first: float) -> None:
+    """Sleeps ``first`` s on its first attempt only."""
+    attempt = edgesync.current_attempt()
+    record(type="durable_start", id=tag, attempt=attempt)
+    time.sleep(first if attempt == 1 else 0)
+
+
 def burn(tag: str) -> None:
     record(type="task_start", id=tag)
     x = 0
@@ -99,6 +107,9 @@ def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         if path == "/bg":
             fut = edgesync.wait_until(work, tag, float(q.get("sleep", "0.2")))
             return _text(start_response, edgesync.task_id(fut))
+        if path == "/durable":
+            edgesync.wait_until(durable_work, tag, float(q.get("sleep", "0")))
+            return _text(start_response, "kept")
         if path == "/burn":
             edgesync.wait_until(burn, tag)
             return _text(start_response, "burning")
