@@ -57,8 +57,9 @@ _propagator = TraceContextTextMapPropagator()
 _lock = threading.Lock()
 _tracer: Optional[Tracer] = None
 _provider: Optional[TracerProvider] = None
-# Spans of the tasks running now (beforeunload / unload mark them); value: ended by unload.
-_running: Dict[Span, bool] = {}
+# Spans of the tasks running now (beforeunload / unload mark them). Added and popped
+# without a lock (single dict operations are atomic): whoever pops a span ends it.
+_running: Dict[Span, None] = {}
 _worker: Optional[Tuple[int, Span]] = None  # (pid, the edgesync.worker span of this instance)
 
 
@@ -121,25 +122,27 @@ def _current_task() -> Tuple[Any, Any]:
     return (None if inv is None else inv.task), inv
 
 
+_LINK_ATTRIBUTES = {"edgesync.link": "wait_until"}
+
+
 def _run_in_span(tracer: Tracer, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     # Runs on the task's thread, inside the task's copy of the caller's context: the
     # current span there is the one that called wait_until.
     caller = trace.get_current_span().get_span_context()
-    links = [Link(caller, {"edgesync.link": "wait_until"})] if caller.is_valid else []
     task, inv = _current_task()
     name = str(getattr(task, "name", None) or getattr(fn, "__qualname__", "task"))
-    attributes: Dict[str, Any] = {
-        "messaging.system": "edgesync", "messaging.operation.type": "process",
-        "messaging.operation.name": "process", TASK_NAME: name, TASK_ATTEMPT: 1}
+    attributes: Dict[str, Any] = {"messaging.system": "edgesync", "messaging.operation.type": "process",
+                                  TASK_NAME: name, TASK_ATTEMPT: 1}
     if task is not None:
-        attributes[TASK_ID] = attributes["messaging.message.id"] = task.id
+        attributes[TASK_ID] = task.id
         if task.started is not None:
             attributes[TASK_QUEUED_S] = round(task.started - task.accepted, 6)
     # An explicitly empty parent: a root span, never a child of the (ended) request span.
-    span = tracer.start_span("edgesync.task " + name, context=otel_context.Context(), kind=SpanKind.CONSUMER,
-                             links=links, attributes=attributes)
-    token = otel_context.attach(trace.set_span_in_context(span))
-    _running[span] = False
+    span = tracer.start_span("edgesync.task " + name, context=_EMPTY, kind=SpanKind.CONSUMER,
+                             links=(Link(caller, _LINK_ATTRIBUTES),) if caller.is_valid else None,
+                             attributes=attributes)
+    token = otel_context.attach(trace.set_span_in_context(span, _EMPTY))
+    _running[span] = None  # whoever pops it ends it: this thread, or the unload listener
     outcome = "completed"
     try:
         result = fn(*args, **kwargs)
@@ -168,18 +171,23 @@ def _run_in_span(tracer: Tracer, fn: Callable[..., Any], args: Any, kwargs: Any)
 
 def _end(span: Span, outcome: str, token: object) -> None:
     # A cancellation may be delivered while this runs (a limit racing the task's end):
-    # retried, so the span is still exported and the context restored.
-    while True:
+    # each step is retried until done, so the span is still exported, once.
+    detached = ended = False
+    while not ended:
         try:
-            otel_context.detach(token)  # type: ignore[arg-type]
-            with _lock:
-                ended_by_unload = _running.pop(span, False)
-            if not ended_by_unload:
+            if not detached:
+                otel_context.detach(token)  # type: ignore[arg-type]
+                detached = True
+            if _running.pop(span, _GONE) is not _GONE:  # atomic: not ended by unload
                 span.set_attribute(TASK_OUTCOME, outcome)
                 span.end()
-            return
+            ended = True
         except InvocationCancelled:
             continue
+
+
+_GONE = object()
+_EMPTY = otel_context.Context()
 
 
 # -- instance events ---------------------------------------------------------------------
@@ -218,10 +226,7 @@ def _on_unload(event: UnloadEvent) -> None:
     attributes: Dict[str, Any] = {REASON: event.reason, "edgesync.abandoned_tasks": len(abandoned)}
     # Tasks still running are abandoned: their threads never end before the process
     # does, so their spans end here, or never reach the exporter.
-    with _lock:
-        running = [s for s, ended in _running.items() if not ended]
-        for span in running:
-            _running[span] = True
+    running = [s for s in list(_running) if _running.pop(s, _GONE) is not _GONE]
     for span in running:
         span.add_event("edgesync.unload", attributes)
         span.set_attribute(TASK_OUTCOME, "abandoned")
@@ -253,8 +258,7 @@ def _on_unload(event: UnloadEvent) -> None:
 
 
 def _snapshot() -> List[Span]:
-    with _lock:
-        return [s for s, ended in _running.items() if not ended]
+    return list(_running)
 
 
 # -- durable tasks: the caller's trace context, carried in the task's record ------------
