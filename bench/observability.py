@@ -9,6 +9,7 @@ which one first alternates per round), for ``--seconds`` per round, on ``/hello`
 
 - ``otel``: off = no OpenTelemetry at all; on = the SDK with a ``BatchSpanProcessor`` (exporter that
   drops the spans) and ``edgesync.otel.instrument()`` (``bench/apps/observed.py``): a span per task.
+- ``otel10``: the same with a ``TraceIdRatioBased(0.1)`` sampler: one task in ten recorded.
 - ``prometheus``: off = no ``PROMETHEUS_MULTIPROC_DIR``; on = set to a fresh directory, so
   edgesync.prometheus mirrors the worker's figures at each heartbeat and compacts dead files.
 
@@ -37,8 +38,9 @@ PATHS = ("/hello", "/task")
 
 def pair(name: str, logdir: Path) -> List[Server]:
     off = Server(name + "-off", "edgesync.Worker", logdir, app=APP)
-    if name == "otel":
-        on = Server(name + "-on", "edgesync.Worker", logdir, app=APP, env={"BENCH_OTEL": "1"})
+    if name.startswith("otel"):
+        ratio = "1" if name == "otel" else "0.1"
+        on = Server(name + "-on", "edgesync.Worker", logdir, app=APP, env={"BENCH_OTEL": ratio})
     else:
         metrics = logdir / "prometheus-multiproc"
         metrics.mkdir()
@@ -52,13 +54,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--pairs", default="otel,otel10,prometheus", help="comma-separated: otel, otel10, prometheus")
     args = parser.parse_args()
     harness.ensure_wrk()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     results: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="edgesync-bench-obs-") as tmp:
-            for name in ("otel", "prometheus"):
+            for name in args.pairs.split(","):
                 servers = [s.start() for s in pair(name, Path(tmp))]
                 results[name] = {}
                 for path in PATHS:
