@@ -26,6 +26,10 @@ T = TypeVar("T")
 
 _attempt: contextvars.ContextVar[int] = contextvars.ContextVar("edgesync_attempt", default=0)
 
+#: ``edgesync.otel`` while it is on: its ``carrier()`` is kept with each task's arguments and
+#: its ``run(carrier, attempt)`` is entered around each run (see ``attempt_scope``).
+tracing: Any = None
+
 
 def current_attempt() -> int:
     """The attempt number of the durable task running in this context: 1 on its first run.
@@ -38,10 +42,16 @@ def current_attempt() -> int:
 
 
 @contextlib.contextmanager
-def attempt_scope(attempt: int) -> Iterator[None]:
+def attempt_scope(attempt: int, payload: Optional[str] = None, name: str = "") -> Iterator[None]:
+    """Around each run: the attempt number, and (``payload``: the task's record) its trace."""
     token = _attempt.set(attempt)
     try:
-        yield
+        carrier = json.loads(payload)[2:] if tracing is not None and payload else None
+        if carrier:
+            with tracing.run(carrier[0], attempt, name):
+                yield
+        else:
+            yield
     finally:
         _attempt.reset(token)
 
@@ -71,8 +81,10 @@ class DurableFunction(Generic[P, T]):
         """The arguments as the JSON text the journal keeps; TypeError if they cannot be kept."""
         if not self._importable:
             self._check_importable()
+        # A third element: the caller's trace context (edgesync.otel), when there is one.
+        extra = [tracing.carrier()] if tracing is not None else []
         try:
-            text = json.dumps([args, kwargs], separators=(",", ":"), allow_nan=False)
+            text = json.dumps([args, kwargs] + [e for e in extra if e], separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise TypeError(
                 "wait_until(%s, ...): a durable task's arguments must be JSON values (str, int, float, bool, "
@@ -80,7 +92,7 @@ class DurableFunction(Generic[P, T]):
                 "read back by another process; %s. Pass an id and load the object in the task."
                 % (self.path, exc)) from None
         # Tuples become lists and int keys become strings: the task would get other values on a re-run.
-        if json.loads(text) != [list(args), kwargs]:
+        if json.loads(text)[:2] != [list(args), kwargs]:
             raise TypeError(
                 "wait_until(%s, ...): a durable task's arguments must come back from JSON unchanged, so that "
                 "a re-run gets what the first run got; got %s. Use lists instead of tuples and str dict keys."

@@ -59,7 +59,7 @@ class RQTarget:
 def run(fn: str, args: str, attempt: int) -> Any:
     """Run a handed-off durable task (on the RQ worker): ``fn(*args, **kwargs)`` at ``attempt``."""
     target = resolve(fn)
-    positional, keywords = json.loads(args)
-    with attempt_scope(attempt):
+    positional, keywords = json.loads(args)[:2]
+    with attempt_scope(attempt, args, fn):
         return target.__wrapped__(*positional, **keywords)
 

@@ -183,7 +183,7 @@ class _Keeper:
             if attempt is None:
                 return None
             try:
-                with attempt_scope(attempt):
+                with attempt_scope(attempt, held.args):
                     result = target(*args, **kwargs)
                     if inspect.isawaitable(result):
                         result = asyncio.run(_await(result))
@@ -414,7 +414,7 @@ def _short(text: str) -> str:
 
 
 def _decode(args: str) -> Any:
-    positional, keywords = json.loads(args)
+    positional, keywords = json.loads(args)[:2]
     return positional, keywords
 
 

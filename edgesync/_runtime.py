@@ -54,6 +54,11 @@ def remove_task_hook(hook: TaskHook) -> None:
         _task_hooks.remove(hook)
 
 
+#: Called with the runtime at each heartbeat of a gunicorn worker (about twice a
+#: second, on its main loop) when set: edgesync.prometheus mirrors the figures there.
+on_heartbeat: Optional[Callable[[Runtime], None]] = None
+
+
 class StatsSink(Protocol):
     """Where counters and gauges go (gunicorn's statsd logger has this shape)."""
 

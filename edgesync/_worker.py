@@ -14,6 +14,7 @@ None of it exits with status 3 or 4 (gunicorn halts the whole server on those).
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import logging
 import os
@@ -132,13 +133,21 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
 
     @classmethod
     def setup(cls) -> None:
-        """gunicorn resolved the worker class: at start, and on every reload (HUP).
+        """gunicorn resolved the worker class, in the master: at start, and on every reload (HUP).
 
-        gunicorn calls it from ``Config.worker_class`` (``Arbiter.setup``), before the
-        reload applies its ``raw_env``: the next worker constructed reads the settings
-        (in the master, before it forks).
+        gunicorn calls it from ``Config.worker_class`` (``Arbiter.setup``), before
+        ``--preload`` imports the app and before the reload applies its ``raw_env``: the
+        next worker constructed reads the settings (in the master, before it forks).
+
+        With ``PROMETHEUS_MULTIPROC_DIR`` set and prometheus_client installed, every
+        metric of the server must use edgesync.prometheus's process identifier, from
+        the first one made: it is turned on here (see that module).
         """
         cls._reread = True
+        # The variable without the client: nothing writes metrics, nothing to do.
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and importlib.util.find_spec("prometheus_client"):
+            from . import prometheus
+            prometheus.install()
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -423,6 +432,8 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         super().notify()
         # At each heartbeat, this worker's figures go to the table edgesync.server_metrics() reads.
         _recycle.publish(self.runtime)
+        if _runtime.on_heartbeat is not None:
+            _runtime.on_heartbeat(self.runtime)
 
     def tick(self, timeout: float) -> None:
         self.heartbeat()

@@ -20,7 +20,7 @@ import pytest
 
 from edgesync._events import EVENT_TYPES, listeners
 
-from .support import COMPONENTS, Server
+from .support import COMPONENTS, Redis, RQWorker, Server
 
 # Re-exported: test modules import these from support.py, some older ones from here.
 from .support import REPO as REPO
@@ -133,3 +133,29 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         took, took // 60, took % 60, len(os.sched_getaffinity(0)), "/".join("%.1f" % x for x in os.getloadavg()),
         "missing: %s (see above)" % ", ".join(c.name for c in lacking) if lacking
         else "no test skipped for want of a real component"), yellow=bool(lacking))
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Redis]:
+    server = Redis(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def rq_workers(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[[Redis, Server], RQWorker]]:
+    started: List[RQWorker] = []
+
+    def make(redis: Redis, server: Server) -> RQWorker:
+        worker = RQWorker(redis, server.events_path, tmp_path)
+        started.append(worker)
+        return worker
+    yield make
+    for worker in started:
+        worker.stop()
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        for worker in started:
+            sys.stdout.write("\n----- rq worker log -----\n%s\n" % worker.log_path.read_text(errors="replace"))

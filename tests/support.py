@@ -35,7 +35,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Set, Tuple
 
 import psutil
 import pytest
@@ -468,3 +468,80 @@ class StatsdListener:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# -- Redis and RQ (the hand-off tests start their own) ----------------------------------------------
+
+QUEUE = "edgesync-test"
+
+
+class Redis:
+    """A redis-server process of this test, and a client to look into it."""
+
+    def __init__(self, workdir: Path):
+        exe = shutil.which("redis-server")
+        if exe is None:
+            missing(REDIS, "not installed (the hand-off tests start their own)")
+        self.port = free_port()
+        self.url = "redis://127.0.0.1:%d/0" % self.port
+        self.log_path = workdir / "redis.log"
+        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--logfile", str(self.log_path)], cwd=workdir)
+        import redis
+        self.client = redis.Redis.from_url(self.url)
+
+        def pong() -> bool:
+            try:
+                return bool(self.client.ping())
+            except redis.ConnectionError:
+                assert self.proc.poll() is None, "redis-server exited: %s" % self.log_path.read_text()
+                return False
+        wait_for(pong, 10, "redis-server to answer PING")
+
+    def pending_ids(self) -> Set[str]:
+        """The test ids of the durable tasks queued in RQ and not yet taken by a worker."""
+        import rq
+        queue = rq.Queue(QUEUE, connection=self.client)
+        return {json.loads(job.args[1])[0][0] for job in queue.get_jobs()}
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class RQWorker:
+    """``rq worker`` on QUEUE: imports tests.apps.durable_tasks, records ``where = rq``."""
+
+    def __init__(self, redis: Redis, events: Path, workdir: Path):
+        env = {**os.environ, "EVENTS_FILE": str(events), "DURABLE_WHERE": "rq", "PYTHONPATH": str(REPO)}
+        self.log_path = workdir / "rq.log"
+        self.log = open(self.log_path, "ab")
+        rq_exe = str(Path(sys.executable).with_name("rq"))
+        self.proc = subprocess.Popen([rq_exe, "worker", "--url", redis.url, "--path", str(REPO),
+                                      "--worker-class", "rq.worker.SimpleWorker", QUEUE],
+                                     cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+# -- limits -----------------------------------------------------------------------------------------
+
+NO_LIMITS = {"EDGESYNC_WALL_CLOCK_LIMIT_MS": "0", "EDGESYNC_CPU_SOFT_LIMIT_MS": "0",
+             "EDGESYNC_CPU_HARD_LIMIT_MS": "0", "EDGESYNC_MEMORY_LIMIT_MB": "0",
+             "EDGESYNC_REQUEST_IDLE_TIMEOUT_MS": "0"}
+
+
+def limits(**values: int) -> Dict[str, str]:
+    env = dict(NO_LIMITS)
+    env.update({"EDGESYNC_" + k.upper(): str(v) for k, v in values.items()})
+    return env

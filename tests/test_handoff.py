@@ -9,110 +9,17 @@ tests skip, unless ``ESTEST_REQUIRE_REDIS=1`` (set by .ci/run).
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Set
+from typing import Callable, Dict, Optional
 
 import pytest
 
 from .fault_suite import DURABLE_APP, DurableTally, durable_tally, plant, stop_cleanly
-from .support import REDIS, REPO, Server, Wrk, free_port, missing, require_wrk, wait_for
+from .support import QUEUE, Redis, RQWorker, Server, Wrk, require_wrk, wait_for
 
 pytestmark = pytest.mark.slow
-
-QUEUE = "edgesync-test"
-
-
-class Redis:
-    """A redis-server process of this test, and a client to look into it."""
-
-    def __init__(self, workdir: Path):
-        exe = shutil.which("redis-server")
-        if exe is None:
-            missing(REDIS, "not installed (the hand-off tests start their own)")
-        self.port = free_port()
-        self.url = "redis://127.0.0.1:%d/0" % self.port
-        self.log_path = workdir / "redis.log"
-        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--logfile", str(self.log_path)], cwd=workdir)
-        import redis
-        self.client = redis.Redis.from_url(self.url)
-
-        def pong() -> bool:
-            try:
-                return bool(self.client.ping())
-            except redis.ConnectionError:
-                assert self.proc.poll() is None, "redis-server exited: %s" % self.log_path.read_text()
-                return False
-        wait_for(pong, 10, "redis-server to answer PING")
-
-    def pending_ids(self) -> Set[str]:
-        """The test ids of the durable tasks queued in RQ and not yet taken by a worker."""
-        import rq
-        queue = rq.Queue(QUEUE, connection=self.client)
-        return {json.loads(job.args[1])[0][0] for job in queue.get_jobs()}
-
-    def stop(self) -> None:
-        self.client.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
-class RQWorker:
-    """``rq worker`` on QUEUE: imports tests.apps.durable_tasks, records ``where = rq``."""
-
-    def __init__(self, redis: Redis, events: Path, workdir: Path):
-        env = {**os.environ, "EVENTS_FILE": str(events), "DURABLE_WHERE": "rq", "PYTHONPATH": str(REPO)}
-        self.log_path = workdir / "rq.log"
-        self.log = open(self.log_path, "ab")
-        rq_exe = str(Path(sys.executable).with_name("rq"))
-        self.proc = subprocess.Popen([rq_exe, "worker", "--url", redis.url, "--path", str(REPO),
-                                      "--worker-class", "rq.worker.SimpleWorker", QUEUE],
-                                     cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[Redis]:
-    server = Redis(tmp_path)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def rq_workers(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[[Redis, Server], RQWorker]]:
-    started: List[RQWorker] = []
-
-    def make(redis: Redis, server: Server) -> RQWorker:
-        worker = RQWorker(redis, server.events_path, tmp_path)
-        started.append(worker)
-        return worker
-    yield make
-    for worker in started:
-        worker.stop()
-    failed = getattr(request.node, "rep_call", None)
-    if failed is not None and failed.failed:
-        for worker in started:
-            sys.stdout.write("\n----- rq worker log -----\n%s\n" % worker.log_path.read_text(errors="replace"))
-
 
 def start(server_factory: Callable[..., Server], redis: Redis, handoff_on: str, journal: bool = True,
           workers: int = 2, env: Optional[Dict[str, str]] = None) -> Server:

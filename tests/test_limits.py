@@ -11,26 +11,15 @@ import re
 import subprocess
 import threading
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, List, Tuple
 
 import pytest
 
 from edgesync import _limits, testing
 
-from .support import Server, require_wrk, wait_for
+from .support import Server, limits, require_wrk, wait_for
 
 LATE = 0.4  # seconds an action may come after its threshold on a busy CI machine
-
-NO_LIMITS = {"EDGESYNC_WALL_CLOCK_LIMIT_MS": "0", "EDGESYNC_CPU_SOFT_LIMIT_MS": "0",
-             "EDGESYNC_CPU_HARD_LIMIT_MS": "0", "EDGESYNC_MEMORY_LIMIT_MB": "0",
-             "EDGESYNC_REQUEST_IDLE_TIMEOUT_MS": "0"}
-
-
-def limits(**values: int) -> Dict[str, str]:
-    env = dict(NO_LIMITS)
-    env.update({"EDGESYNC_" + k.upper(): str(v) for k, v in values.items()})
-    return env
-
 
 def in_background(server: Server, path: str, timeout: float = 30) -> Tuple[threading.Thread, List[object]]:
     out: List[object] = []
