@@ -35,7 +35,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Set, Tuple
 
 import psutil
 import pytest
@@ -125,8 +125,10 @@ def require_wrk() -> str:
 class Server:
     """One gunicorn master running an app from tests/apps, driven from outside."""
 
-    def __init__(self, workdir: Path, app: str, args: List[str], env: Dict[str, str]):
+    def __init__(self, workdir: Path, app: str, args: List[str], env: Dict[str, str],
+                 launcher: Sequence[str] = ()):
         self.workdir = workdir
+        self.launcher = list(launcher)  # e.g. ["unshare", "--pid", "--fork"]: what runs gunicorn
         self.log_path = workdir / "gunicorn.log"
         self.events_path = workdir / "events.jsonl"
         self.app = app
@@ -144,7 +146,7 @@ class Server:
         # A test that passes its own -b (--reuse-port: every worker binds the address itself, so
         # port 0 would give each its own port) names the port; otherwise the OS picks one.
         bind = [] if "-b" in self.args else ["-b", "127.0.0.1:0"]
-        cmd = [sys.executable, "-m", "gunicorn", "-k", "edgesync.Worker", *bind,
+        cmd = [*self.launcher, sys.executable, "-m", "gunicorn", "-k", "edgesync.Worker", *bind,
                "--no-control-socket", "--pythonpath", str(REPO), "--log-level", "info",
                "--graceful-timeout", "5", "--timeout", "10", *self.args, self.app]
         self.log_file = open(self.log_path, "ab")

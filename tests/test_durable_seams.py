@@ -282,26 +282,8 @@ def test_a_journal_deleted_while_serving_is_recreated(server_factory: Callable[.
 # -- sharing a journal across pid namespaces ------------------------------------------------------------
 
 
-class NamespacedServer(Server):
-    """A gunicorn master in its own pid namespace (``unshare --pid --fork --mount-proc``), as in a container."""
-
-    def start(self, workers_ready: int = 1, timeout: float = 20.0) -> NamespacedServer:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGESYNC_")}
-        env.update({"EVENTS_FILE": str(self.events_path), "PYTHONUNBUFFERED": "1"})
-        env.update(self.env)
-        cmd = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "gunicorn", "-k",
-               "edgesync.Worker", "-b", "127.0.0.1:0", "--no-control-socket", "--pythonpath", str(REPO),
-               "--log-level", "info", "--graceful-timeout", "5", "--timeout", "10", *self.args, self.app]
-        self.log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=self.log_file,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        match = wait_for(lambda: self.exited() is None and re.search(r"Listening at: http://127\.0\.0\.1:(\d+)",
-                                                                     self.log) or self._fail_if_exited(),
-                         timeout, "gunicorn to listen")
-        self.port = int(match.group(1))
-        self.wait_for_log(r"Booting worker with pid", count=workers_ready, timeout=timeout)
-        self.wait_ready(timeout)
-        return self
+# A gunicorn master in its own pid namespace, as in a container.
+IN_ITS_OWN_PID_NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc"]
 
 
 def test_servers_in_two_pid_namespaces_never_take_each_others_live_tasks(server_factory: Callable[..., Server],
@@ -316,7 +298,8 @@ def test_servers_in_two_pid_namespaces_never_take_each_others_live_tasks(server_
     here = start(server_factory, env)  # a server in this pid namespace
     workdir = tmp_path / "container"
     workdir.mkdir()
-    there = NamespacedServer(workdir, APP, ["--workers", "2", "--threads", "4"], env).start(workers_ready=2)
+    there = Server(workdir, APP, ["--workers", "2", "--threads", "4"], env,
+                   launcher=IN_ITS_OWN_PID_NAMESPACE).start(workers_ready=2)
     there.events_path = here.events_path = tmp_path / "events.jsonl"
     try:
         inside = there.worker_pids()
