@@ -21,6 +21,11 @@ forked worker). gunicorn's own ``manage_workers`` still decides everything; it
 just does not see retirees, so it spawns one replacement per retiree and, when
 there are too many workers (TTOU, HUP), SIGTERMs the oldest *serving* worker,
 never a retiree that is leaving anyway.
+
+The table is there whatever ``replace_before_retire`` says (a retiree announces
+itself only with it on): it is also how the master knows which workers served.
+``reap_workers`` keeps gunicorn's halt on exit codes 3 and 4 for workers that
+never served.
 """
 
 from __future__ import annotations
@@ -155,6 +160,8 @@ class _Master:
         return result
 
     def reap_workers(self) -> Any:
+        if self.in_master():
+            self._reap_served_boot_codes()
         result = self.orig["reap_workers"]()
         if self.in_master():
             # arbiter.reload waits for the old workers with reap_workers alone: a
@@ -167,6 +174,40 @@ class _Master:
         if self.in_master() and sig in _STOPPING_SIGNALS:
             self.stopping.add(pid)
         return self.orig["kill_worker"](pid, sig)
+
+    def _reap_served_boot_codes(self) -> None:
+        """Reap, before gunicorn does, each worker that served and then exited with 3 or 4.
+
+        gunicorn halts the whole server on those codes (arbiter.py ``reap_workers``):
+        its rule for a worker that could not boot. A worker that reached its serving
+        loop did boot; its exit status is then another process's business (a
+        library's ``os._exit(3)`` in a background thread), so it is handled as any
+        other worker's exit: logged, ``child_exit`` called, a replacement forked by
+        the next ``manage_workers``. Only workers with a record are looked at
+        (``waitid`` with ``WNOWAIT`` peeks without reaping); the rest, and every
+        worker that never served, keep gunicorn's rule.
+        """
+        arbiter = self.arbiter
+        boot_codes = (int(arbiter.WORKER_BOOT_ERROR), int(arbiter.APP_LOAD_ERROR))
+        for pid, worker in list(arbiter.WORKERS.items()):
+            slot = self.slot_of.get(pid)
+            if slot is None or not self.records[slot].ready:
+                continue  # never served: gunicorn's rule
+            try:
+                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                continue
+            if info is None or info.si_code != os.CLD_EXITED or info.si_status not in boot_codes:
+                continue
+            os.waitpid(pid, 0)  # a zombie: returns at once
+            arbiter.WORKERS.pop(pid, None)
+            # What gunicorn's reap_workers does for any other exit status.
+            self.glog.error("Worker (pid:%s) exited with code %s.", pid, info.si_status)
+            self.glog.warning("edgesync: worker %d exited with code %d after serving: not a boot error, so "
+                              "the server goes on and replaces it (gunicorn halts on %d and %d only for a "
+                              "worker that never served)", pid, info.si_status, *boot_codes)
+            worker.tmp.close()
+            arbiter.cfg.child_exit(arbiter, worker)
 
     # -- records ----------------------------------------------------------------------
 

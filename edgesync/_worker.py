@@ -134,9 +134,10 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         log.info("edgesync: settings from %s", describe_source())
         # Each worker ends without Python's teardown of its modules (see _exit).
         _exit.install()
-        if cls._settings.replace_before_retire:
-            # Share the retire table with the workers to come; wrap the arbiter's counting.
-            _recycle.install(log)
+        # Share the workers' table with the workers to come and wrap the arbiter's
+        # births, reaping and counting (a retiree announces itself there only with
+        # replace_before_retire on).
+        _recycle.install(log)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
