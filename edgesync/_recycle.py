@@ -40,6 +40,7 @@ import signal
 import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+from . import _mold
 from ._process import running_arbiter
 from ._runtime import Runtime
 
@@ -86,8 +87,9 @@ class _Record(ctypes.Structure):
 class _Master:
     """The arbiter's side: which record each worker has, and the patched methods."""
 
-    def __init__(self, arbiter: Any, glog: Any):
+    def __init__(self, arbiter: Any, glog: Any, mold: bool = False):
         self.arbiter = arbiter
+        self.molds = _mold.Molds(arbiter, mold, glog)
         self.glog = glog
         self.pid = os.getpid()
         # MAP_SHARED | MAP_ANONYMOUS: the same pages in the master and every worker forked later.
@@ -111,6 +113,9 @@ class _Master:
     def spawn_worker(self) -> Any:
         if not self.in_master():
             return self.orig["spawn_worker"]()
+        mold = self.molds.get()
+        if mold is not None:
+            return self._spawn_from(mold)
         global _own
         # Python's advice for fork without exec (gc docs, gc.freeze): what the master
         # holds (with --preload, the whole app) goes to the permanent generation, so
@@ -143,6 +148,50 @@ class _Master:
         if slot is not None:
             self.slot_of[pid] = slot
         return pid
+
+    def _spawn_from(self, mold: _mold.Mold) -> int:
+        """gunicorn's ``spawn_worker`` (arbiter.py, 27.0.x), with the fork done by ``mold``.
+
+        The master's half is gunicorn's: the ``Worker`` object, ``pre_fork``, the worker
+        in ``WORKERS``. If the mold and its successor fail, the master forks this worker
+        itself, as gunicorn would have.
+        """
+        arbiter = self.arbiter
+        slot = self._claim()
+        arbiter.worker_age += 1
+        worker = arbiter.worker_class(arbiter.worker_age, arbiter.pid, arbiter.LISTENERS, arbiter.app,
+                                      arbiter.timeout / 2.0, arbiter.cfg, arbiter.log)
+        arbiter.cfg.pre_fork(arbiter, worker)
+        pid = mold.fork(worker.age, slot, worker.tmp.fileno())
+        if pid is None:
+            self.molds.lost(mold)
+            again = self.molds.get()
+            pid = again.fork(worker.age, slot, worker.tmp.fileno()) if again is not None else None
+        if pid is None:
+            pid = self._fork_here(worker, slot)
+        worker.pid = pid
+        arbiter.WORKERS[pid] = worker
+        stats = getattr(arbiter, "_stats", None)
+        if isinstance(stats, dict):
+            stats["workers_spawned"] = stats.get("workers_spawned", 0) + 1
+        if slot is not None:
+            self.slot_of[pid] = slot
+        return pid
+
+    def _fork_here(self, worker: Any, slot: Optional[int]) -> int:
+        global _own
+        gc.freeze()
+        try:
+            pid = os.fork()
+        finally:
+            if os.getpid() == self.pid:
+                gc.unfreeze()
+        if pid:
+            return pid
+        _own = slot
+        for sibling in list(self.arbiter.WORKERS.values()) + list(self.hidden.values()):
+            sibling.tmp.close()
+        _mold.run_worker(self.arbiter, worker)
 
     def spawn_workers(self) -> None:
         """gunicorn's ``spawn_workers`` without its ``time.sleep(0.1 * random())`` after each fork.
@@ -293,7 +342,7 @@ _master: Optional[_Master] = None
 _own: Optional[int] = None
 
 
-def install(glog: Any) -> bool:
+def install(glog: Any, mold: bool = False) -> bool:
     """In gunicorn's master, before the first fork: share the table and patch the arbiter.
 
     Returns False (and changes nothing) outside a running gunicorn arbiter, e.g.
@@ -307,7 +356,7 @@ def install(glog: Any) -> bool:
         glog.debug("edgesync: no running gunicorn arbiter in this process; workers retire without a "
                    "replacement serving first")
         return False
-    _master = _Master(arbiter, glog)
+    _master = _Master(arbiter, glog, mold)
     return True
 
 
@@ -328,6 +377,12 @@ def _wake_master() -> None:
             os.kill(m.pid, signal.SIGCHLD)
         except OSError:  # the master is gone: the worker's parent check ends it
             log.debug("could not wake the arbiter", exc_info=True)
+
+
+def adopt(slot: Optional[int]) -> None:
+    """In a worker a mold forked: its own record (the master claimed it before asking the mold)."""
+    global _own
+    _own = slot
 
 
 def ready() -> None:
