@@ -308,6 +308,8 @@ class Molds:
                 why = "prctl(PR_SET_CHILD_SUBREAPER) failed"
         if why and why != self._said_off:
             self._said_off = why
+            if why == self.disabled:
+                return why  # logged with its details already
             self.glog.info("edgesync: workers are forked by the master, not by a mold (%s)", why)
         return why
 

@@ -9,9 +9,12 @@ server lives and replaces it.
 from __future__ import annotations
 
 import http.client
+import os
 import re
+import signal
 import threading
 from collections import Counter
+from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import pytest
@@ -83,3 +86,155 @@ def test_oneshot_serves_exactly_one_request_per_instance_under_keep_alive(
     assert max(per_pid.values()) == 1, [p for p, n in per_pid.items() if n > 1]
     assert not probes & set(per_pid)  # the readiness probes' instances served nothing else
     assert server.stop() == 0, server.log
+
+
+# -- the mold --------------------------------------------------------------------------
+
+
+class _Load:
+    """Clients asking ``/version`` one request after another until stopped; every request accounted for."""
+
+    def __init__(self, server: Server, clients: int = 3):
+        self.server = server
+        self.answers: List[str] = []  # "<version> <pid>", in the order they came
+        self.errors: List[str] = []
+        self.sent = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                self.sent += 1
+            try:
+                status, body = self.server.get("/version", timeout=20)
+                with self._lock:
+                    if status == 200:
+                        self.answers.append(body.decode())
+                    else:
+                        self.errors.append("%d %r" % (status, body))
+            except (OSError, http.client.HTTPException) as exc:
+                with self._lock:
+                    self.errors.append(repr(exc))
+
+    def versions(self, last: int = 0) -> List[str]:
+        with self._lock:
+            return [a.split()[0] for a in self.answers[-last:]]
+
+    def answered(self) -> int:
+        with self._lock:
+            return len(self.answers)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+        assert self.sent == len(self.answers) + len(self.errors)
+
+
+def _mold_pids(server: Server) -> List[int]:
+    return [int(p) for p in re.findall(r"edgesync: mold (\d+) ready", server.log)]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+def test_a_broken_deploy_is_refused_and_the_old_code_serves_until_a_fixed_one(
+        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    code = tmp_path / "code"
+    code.write_text("v1")
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env={"CODE_FILE": str(code)})
+    server.wait_for_log(r"edgesync: mold \d+ ready for the first generation")
+    load = _Load(server)
+    try:
+        wait_for(lambda: load.answered() >= 10, 20, "the load to get answers")
+        code.write_text("raise")
+        server.signal(signal.SIGHUP)
+        server.wait_for_log(r"the new code's mold could not import the app .*this generation is refused")
+        # The old generation's mold forks the HUP's workers: the old code serves on.
+        wait_for(lambda: len(re.findall(r"Booting worker with pid", server.log)) >= 4, 20, "the HUP's workers")
+        seen = load.answered()
+        wait_for(lambda: load.answered() >= seen + 20, 20, "answers after the refused HUP")
+        assert set(load.versions()) == {"v1"}
+        assert server.log.count("RuntimeError: a broken deploy") == 1, server.log  # the traceback, once
+        code.write_text("v2")
+        server.signal(signal.SIGHUP)
+        server.wait_for_log(r"edgesync: mold \d+ ready for a new generation")
+        wait_for(lambda: load.versions(10) == ["v2"] * 10, 30, "the fixed code to serve")
+    finally:
+        load.stop()
+    assert load.errors == [], load.errors
+    assert server.exited() is None
+    assert "Worker failed to boot" not in server.log
+    assert server.stop() == 0, server.log
+
+
+@pytest.mark.slow
+def test_a_killed_mold_is_replaced_and_the_workers_serve_on(server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "2", app=APP, workers_ready=2)
+    [mold] = _mold_pids(server)
+    load = _Load(server)
+    try:
+        os.kill(mold, signal.SIGKILL)
+        wait_for(lambda: _gone(mold), 10, "the mold to die")
+        server.signal(signal.SIGTTIN)  # a birth: from a new mold
+        server.wait_for_log(r"edgesync: mold %d is gone; starting another" % mold)
+        wait_for(lambda: len(_mold_pids(server)) == 2, 20, "a second mold")
+        wait_for(lambda: len(server.worker_pids()) == 3, 20, "the third worker")
+        seen = load.answered()
+        wait_for(lambda: load.answered() >= seen + 20, 20, "answers after the mold died")
+    finally:
+        load.stop()
+    assert load.errors == [], load.errors
+    assert server.stop() == 0, server.log
+
+
+def test_an_import_that_starts_a_thread_falls_back_to_gunicorns_births(
+        server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env={"IMPORT_THREAD": "metrics-exporter"})
+    server.wait_for_log(r"the app's import started threads: metrics-exporter .*post_worker_init")
+    server.signal(signal.SIGTTIN)
+    wait_for(lambda: len(server.worker_pids()) == 3, 20, "the third worker")
+    pids = {int(server.get("/pid")[1]) for _ in range(30)}
+    assert pids <= set(server.worker_pids())
+    assert server.log.count("the app's import started threads") == 1  # logged once
+    assert _mold_pids(server) == []
+    assert server.stop() == 0, server.log
+
+
+@pytest.mark.slow
+def test_no_mold_nor_worker_outlives_a_killed_master(server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "2", app=APP, workers_ready=2)
+    [mold] = _mold_pids(server)
+    workers = server.worker_pids()
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGKILL)
+    wait_for(lambda: all(_gone(p) for p in [mold, *workers]), 20, "the mold and the workers to end")
+
+
+def test_the_workers_are_the_masters_children_and_the_mold_is_not_a_worker(
+        server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "2", app=APP, workers_ready=2)
+    [mold] = _mold_pids(server)
+    assert server.proc is not None
+    for pid in [mold, *server.worker_pids()]:
+        assert os.stat("/proc/%d" % pid) and _ppid(pid) == server.proc.pid
+    assert mold not in server.worker_pids()
+    # Every worker was forked by the mold: none paid the app's import.
+    assert all(int(ms) < 50 for ms in re.findall(r"booted in [\d.]+s, (\d+) ms of CPU", server.log)), server.log
+    assert server.stop() == 0, server.log
+    assert _gone(mold)
+
+
+def _ppid(pid: int) -> int:
+    with open("/proc/%d/stat" % pid) as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
