@@ -22,14 +22,15 @@ import pytest
 from .conftest import Server, wait_for
 
 APP = "tests.apps.births:app"
+MOLD = {"EDGESYNC_MOLD": "true"}
 
 
 @pytest.mark.parametrize("code", [3, 4])
-@pytest.mark.parametrize("handoff", ["true", "false"])
+@pytest.mark.parametrize(("handoff", "mold"), [("true", "false"), ("false", "false"), ("true", "true")])
 def test_a_worker_that_served_never_halts_the_server_by_its_exit_code(
-        server_factory: Callable[..., Server], code: int, handoff: str) -> None:
+        server_factory: Callable[..., Server], code: int, handoff: str, mold: str) -> None:
     server = server_factory("--workers", "2", app=APP, workers_ready=2,
-                            env={"EDGESYNC_REPLACE_BEFORE_RETIRE": handoff})
+                            env={"EDGESYNC_REPLACE_BEFORE_RETIRE": handoff, "EDGESYNC_MOLD": mold})
     status, body = server.get("/exit_later?code=%d&delay=0.2" % code)
     assert status == 200
     pid = int(body)
@@ -65,10 +66,11 @@ def _keep_alive_client(port: int, requests: int, out: List[Tuple[int, str, int]]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mold", ["false", "true"])
 def test_oneshot_serves_exactly_one_request_per_instance_under_keep_alive(
-        server_factory: Callable[..., Server]) -> None:
+        server_factory: Callable[..., Server], mold: str) -> None:
     server = server_factory("--workers", "2", "--threads", "2", app=APP, workers_ready=2,
-                            env={"EDGESYNC_POLICY": "oneshot"})
+                            env={"EDGESYNC_POLICY": "oneshot", "EDGESYNC_MOLD": mold})
     probes = set(int(p) for p in re.findall(r"worker (\d+): retiring \(reason=oneshot\)", server.log))
     out: List[Tuple[int, str, int]] = []
     errors: List[str] = []
@@ -152,7 +154,7 @@ def test_a_broken_deploy_is_refused_and_the_old_code_serves_until_a_fixed_one(
         server_factory: Callable[..., Server], tmp_path: Path) -> None:
     code = tmp_path / "code"
     code.write_text("v1")
-    server = server_factory("--workers", "2", app=APP, workers_ready=2, env={"CODE_FILE": str(code)})
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env={**MOLD, "CODE_FILE": str(code)})
     server.wait_for_log(r"edgesync: mold \d+ ready for the first generation")
     load = _Load(server)
     try:
@@ -180,7 +182,7 @@ def test_a_broken_deploy_is_refused_and_the_old_code_serves_until_a_fixed_one(
 
 @pytest.mark.slow
 def test_a_killed_mold_is_replaced_and_the_workers_serve_on(server_factory: Callable[..., Server]) -> None:
-    server = server_factory("--workers", "2", app=APP, workers_ready=2)
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env=MOLD)
     [mold] = _mold_pids(server)
     load = _Load(server)
     try:
@@ -200,7 +202,8 @@ def test_a_killed_mold_is_replaced_and_the_workers_serve_on(server_factory: Call
 
 def test_an_import_that_starts_a_thread_falls_back_to_gunicorns_births(
         server_factory: Callable[..., Server]) -> None:
-    server = server_factory("--workers", "2", app=APP, workers_ready=2, env={"IMPORT_THREAD": "metrics-exporter"})
+    server = server_factory("--workers", "2", app=APP, workers_ready=2,
+                            env={**MOLD, "IMPORT_THREAD": "metrics-exporter"})
     server.wait_for_log(r"the app's import started threads: metrics-exporter .*post_worker_init")
     server.signal(signal.SIGTTIN)
     wait_for(lambda: len(server.worker_pids()) == 3, 20, "the third worker")
@@ -213,7 +216,7 @@ def test_an_import_that_starts_a_thread_falls_back_to_gunicorns_births(
 
 @pytest.mark.slow
 def test_no_mold_nor_worker_outlives_a_killed_master(server_factory: Callable[..., Server]) -> None:
-    server = server_factory("--workers", "2", app=APP, workers_ready=2)
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env=MOLD)
     [mold] = _mold_pids(server)
     workers = server.worker_pids()
     assert server.proc is not None
@@ -223,7 +226,7 @@ def test_no_mold_nor_worker_outlives_a_killed_master(server_factory: Callable[..
 
 def test_the_workers_are_the_masters_children_and_the_mold_is_not_a_worker(
         server_factory: Callable[..., Server]) -> None:
-    server = server_factory("--workers", "2", app=APP, workers_ready=2)
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env=MOLD)
     [mold] = _mold_pids(server)
     assert server.proc is not None
     for pid in [mold, *server.worker_pids()]:

@@ -22,7 +22,6 @@ import edgesync
 
 from ._util import query, record, text
 
-
 VERSION = ""
 if os.environ.get("CODE_FILE"):
     VERSION = open(os.environ["CODE_FILE"]).read().strip()
