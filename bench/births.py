@@ -2,6 +2,7 @@
 
     python bench/births.py oneshot [--rounds 5] [--seconds 5] [--workers 2] [--connections 8] [--no-pin]
     python bench/births.py boot [--births 20] [--workers 2]
+    python bench/births.py recycling [--rounds 5] [--seconds 10] [--workers 2] [--preload-only]
 
 ``oneshot``: three servers of the bench Flask app, loaded at once by their own wrk
 (each round starts a different one first): edgesync ``policy = "oneshot"``; the same
@@ -11,8 +12,14 @@ ratios oneshot / per_worker and oneshot / oneshot-with-the-sleep, the failed
 requests (non-2xx and socket errors), and the births each oneshot server made.
 
 ``boot``: the CPU each new worker spent from its fork to serving (its serving
-line, ``runtime_metrics()["boot_cpu_s"]``), without and with ``--preload``, over
-``--births`` births each (oneshot servers, one request per birth). Medians.
+line, ``runtime_metrics()["boot_cpu_s"]``): the worker imports the app, the master did
+(``--preload``), a mold did, a mold forked from a preloading master; over ``--births``
+births each (oneshot servers, one request per birth). Medians.
+
+``recycling``: three servers at once, 2 workers each: steady (wall clock off),
+recycling (``wall_clock_limit_ms = 4000``) with births as gunicorn's, and recycling
+with the mold; the medians of recycling / steady req/s and p99; then the same three with
+``--preload``.
 
 The servers are pinned to core 0 and wrk to core 1 (``--no-pin``: no pinning, e.g. on
 a many-core machine). On a loaded machine, quote medians of several rounds.
@@ -30,7 +37,7 @@ from typing import List, Optional
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.harness import Load, Server, cleanup, median, side_by_side, wait_for  # noqa: E402
+from bench.harness import Load, Server, cleanup, median, side_by_side  # noqa: E402
 
 ES = "edgesync.Worker"
 SLEEP_CONF = str(REPO / "bench" / "apps" / "spawn_sleep_conf.py")
@@ -45,9 +52,8 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
     cpu: Optional[int] = None if a.no_pin else 0
     client: Optional[int] = None if a.no_pin else 1
     one = {**QUIET, "EDGESYNC_POLICY": "oneshot"}
-    servers = [Server("oneshot", ES, logdir, workers=a.workers, env=one, cpu=cpu),
-               Server("oneshot-spawn-sleep", ES, logdir, workers=a.workers, env=one, cpu=cpu,
-                      args=["-c", SLEEP_CONF]),
+    servers = [Server("oneshot-mold", ES, logdir, workers=a.workers, env={**one, "EDGESYNC_MOLD": "true"}, cpu=cpu),
+               Server("oneshot-before", ES, logdir, workers=a.workers, env=one, cpu=cpu, args=["-c", SLEEP_CONF]),
                Server("per_worker", ES, logdir, workers=a.workers, env=QUIET, cpu=cpu)]
     try:
         for s in servers:
@@ -55,6 +61,7 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
         loads = [Load(s.name, s, "/hello") for s in servers]
         side_by_side(loads, 1, a.connections, client)  # warm-up
         vs_pw: List[float] = []
+        before_pw: List[float] = []
         vs_sleep: List[float] = []
         failed = [0, 0, 0]
         for r in range(a.rounds):
@@ -64,12 +71,14 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
             for i, x in enumerate(res):
                 failed[i] += x.failed
             vs_pw.append(res[0].rps / res[2].rps)
-            vs_sleep.append(res[0].rps / res[1].rps)
+            before_pw.append(res[1].rps / res[2].rps)
+            vs_sleep.append(res[0].rps / res[1].rps if res[1].rps else float("inf"))
             print("round %d: %s" % (r + 1, " | ".join("%s: %s, %d births" % (s.name, x.brief(), n)
                                                       for s, x, n in zip(servers, res, births, strict=True))))
-        print("median oneshot / per_worker req/s: %.4fx (rounds %s)" % (median(vs_pw), _fmt(vs_pw)))
-        print("median oneshot / oneshot with gunicorn's spawn sleep req/s: %.2fx (rounds %s)"
-              % (median(vs_sleep), _fmt(vs_sleep)))
+        print("median oneshot (mold) / per_worker req/s: %.4fx (rounds %s)" % (median(vs_pw), _fmt(vs_pw)))
+        print("median oneshot (before: no mold, gunicorn's spawn sleep) / per_worker req/s: %.4fx (rounds %s)"
+              % (median(before_pw), _fmt(before_pw)))
+        print("median oneshot (mold) / oneshot (before) req/s: %.2fx (rounds %s)" % (median(vs_sleep), _fmt(vs_sleep)))
         print("failed requests: %s" % ", ".join("%s %d" % (s.name, f) for s, f in zip(servers, failed, strict=True)))
         return 0
     finally:
@@ -81,21 +90,66 @@ def boot(a: argparse.Namespace, logdir: Path) -> int:
     cpu: Optional[int] = None if a.no_pin else 0
     one = {**QUIET, "EDGESYNC_POLICY": "oneshot"}
     rows = []
-    for preload in (False, True):
-        name = "preload" if preload else "import-in-worker"
-        s = Server(name, ES, logdir, workers=a.workers, env=one, cpu=cpu, args=["--preload"] if preload else [])
+    for name, preload, mold in (("import-in-worker", False, "false"), ("preload", True, "false"),
+                                ("mold", False, "true"), ("mold + preload", True, "true")):
+        s = Server(name.replace(" + ", "-"), ES, logdir, workers=a.workers, env={**one, "EDGESYNC_MOLD": mold},
+                   cpu=cpu, args=["--preload"] if preload else [])
         try:
             s.start()
             since = len(s.log)
             while len(s.boot_cpu_ms(since)) < a.births:
                 s.get("/hello")
-            wait_for(lambda s=s, since=since: len(s.boot_cpu_ms(since)) >= a.births, 30, "the births")
             ms = s.boot_cpu_ms(since)
             rows.append((name, median([float(x) for x in ms]), len(ms)))
         finally:
             s.stop()
     for name, ms_med, n in rows:
         print("boot CPU of a new worker, %s: median %.0f ms over %d births" % (name, ms_med, n))
+    return 0
+
+
+def recycling(a: argparse.Namespace, logdir: Path) -> int:
+    """Recycling (wall clock 4 s) / steady, without and with the mold, at once; then the same with --preload."""
+    cpu: Optional[int] = None if a.no_pin else 0
+    client: Optional[int] = None if a.no_pin else 1
+    wall = {**QUIET, "EDGESYNC_WALL_CLOCK_LIMIT_MS": "4000"}
+    variants: List[List[str]] = ([] if a.preload_only else [[]]) + [["--preload"]]
+    for preload in variants:
+        tag = " --preload" if preload else ""
+        servers = [Server("steady" + tag.replace(" ", ""), ES, logdir, workers=a.workers, cpu=cpu, args=preload,
+                          env={**QUIET, "EDGESYNC_WALL_CLOCK_LIMIT_MS": "0"}),
+                   Server("recycling" + tag.replace(" ", ""), ES, logdir, workers=a.workers, cpu=cpu, args=preload,
+                          env={**wall, "EDGESYNC_MOLD": "false"}),
+                   Server("recycling-mold" + tag.replace(" ", ""), ES, logdir, workers=a.workers, cpu=cpu,
+                          args=preload, env={**wall, "EDGESYNC_MOLD": "true"})]
+        try:
+            for s in servers:
+                s.start()
+            loads = [Load(s.name, s, "/hello") for s in servers]
+            side_by_side(loads, 1, a.connections, client)  # warm-up
+            rps: List[List[float]] = [[], []]
+            p99: List[List[float]] = [[], []]
+            failed = [0, 0, 0]
+            for r in range(a.rounds):
+                res = side_by_side(loads, a.seconds, a.connections, client, first=r % len(loads))
+                for i, x in enumerate(res):
+                    failed[i] += x.failed
+                for i in (0, 1):
+                    rps[i].append(res[i + 1].rps / res[0].rps)
+                    p99[i].append(res[i + 1].p99 / res[0].p99)
+                print("round %d%s: %s" % (r + 1, tag, " | ".join("%s: %s" % (s.name, x.brief())
+                                                                for s, x in zip(servers, res, strict=True))))
+            for i, name in enumerate(("recycling (no mold)", "recycling (mold)")):
+                print("median %s / steady%s: req/s %.3fx (%s), p99 %.2fx (%s)"
+                      % (name, tag, median(rps[i]), _fmt(rps[i]), median(p99[i]), _fmt(p99[i])))
+            print("failed requests%s: %s" % (tag, ", ".join("%s %d" % (s.name, f)
+                                                          for s, f in zip(servers, failed, strict=True))))
+            for s in servers[1:]:
+                ms = s.boot_cpu_ms()
+                print("  %s: %d births, median boot CPU %.0f ms" % (s.name, len(ms), median([float(x) for x in ms])))
+        finally:
+            for s in servers:
+                s.stop()
     return 0
 
 
@@ -106,7 +160,8 @@ def _fmt(values: List[float]) -> str:
 def main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="python bench/births.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("oneshot", "boot"))
+    p.add_argument("what", choices=("oneshot", "boot", "recycling"))
+    p.add_argument("--preload-only", action="store_true", help="recycling: only the --preload servers")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--workers", type=int, default=2)
@@ -117,7 +172,7 @@ def main(argv: List[str]) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="edgesync-births-") as tmp:
         try:
-            rc = (oneshot if a.what == "oneshot" else boot)(a, Path(tmp))
+            rc = {"oneshot": oneshot, "boot": boot, "recycling": recycling}[a.what](a, Path(tmp))
         finally:
             cleanup()
     print("(%s took %.0fs)" % (a.what, time.monotonic() - started))

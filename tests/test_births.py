@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -241,3 +242,53 @@ def test_the_workers_are_the_masters_children_and_the_mold_is_not_a_worker(
 def _ppid(pid: int) -> int:
     with open("/proc/%d/stat" % pid) as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _live_molds(server: Server) -> List[int]:
+    return [p for p in _mold_pids(server) if not _gone(p)]
+
+
+@pytest.mark.slow
+def test_twenty_hups_in_ten_seconds_under_load(server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    code = tmp_path / "code"
+    code.write_text("v0")
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env={**MOLD, "CODE_FILE": str(code)})
+    load = _Load(server)
+    try:
+        for i in range(1, 21):
+            code.write_text("v%d" % i)
+            server.signal(signal.SIGHUP)
+            time.sleep(0.5)  # the pace of the HUPs, not a wait for an outcome
+        server.wait_for_log(r"Handling signal: hup", count=20, timeout=60)
+        wait_for(lambda: load.versions(10) == ["v20"] * 10, 60, "the last code to serve")
+        wait_for(lambda: len(server.worker_pids()) == 2, 30, "two workers")
+    finally:
+        load.stop()
+    assert load.errors == [], load.errors
+    assert server.exited() is None
+    wait_for(lambda: len(_live_molds(server)) == 1, 10, "one mold alive")
+    assert server.stop() == 0, server.log
+    assert _live_molds(server) == []
+
+
+@pytest.mark.slow
+def test_ttin_and_ttou_during_a_rollover(server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    code = tmp_path / "code"
+    code.write_text("v1")
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env={**MOLD, "CODE_FILE": str(code)})
+    load = _Load(server)
+    try:
+        code.write_text("v2")
+        server.signal(signal.SIGHUP)
+        server.signal(signal.SIGTTIN)
+        server.signal(signal.SIGTTIN)
+        server.signal(signal.SIGTTOU)
+        wait_for(lambda: load.versions(10) == ["v2"] * 10, 30, "the new code to serve")
+        # gunicorn's count: the HUP reset it to 2, then +1 +1 -1 (signals are handled in order).
+        wait_for(lambda: len(server.worker_pids()) == 3, 30, "three workers")
+        seen = load.answered()
+        wait_for(lambda: load.answered() >= seen + 20, 20, "answers after the rollover")
+    finally:
+        load.stop()
+    assert load.errors == [], load.errors
+    assert server.stop() == 0, server.log
