@@ -56,7 +56,7 @@ READY_TIMEOUT = 60.0
 FORK_TIMEOUT = 5.0
 #: Longest a new worker waits to become the master's child (its intermediate's exit).
 REPARENT_TIMEOUT = 5.0
-_REQUEST = struct.Struct("=qq")  # worker age, record slot (-1: none)
+_REQUEST = struct.Struct("=qqq")  # worker age, record slot (-1: none), max_requests
 
 _libc: Any = None
 
@@ -129,10 +129,12 @@ class Mold:
             return None
         return data or None
 
-    def fork(self, age: int, slot: Optional[int], heartbeat_fd: int) -> Optional[int]:
-        """Have the mold fork a worker; its pid (the master's child by now), or None if the mold is gone."""
+    def fork(self, worker: Any, slot: Optional[int]) -> Optional[int]:
+        """Have the mold fork ``worker`` (built in the master); its pid (the master's child by now), or
+        None if the mold is gone."""
+        request = _REQUEST.pack(worker.age, -1 if slot is None else slot, min(int(worker.max_requests), 2**62))
         try:
-            socket.send_fds(self.sock, [_REQUEST.pack(age, -1 if slot is None else slot)], [heartbeat_fd])
+            socket.send_fds(self.sock, [request], [worker.tmp.fileno()])
         except OSError:
             return None
         reply = self._receive(FORK_TIMEOUT)
@@ -201,13 +203,13 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
             os._exit(0)
         if not msg:
             os._exit(0)  # the master closed its end: a new generation, or it is gone
-        age, slot = _REQUEST.unpack(msg)
+        age, slot, max_requests = _REQUEST.unpack(msg)
         pid = os.fork()
         if pid == 0:  # the intermediate: forks the worker and exits, so that it becomes the master's child
             worker_pid = os.fork()
             if worker_pid == 0:
                 sock.close()
-                _worker_main(arbiter, master, age, None if slot < 0 else slot, fds[0])
+                _worker_main(arbiter, master, age, None if slot < 0 else slot, max_requests, fds[0])
             _send(sock, b"%d" % worker_pid)
             os._exit(0)
         for fd in fds:
@@ -215,7 +217,8 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
         os.waitpid(pid, 0)
 
 
-def _worker_main(arbiter: Any, master: int, age: int, slot: Optional[int], heartbeat_fd: int) -> NoReturn:
+def _worker_main(arbiter: Any, master: int, age: int, slot: Optional[int], max_requests: int,
+                 heartbeat_fd: int) -> NoReturn:
     from . import _recycle
 
     deadline = time.monotonic() + REPARENT_TIMEOUT
@@ -231,6 +234,9 @@ def _worker_main(arbiter: Any, master: int, age: int, slot: Optional[int], heart
         arbiter.log.reopen_files()
         worker = arbiter.worker_class(age, master, arbiter.LISTENERS, arbiter.app, arbiter.timeout / 2.0,
                                       arbiter.cfg, arbiter.log)
+        # The master's draw of max_requests_jitter: every worker forked by one mold would
+        # otherwise draw the same (the mold's random state).
+        worker.max_requests = max_requests
         # The heartbeat file the master watches (gunicorn's WorkerTmp keeps it in _tmp).
         worker.tmp._tmp.close()
         worker.tmp._tmp = os.fdopen(heartbeat_fd, "w+b", 0)

@@ -162,11 +162,11 @@ class _Master:
         worker = arbiter.worker_class(arbiter.worker_age, arbiter.pid, arbiter.LISTENERS, arbiter.app,
                                       arbiter.timeout / 2.0, arbiter.cfg, arbiter.log)
         arbiter.cfg.pre_fork(arbiter, worker)
-        pid = mold.fork(worker.age, slot, worker.tmp.fileno())
+        pid = mold.fork(worker, slot)
         if pid is None:
             self.molds.lost(mold)
             again = self.molds.get()
-            pid = again.fork(worker.age, slot, worker.tmp.fileno()) if again is not None else None
+            pid = again.fork(worker, slot) if again is not None else None
         if pid is None:
             pid = self._fork_here(worker, slot)
         worker.pid = pid

@@ -292,3 +292,38 @@ def test_ttin_and_ttou_during_a_rollover(server_factory: Callable[..., Server], 
         load.stop()
     assert load.errors == [], load.errors
     assert server.stop() == 0, server.log
+
+
+MAX_REQUESTS_CONF = '''
+import json, os
+
+def post_worker_init(worker):
+    with open(os.environ["EVENTS_FILE"], "a") as f:
+        f.write(json.dumps({"type": "max_requests", "pid": worker.pid, "value": worker.max_requests}) + "\\n")
+'''
+
+
+def test_a_molds_workers_draw_their_own_max_requests_jitter(server_factory: Callable[..., Server],
+                                                             tmp_path: Path) -> None:
+    conf = tmp_path / "conf.py"
+    conf.write_text(MAX_REQUESTS_CONF)
+    server = server_factory("--workers", "4", "--max-requests", "20", "--max-requests-jitter", "1000",
+                            "-c", str(conf), app=APP, workers_ready=4, env=MOLD)
+    drawn = server.wait_for_events("max_requests", count=4)
+    # gunicorn's jitter, drawn in the master for each worker (one mold's random state would give one draw).
+    assert len({e["value"] for e in drawn}) > 1, drawn
+    assert all(20 <= e["value"] <= 1020 for e in drawn), drawn
+    assert server.stop() == 0, server.log
+
+
+def test_max_requests_retires_a_molds_worker(server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "1", "--max-requests", "3", app=APP, env=MOLD)
+    first = int(server.get("/pid")[1])
+    for _ in range(3):
+        server.get("/pid")
+    server.wait_for_log(r"worker %d: retiring \(reason=max_requests\)" % first)
+    # Its replacement, forked by the mold, serves (the retiree serves on until then: "at least" 3).
+    wait_for(lambda: int(server.get("/pid")[1]) != first, 20, "the replacement to answer")
+    server.wait_for_log(r"Worker exiting \(pid: %d\)" % first)
+    assert len(_mold_pids(server)) == 1
+    assert server.stop() == 0, server.log
