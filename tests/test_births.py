@@ -327,3 +327,43 @@ def test_max_requests_retires_a_molds_worker(server_factory: Callable[..., Serve
     server.wait_for_log(r"Worker exiting \(pid: %d\)" % first)
     assert len(_mold_pids(server)) == 1
     assert server.stop() == 0, server.log
+
+
+HOLD_CONF = '''
+import json, os, time
+
+def post_fork(server, worker):
+    hold = os.environ["HOLD_FILE"]
+    if os.path.exists(hold):
+        with open(os.environ["EVENTS_FILE"], "a") as f:
+            f.write(json.dumps({"type": "held", "pid": worker.pid}) + "\\n")
+        deadline = time.monotonic() + 60
+        while os.path.exists(hold) and time.monotonic() < deadline:
+            time.sleep(0.02)
+'''
+
+
+@pytest.mark.slow
+def test_a_worker_killed_while_the_mold_forks_it_is_replaced(server_factory: Callable[..., Server],
+                                                               tmp_path: Path) -> None:
+    conf, hold = tmp_path / "conf.py", tmp_path / "hold"
+    conf.write_text(HOLD_CONF)
+    server = server_factory("--workers", "2", "-c", str(conf), app=APP, workers_ready=2,
+                            env={**MOLD, "HOLD_FILE": str(hold)})
+    load = _Load(server)
+    try:
+        hold.touch()
+        server.signal(signal.SIGTTIN)
+        [held] = server.wait_for_events("held")
+        assert server.proc is not None and _ppid(held["pid"]) == server.proc.pid  # the master's child already
+        os.kill(held["pid"], signal.SIGKILL)
+        server.wait_for_log(r"Worker \(pid:%d\) was sent SIGKILL" % held["pid"])
+        hold.unlink()
+        wait_for(lambda: len(server.worker_pids()) == 3, 20, "its replacement")
+        seen = load.answered()
+        wait_for(lambda: load.answered() >= seen + 20, 20, "answers after the kill")
+    finally:
+        load.stop()
+    assert load.errors == [], load.errors
+    assert server.exited() is None
+    assert server.stop() == 0, server.log
