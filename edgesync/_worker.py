@@ -198,7 +198,8 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         lg.propagate = False
 
     def get_thread_pool(self) -> Any:
-        return _RequestThreads(self, self.cfg.threads, self.runtime.tracker)
+        # A oneshot instance serves one request: one thread, not cfg.threads started at each birth.
+        return _RequestThreads(self, 1 if self._oneshot else self.cfg.threads, self.runtime.tracker)
 
     def enqueue_req(self, conn: Any) -> None:
         if self._oneshot:
