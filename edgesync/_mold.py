@@ -53,7 +53,7 @@ PR_SET_CHILD_SUBREAPER = 36
 #: Longest the master waits for a mold's import (blocking its loop, as a --preload reload does).
 READY_TIMEOUT = 60.0
 #: Longest the master waits for the pid of a worker the mold forks.
-FORK_TIMEOUT = 5.0
+FORK_TIMEOUT = 15.0
 #: Longest a new worker waits to become the master's child (its intermediate's exit).
 REPARENT_TIMEOUT = 5.0
 _REQUEST = struct.Struct("=qqq")  # worker age, record slot (-1: none), max_requests
@@ -178,6 +178,9 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
     from gunicorn import util
 
     util._setproctitle("mold [%s]" % arbiter.proc_name)
+    from . import _process
+
+    _process.set_mold(True)  # a wait_until at import is refused here, as in the master
     try:
         arbiter.app.wsgi()  # the app's import (done already in the master with --preload)
     except BaseException:
@@ -210,7 +213,11 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
             if worker_pid == 0:
                 sock.close()
                 _worker_main(arbiter, master, age, None if slot < 0 else slot, max_requests, fds[0])
-            _send(sock, b"%d" % worker_pid)
+            try:
+                sock.send(b"%d" % worker_pid)
+            except OSError:  # the master gave up on this mold: it will never know this worker
+                os.kill(worker_pid, signal.SIGKILL)
+                os._exit(1)
             os._exit(0)
         for fd in fds:
             os.close(fd)
@@ -219,8 +226,9 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
 
 def _worker_main(arbiter: Any, master: int, age: int, slot: Optional[int], max_requests: int,
                  heartbeat_fd: int) -> NoReturn:
-    from . import _recycle
+    from . import _process, _recycle
 
+    _process.set_mold(False)
     deadline = time.monotonic() + REPARENT_TIMEOUT
     while os.getppid() != master:  # until the intermediate has exited
         if time.monotonic() >= deadline:

@@ -280,11 +280,12 @@ def test_ttin_and_ttou_during_a_rollover(server_factory: Callable[..., Server], 
     try:
         code.write_text("v2")
         server.signal(signal.SIGHUP)
-        server.signal(signal.SIGTTIN)
-        server.signal(signal.SIGTTIN)
-        server.signal(signal.SIGTTOU)
+        # One signal at a time: the kernel merges a signal sent while the same one is pending.
+        for sig, seen in ((signal.SIGTTIN, 1), (signal.SIGTTIN, 2), (signal.SIGTTOU, 1)):
+            server.signal(sig)
+            server.wait_for_log(r"Handling signal: %s" % sig.name[3:].lower(), count=seen)
         wait_for(lambda: load.versions(10) == ["v2"] * 10, 30, "the new code to serve")
-        # gunicorn's count: the HUP reset it to 2, then +1 +1 -1 (signals are handled in order).
+        # gunicorn's count: the HUP reset it to 2, then +1 +1 -1.
         wait_for(lambda: len(server.worker_pids()) == 3, 30, "three workers")
         seen = load.answered()
         wait_for(lambda: load.answered() >= seen + 20, 20, "answers after the rollover")
@@ -366,4 +367,13 @@ def test_a_worker_killed_while_the_mold_forks_it_is_replaced(server_factory: Cal
         load.stop()
     assert load.errors == [], load.errors
     assert server.exited() is None
+    assert server.stop() == 0, server.log
+
+
+def test_a_wait_until_at_import_is_refused_in_the_mold_and_the_workers_import_the_app(
+        server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env={**MOLD, "WAIT_UNTIL_AT_IMPORT": "1"})
+    server.wait_for_log(r"the mold could not import the app")
+    assert "while edgesync's mold imported the app" in server.log
+    assert server.get("/pid")[0] == 200  # gunicorn's births: each worker imported the app, wait_until and all
     assert server.stop() == 0, server.log

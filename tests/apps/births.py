@@ -3,7 +3,8 @@
 At import: if ``$CODE_FILE`` is set, the file's text is the code's version (``/version``
 answers it), and ``raise`` makes the import fail (a broken deploy). If
 ``$IMPORT_THREAD`` is set, the import starts a thread of that name (as some clients
-and metrics exporters do).
+and metrics exporters do). If ``$WAIT_UNTIL_AT_IMPORT`` is set, the import calls
+``edgesync.wait_until``.
 
 Routes: ``/pid`` answers the worker's pid. ``/exit_later?code=N&delay=S`` answers at
 once and schedules a ``wait_until`` task that, ``S`` seconds later, ends the worker
@@ -27,6 +28,8 @@ if os.environ.get("CODE_FILE"):
     VERSION = open(os.environ["CODE_FILE"]).read().strip()
     if VERSION == "raise":
         raise RuntimeError("a broken deploy: this module cannot be imported")
+if os.environ.get("WAIT_UNTIL_AT_IMPORT"):
+    edgesync.wait_until(time.sleep, 0)
 if os.environ.get("IMPORT_THREAD"):
     threading.Thread(target=time.sleep, args=(3600,), name=os.environ["IMPORT_THREAD"], daemon=True).start()
 
