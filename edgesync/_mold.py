@@ -18,7 +18,9 @@ The worker runs gunicorn's child half of ``spawn_worker`` (``run_worker``, a mir
 of it: "Booting worker", ``post_fork``, ``init_process``, ``worker_exit``).
 
 Rule: one mold per generation, and a generation is the arbiter's config object (a
-HUP builds a new one). A new generation's mold whose import fails is refused: the
+HUP builds a new one) or, under ``policy = "oneshot"`` without ``--preload``, the
+app's source files on disk: before each fork the mold compares their stat with its
+import's, and a change starts a new generation. A new generation's mold whose import fails is refused: the
 traceback is logged once, births go on from the previous generation's mold (the old
 code keeps serving), and the next HUP tries again. No mold at all (the first
 generation failed, the mold died and its successor failed, the app's import started
@@ -44,7 +46,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, NoReturn, Optional
+from typing import Any, List, NoReturn, Optional, Union
 
 log = logging.getLogger("edgesync")
 
@@ -56,7 +58,9 @@ READY_TIMEOUT = 60.0
 FORK_TIMEOUT = 15.0
 #: Longest a new worker waits to become the master's child (its intermediate's exit).
 REPARENT_TIMEOUT = 5.0
-_REQUEST = struct.Struct("=qqq")  # worker age, record slot (-1: none), max_requests
+#: worker age, record slot (-1: none), max_requests, check the code on disk (0/1), a code signature to
+#: fork anyway (its import failed already)
+_REQUEST = struct.Struct("=qqqqq")
 
 _libc: Any = None
 
@@ -129,15 +133,19 @@ class Mold:
             return None
         return data or None
 
-    def fork(self, worker: Any, slot: Optional[int]) -> Optional[int]:
-        """Have the mold fork ``worker`` (built in the master); its pid (the master's child by now), or
-        None if the mold is gone."""
-        request = _REQUEST.pack(worker.age, -1 if slot is None else slot, min(int(worker.max_requests), 2**62))
+    def fork(self, worker: Any, slot: Optional[int], check: bool = False, skip: int = 0) -> Union[int, bytes, None]:
+        """Have the mold fork ``worker`` (built in the master): its pid (the master's child by now), None if
+        the mold is gone, or (``check``) the signature of the code on disk as bytes if it changed since the
+        mold's import (and is not ``skip``)."""
+        request = _REQUEST.pack(worker.age, -1 if slot is None else slot, min(int(worker.max_requests), 2**62),
+                                int(check), skip)
         try:
             socket.send_fds(self.sock, [request], [worker.tmp.fileno()])
         except OSError:
             return None
         reply = self._receive(FORK_TIMEOUT)
+        if reply is not None and reply.startswith(b"stale:"):
+            return reply[6:]
         if reply is None or not reply.isdigit():
             return None
         return int(reply)
@@ -194,6 +202,8 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
         os._exit(0)
     # What the import made lives as long as the generation: out of every worker's
     # collections, and on pages the workers share and never write.
+    files = _app_files()
+    imported = _signature(files)
     gc.collect()
     gc.freeze()
     _send(sock, b"ready")
@@ -206,7 +216,14 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
             os._exit(0)
         if not msg:
             os._exit(0)  # the master closed its end: a new generation, or it is gone
-        age, slot, max_requests = _REQUEST.unpack(msg)
+        age, slot, max_requests, check, skip = _REQUEST.unpack(msg)
+        if check:
+            now = _signature(files)
+            if now not in (imported, skip):
+                for fd in fds:
+                    os.close(fd)
+                _send(sock, b"stale:%d" % now)
+                continue
         pid = os.fork()
         if pid == 0:  # the intermediate: forks the worker and exits, so that it becomes the master's child
             worker_pid = os.fork()
@@ -222,6 +239,29 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
         for fd in fds:
             os.close(fd)
         os.waitpid(pid, 0)
+
+
+def _app_files() -> List[str]:
+    """The source files of the modules imported from outside Python's and the environment's own trees."""
+    roots = tuple({os.path.join(os.path.realpath(p), "") for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
+    files = set()
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str) and path.endswith(".py") and not os.path.realpath(path).startswith(roots):
+            files.add(path)
+    return sorted(files)
+
+
+def _signature(files: List[str]) -> int:
+    """One number that changes when any of ``files`` changes (modified, replaced or removed)."""
+    stamps = []
+    for path in files:
+        try:
+            st = os.stat(path)
+            stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            stamps.append((0, 0, 0))
+    return hash(tuple(stamps)) & (2**62 - 1)
 
 
 def _worker_main(arbiter: Any, master: int, age: int, slot: Optional[int], max_requests: int,
@@ -304,9 +344,12 @@ def become_subreaper() -> bool:
 class Molds:
     """In the master: the current generation's mold, started, replaced and given up as the rules say."""
 
-    def __init__(self, arbiter: Any, enabled: bool, glog: Any):
+    def __init__(self, arbiter: Any, enabled: bool, glog: Any, code_generations: bool = False):
         self.arbiter = arbiter
         self.enabled = enabled
+        # oneshot without --preload: a change to the app's source files starts a new generation.
+        self.code_generations = code_generations
+        self.refused_code = 0  # the signature of the code on disk whose import failed
         self.glog = glog
         self.current: Optional[Mold] = None
         self.refused_cfg: Any = None  # the config whose mold failed to import
@@ -347,13 +390,7 @@ class Molds:
             self.current = new
             return new
         if kind == "threads":
-            self.disabled = "the app's import started threads"
-            self.glog.warning(
-                "edgesync: the app's import started threads: %s. A process with threads cannot fork safely, "
-                "so workers are forked by the master as gunicorn does and each one imports the app. To fix: "
-                "start them in the worker instead (gunicorn's post_worker_init hook, or lazily on the "
-                "first request), or set mold = false to silence this.", detail)
-            self.stop()
+            self._give_up(detail)
             return None
         self.refused_cfg = cfg
         if cur is None:
@@ -364,6 +401,50 @@ class Molds:
                         "and the previous code keeps serving (its mold forks the workers) until the next HUP:"
                         "\n%s", kind, detail)
         return cur
+
+    def fork(self, worker: Any, slot: Optional[int]) -> Optional[int]:
+        """Fork ``worker`` from the current generation's mold; None if no mold could (gunicorn's birth then)."""
+        mold = self.get()
+        for _ in range(3):
+            if mold is None:
+                return None
+            check = self.code_generations and not self.arbiter.cfg.preload_app
+            reply = mold.fork(worker, slot, check, self.refused_code)
+            if isinstance(reply, int):
+                return reply
+            if reply is None:
+                self.lost(mold)
+                mold = self.get()
+            else:
+                mold = self._renew(mold, int(reply))
+        return None
+
+    def _renew(self, old: Mold, code: int) -> Optional[Mold]:
+        """The app's source changed on disk (oneshot): a new generation from it, or ``old`` if its import fails."""
+        started = time.monotonic()
+        new, kind, detail = Mold.start(self.arbiter)
+        if new is not None:
+            self.glog.info("edgesync: the app's source changed: mold %d ready for a new generation (imported in "
+                           "%.2fs); the previous one ends", new.pid, time.monotonic() - started)
+            old.stop()
+            self.current = new
+            return new
+        if kind == "threads":
+            self._give_up(detail)
+            return None
+        self.refused_code = code
+        self.glog.error("edgesync: the changed source's mold could not import the app (%s); the previous code "
+                        "keeps serving until the next change or HUP:\n%s", kind, detail)
+        return old
+
+    def _give_up(self, threads: str) -> None:
+        self.disabled = "the app's import started threads"
+        self.glog.warning(
+            "edgesync: the app's import started threads: %s. A process with threads cannot fork safely, "
+            "so workers are forked by the master as gunicorn does and each one imports the app. To fix: "
+            "start them in the worker instead (gunicorn's post_worker_init hook, or lazily on the "
+            "first request), or set mold = false to silence this.", threads)
+        self.stop()
 
     def lost(self, mold: Mold) -> None:
         """``mold`` stopped answering (killed?): the next ``get`` starts another for the same config."""

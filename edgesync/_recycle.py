@@ -87,9 +87,9 @@ class _Record(ctypes.Structure):
 class _Master:
     """The arbiter's side: which record each worker has, and the patched methods."""
 
-    def __init__(self, arbiter: Any, glog: Any, mold: bool = False):
+    def __init__(self, arbiter: Any, glog: Any, mold: bool = False, code_generations: bool = False):
         self.arbiter = arbiter
-        self.molds = _mold.Molds(arbiter, mold, glog)
+        self.molds = _mold.Molds(arbiter, mold, glog, code_generations)
         self.glog = glog
         self.pid = os.getpid()
         # MAP_SHARED | MAP_ANONYMOUS: the same pages in the master and every worker forked later.
@@ -113,9 +113,8 @@ class _Master:
     def spawn_worker(self) -> Any:
         if not self.in_master():
             return self.orig["spawn_worker"]()
-        mold = self.molds.get()
-        if mold is not None:
-            return self._spawn_from(mold)
+        if self.molds.get() is not None:
+            return self._spawn_from_mold()
         global _own
         # Python's advice for fork without exec (gc docs, gc.freeze): what the master
         # holds (with --preload, the whole app) goes to the permanent generation, so
@@ -149,8 +148,8 @@ class _Master:
             self.slot_of[pid] = slot
         return pid
 
-    def _spawn_from(self, mold: _mold.Mold) -> int:
-        """gunicorn's ``spawn_worker`` (arbiter.py, 27.0.x), with the fork done by ``mold``.
+    def _spawn_from_mold(self) -> int:
+        """gunicorn's ``spawn_worker`` (arbiter.py, 27.0.x), with the fork done by the generation's mold.
 
         The master's half is gunicorn's: the ``Worker`` object, ``pre_fork``, the worker
         in ``WORKERS``. If the mold and its successor fail, the master forks this worker
@@ -162,11 +161,7 @@ class _Master:
         worker = arbiter.worker_class(arbiter.worker_age, arbiter.pid, arbiter.LISTENERS, arbiter.app,
                                       arbiter.timeout / 2.0, arbiter.cfg, arbiter.log)
         arbiter.cfg.pre_fork(arbiter, worker)
-        pid = mold.fork(worker, slot)
-        if pid is None:
-            self.molds.lost(mold)
-            again = self.molds.get()
-            pid = again.fork(worker, slot) if again is not None else None
+        pid = self.molds.fork(worker, slot)
         if pid is None:
             pid = self._fork_here(worker, slot)
         worker.pid = pid
@@ -342,7 +337,7 @@ _master: Optional[_Master] = None
 _own: Optional[int] = None
 
 
-def install(glog: Any, mold: bool = False) -> bool:
+def install(glog: Any, mold: bool = False, code_generations: bool = False) -> bool:
     """In gunicorn's master, before the first fork: share the table and patch the arbiter.
 
     Returns False (and changes nothing) outside a running gunicorn arbiter, e.g.
@@ -356,7 +351,7 @@ def install(glog: Any, mold: bool = False) -> bool:
         glog.debug("edgesync: no running gunicorn arbiter in this process; workers retire without a "
                    "replacement serving first")
         return False
-    _master = _Master(arbiter, glog, mold)
+    _master = _Master(arbiter, glog, mold, code_generations)
     return True
 
 

@@ -137,7 +137,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         # Share the workers' table with the workers to come and wrap the arbiter's
         # births, reaping and counting (a retiree announces itself there only with
         # replace_before_retire on).
-        _recycle.install(log, mold=cls._settings.mold)
+        _recycle.install(log, mold=cls._settings.mold, code_generations=cls._settings.policy == Policy.ONESHOT)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -377,3 +377,37 @@ def test_a_wait_until_at_import_is_refused_in_the_mold_and_the_workers_import_th
     assert "while edgesync's mold imported the app" in server.log
     assert server.get("/pid")[0] == 200  # gunicorn's births: each worker imported the app, wait_until and all
     assert server.stop() == 0, server.log
+
+
+ONESHOT_APP = '''
+VERSION = "%s"
+
+
+def app(environ, start_response):
+    body = VERSION.encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+
+@pytest.mark.slow
+def test_oneshot_with_a_mold_serves_the_source_on_disk(server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "2", app="oneshot_app:app", start=False,
+                            env={**MOLD, "EDGESYNC_POLICY": "oneshot"})
+    src = server.workdir / "oneshot_app.py"
+    src.write_text(ONESHOT_APP % "v1")
+    server.start(workers_ready=2)
+    assert server.get("/")[1] == b"v1"
+    src.write_text(ONESHOT_APP % "v2")
+    # The instances forked before the edit serve their one request each; then the new code.
+    wait_for(lambda: server.get("/")[1] == b"v2", 20, "the edited code to serve")
+    server.wait_for_log(r"the app's source changed: mold \d+ ready for a new generation")
+    src.write_text("raise RuntimeError('a broken edit')\n")
+    answers = [server.get("/")[1] for _ in range(6)]
+    assert answers == [b"v2"] * 6, answers  # the old code serves on
+    server.wait_for_log(r"the changed source's mold could not import the app")
+    assert server.log.count("RuntimeError: a broken edit") == 1  # refused once, not at every birth
+    src.write_text(ONESHOT_APP % "v3")
+    wait_for(lambda: server.get("/")[1] == b"v3", 20, "the fixed code to serve")
+    assert server.exited() is None
+    assert server.stop() == 0, server.log
