@@ -51,6 +51,7 @@ from typing import Any, List, NoReturn, Optional, Union
 log = logging.getLogger("edgesync")
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 #: Longest the master waits for a mold's import (blocking its loop, as a --preload reload does).
 READY_TIMEOUT = 60.0
@@ -65,13 +66,19 @@ _REQUEST = struct.Struct("=qqqqq")
 _libc: Any = None
 
 
-def _prctl(option: int, arg: int) -> bool:
+def _prctl(option: int, arg: int, probe: bool = False) -> bool:
+    """``prctl(option, arg)`` on Linux; with ``probe``, only whether libc's prctl can be called."""
     global _libc
     if not sys.platform.startswith("linux"):
         return False
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    return bool(_libc.prctl(option, arg, 0, 0, 0) == 0)
+    return probe or bool(_libc.prctl(option, arg, 0, 0, 0) == 0)
+
+
+def _name(name: bytes) -> None:
+    if _prctl(PR_SET_NAME, 0, probe=True):
+        _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
 def unavailable(arbiter: Any, enabled: bool) -> Optional[str]:
@@ -185,7 +192,8 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
     arbiter.WORKERS.clear()
     from gunicorn import util
 
-    util._setproctitle("mold [%s]" % arbiter.proc_name)
+    util._setproctitle("mold [%s]" % arbiter.proc_name)  # with setproctitle installed
+    _name(b"edgesync-mold")  # what ps -o comm and psutil's name() show, whatever is installed
     from . import _process
 
     _process.set_mold(True)  # a wait_until at import is refused here, as in the master

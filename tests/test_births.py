@@ -233,6 +233,8 @@ def test_the_workers_are_the_masters_children_and_the_mold_is_not_a_worker(
     for pid in [mold, *server.worker_pids()]:
         assert os.stat("/proc/%d" % pid) and _ppid(pid) == server.proc.pid
     assert mold not in server.worker_pids()
+    with open("/proc/%d/comm" % mold) as f:
+        assert f.read().strip() == "edgesync-mold"  # what ps shows
     # Every worker was forked by the mold: none paid the app's import.
     assert all(int(ms) < 50 for ms in re.findall(r"booted in [\d.]+s, (\d+) ms of CPU", server.log)), server.log
     assert server.stop() == 0, server.log

@@ -9,7 +9,7 @@ piece to re-read; after reading it and the edgesync code named, update the hash.
 Inventory (what relies on it):
 
 - ``Arbiter.spawn_worker``: patched (``_recycle._Master``, ``_exit.install``); its child
-  half mirrored by ``_mold.run_worker``, its master half by ``_recycle._Master._spawn_from``.
+  half mirrored by ``_mold.run_worker``, its master half by ``_recycle._Master._spawn_from_mold``.
 - ``Arbiter.spawn_workers``: replaced without its sleep (``_recycle._Master.spawn_workers``).
 - ``Arbiter.manage_workers``: wrapped; retirees hidden from ``WORKERS`` during it.
 - ``Arbiter.reap_workers``: wrapped; served workers exiting with 3/4 reaped before it
