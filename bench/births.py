@@ -3,6 +3,7 @@
     python bench/births.py oneshot [--rounds 5] [--seconds 5] [--workers 2] [--connections 8] [--no-pin]
     python bench/births.py boot [--births 20] [--workers 2]
     python bench/births.py recycling [--rounds 5] [--seconds 10] [--workers 2] [--preload-only]
+    python bench/births.py memory [--rounds 3] [--requests 1000]
 
 ``oneshot``: three servers of the bench Flask app, loaded at once by their own wrk
 (each round starts a different one first): edgesync ``policy = "oneshot"``; the same
@@ -153,6 +154,30 @@ def recycling(a: argparse.Namespace, logdir: Path) -> int:
     return 0
 
 
+def memory(a: argparse.Namespace, logdir: Path) -> int:
+    """Private memory (USS) of a worker after ``--requests`` requests: births by the mold or gunicorn's, with and
+    without --preload (one worker per server, servers one after the other)."""
+    import psutil
+
+    cpu: Optional[int] = None if a.no_pin else 0
+    for name, preload, mold in (("import-in-worker", False, "false"), ("preload", True, "false"),
+                                ("mold", False, "true"), ("mold + preload", True, "true")):
+        uss: List[float] = []
+        for _ in range(a.rounds):
+            s = Server(name.replace(" + ", "-"), ES, logdir, workers=1, env={**QUIET, "EDGESYNC_MOLD": mold},
+                       cpu=cpu, args=["--preload"] if preload else [])
+            try:
+                s.start()
+                for _ in range(a.requests):
+                    s.get("/hello")
+                pid = int(s.get("/pid")[1])
+                uss.append(psutil.Process(pid).memory_full_info().uss / 2**20)
+            finally:
+                s.stop()
+        print("USS of a worker after %d requests, %s: median %.1f MB (%s)" % (a.requests, name, median(uss), _fmt(uss)))
+    return 0
+
+
 def _fmt(values: List[float]) -> str:
     return ", ".join("%.4f" % v for v in values)
 
@@ -160,7 +185,8 @@ def _fmt(values: List[float]) -> str:
 def main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="python bench/births.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("oneshot", "boot", "recycling"))
+    p.add_argument("what", choices=("oneshot", "boot", "recycling", "memory"))
+    p.add_argument("--requests", type=int, default=1000, help="memory: requests before the reading")
     p.add_argument("--preload-only", action="store_true", help="recycling: only the --preload servers")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=5.0)
@@ -172,7 +198,7 @@ def main(argv: List[str]) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="edgesync-births-") as tmp:
         try:
-            rc = {"oneshot": oneshot, "boot": boot, "recycling": recycling}[a.what](a, Path(tmp))
+            rc = {"oneshot": oneshot, "boot": boot, "recycling": recycling, "memory": memory}[a.what](a, Path(tmp))
         finally:
             cleanup()
     print("(%s took %.0fs)" % (a.what, time.monotonic() - started))
