@@ -413,3 +413,12 @@ def test_oneshot_with_a_mold_serves_the_source_on_disk(server_factory: Callable[
     wait_for(lambda: server.get("/")[1] == b"v3", 20, "the fixed code to serve")
     assert server.exited() is None
     assert server.stop() == 0, server.log
+
+
+def test_with_reload_the_workers_import_the_app_themselves(server_factory: Callable[..., Server]) -> None:
+    # gunicorn's --reload: each worker watches the files it imported; a mold's workers imported none.
+    server = server_factory("--workers", "1", "--reload", app=APP, env=MOLD)
+    server.wait_for_log(r"workers are forked by the master, not by a mold \(--reload")
+    assert _mold_pids(server) == []
+    assert server.get("/pid")[0] == 200
+    assert server.stop() == 0, server.log
