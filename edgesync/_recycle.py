@@ -243,7 +243,9 @@ class _Master:
         other worker's exit: logged, ``child_exit`` called, a replacement forked by
         the next ``manage_workers``. Only workers with a record are looked at
         (``waitid`` with ``WNOWAIT`` peeks without reaping); the rest, and every
-        worker that never served, keep gunicorn's rule.
+        worker that never served, keep gunicorn's rule. A served worker that exits in
+        the few system calls between this look and gunicorn's ``waitpid`` is still
+        gunicorn's to judge: the window is that narrow, not closed.
         """
         arbiter = self.arbiter
         boot_codes = (int(arbiter.WORKER_BOOT_ERROR), int(arbiter.APP_LOAD_ERROR))
