@@ -5,12 +5,13 @@
     python bench/births.py recycling [--rounds 5] [--seconds 10] [--workers 2] [--preload-only]
     python bench/births.py memory [--rounds 3] [--requests 1000]
 
-``oneshot``: three servers of the bench Flask app, loaded at once by their own wrk
-(each round starts a different one first): edgesync ``policy = "oneshot"``; the same
-with gunicorn's own ``spawn_workers`` (its random sleep after each fork: the births
-of before); and edgesync ``per_worker``. Prints per round and the medians of the
-ratios oneshot / per_worker and oneshot / oneshot-with-the-sleep, the failed
-requests (non-2xx and socket errors), and the births each oneshot server made.
+``oneshot``: four servers of the bench Flask app, loaded at once by their own wrk
+(each round starts a different one first): edgesync ``policy = "oneshot"`` with the
+mold; oneshot as before (no mold, gunicorn's own ``spawn_workers`` with its random sleep
+after each fork); edgesync ``per_worker``; and oneshot with the mold but gunicorn's
+sleep. Prints per round and the medians of the ratios oneshot / per_worker, mold /
+before, mold / mold-with-the-sleep, the failed requests (non-2xx and socket errors),
+and the births each oneshot server made.
 
 ``boot``: the CPU each new worker spent from its fork to serving (its serving
 line, ``runtime_metrics()["boot_cpu_s"]``): the worker imports the app, the master did
@@ -53,9 +54,12 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
     cpu: Optional[int] = None if a.no_pin else 0
     client: Optional[int] = None if a.no_pin else 1
     one = {**QUIET, "EDGESYNC_POLICY": "oneshot"}
-    servers = [Server("oneshot-mold", ES, logdir, workers=a.workers, env={**one, "EDGESYNC_MOLD": "true"}, cpu=cpu),
+    mold = {**one, "EDGESYNC_MOLD": "true"}
+    servers = [Server("oneshot-mold", ES, logdir, workers=a.workers, env=mold, cpu=cpu),
                Server("oneshot-before", ES, logdir, workers=a.workers, env=one, cpu=cpu, args=["-c", SLEEP_CONF]),
-               Server("per_worker", ES, logdir, workers=a.workers, env=QUIET, cpu=cpu)]
+               Server("per_worker", ES, logdir, workers=a.workers, env=QUIET, cpu=cpu),
+               Server("oneshot-mold-spawn-sleep", ES, logdir, workers=a.workers, env=mold, cpu=cpu,
+                      args=["-c", SLEEP_CONF])]
     try:
         for s in servers:
             s.start()
@@ -64,7 +68,8 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
         vs_pw: List[float] = []
         before_pw: List[float] = []
         vs_sleep: List[float] = []
-        failed = [0, 0, 0]
+        no_sleep: List[float] = []
+        failed = [0] * len(servers)
         for r in range(a.rounds):
             before = [_births(s) for s in servers]
             res = side_by_side(loads, a.seconds, a.connections, client, first=r % len(loads))
@@ -74,12 +79,15 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
             vs_pw.append(res[0].rps / res[2].rps)
             before_pw.append(res[1].rps / res[2].rps)
             vs_sleep.append(res[0].rps / res[1].rps if res[1].rps else float("inf"))
+            no_sleep.append(res[0].rps / res[3].rps if res[3].rps else float("inf"))
             print("round %d: %s" % (r + 1, " | ".join("%s: %s, %d births" % (s.name, x.brief(), n)
                                                       for s, x, n in zip(servers, res, births, strict=True))))
         print("median oneshot (mold) / per_worker req/s: %.4fx (rounds %s)" % (median(vs_pw), _fmt(vs_pw)))
         print("median oneshot (before: no mold, gunicorn's spawn sleep) / per_worker req/s: %.4fx (rounds %s)"
               % (median(before_pw), _fmt(before_pw)))
         print("median oneshot (mold) / oneshot (before) req/s: %.2fx (rounds %s)" % (median(vs_sleep), _fmt(vs_sleep)))
+        print("median oneshot (mold) / oneshot (mold, gunicorn's spawn sleep) req/s: %.2fx (rounds %s)"
+              % (median(no_sleep), _fmt(no_sleep)))
         print("failed requests: %s" % ", ".join("%s %d" % (s.name, f) for s, f in zip(servers, failed, strict=True)))
         return 0
     finally:
