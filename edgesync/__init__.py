@@ -121,8 +121,7 @@ def server_metrics() -> Optional[Dict[str, Any]]:
     per worker ``pid``, ``state`` (booting, serving, retiring), ``requests``,
     ``tasks_completed``, ``tasks_failed``, ``tasks_pending``,
     ``invocations_cancelled``; ``totals`` sums them over the live workers (a worker
-    that exited takes its figures with it). None outside an ``edgesync.Worker``, or
-    with ``replace_before_retire = false`` (the table is not created then).
+    that exited takes its figures with it). None outside an ``edgesync.Worker``.
     """
     rt = _peek_runtime()
     if rt is None:

@@ -204,6 +204,12 @@ class Settings:
         "(at most 30 s, and 75% of wall_clock_limit_ms); false: it stops at once and gunicorn "
         "replaces it once it has exited.",
     )
+    mold: bool = _setting(
+        False, doc="true: workers are forked by a mold, a process that imports the app once per code "
+        "generation (a HUP starts a new one) and forks each worker already loaded (Linux; not with "
+        "--reload); a worker's birth then costs a fork, not an import. false: each worker imports the app "
+        "itself (or is forked by the master with --preload), as gunicorn does. Read once, at start.",
+    )
 
     def __post_init__(self) -> None:
         values = dataclasses.asdict(self)

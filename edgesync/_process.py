@@ -14,6 +14,9 @@ app, so inside it ``wait_until`` never gets here. Everywhere else the first
 - In a worker of another gunicorn worker class (``-k gthread``, ``sync``...):
   the default in-process runtime runs the task, and one warning says what does
   not apply there (limits, drain within ``graceful_timeout``, replacement).
+- In edgesync's mold (``mold = true``), which imports the app to fork the workers:
+  refused with ``RuntimeError``, for the master's reasons; the workers then import
+  the app themselves (``_mold``).
 - Anywhere else (``flask run``, a script, a test): the default runtime, silently.
 
 How the gunicorn process is recognised without importing gunicorn: the arbiter
@@ -48,8 +51,25 @@ MASTER_REFUSAL = (
     "import; or drop --preload.")
 
 
+MOLD_REFUSAL = (
+    "edgesync.wait_until() was called while edgesync's mold imported the app (mold = true). The mold is not "
+    "an instance: it forks the workers, serves no request and must run no thread, so it runs no background "
+    "work. Schedule the work from a request or at worker start (gunicorn's post_worker_init hook); until "
+    "then the workers import the app themselves.")
+
+_in_mold = False
+
+
+def set_mold(flag: bool) -> None:
+    """Say that this process is (True) or is no longer (False, a worker it forked) edgesync's mold."""
+    global _in_mold
+    _in_mold = flag
+
+
 def gunicorn_role() -> Tuple[Optional[str], Any]:
-    """``("master", arbiter)``, ``("worker", worker)`` or ``(None, None)`` for this process."""
+    """``("master", arbiter)``, ``("mold", None)``, ``("worker", worker)`` or ``(None, None)`` for this process."""
+    if _in_mold:
+        return "mold", None
     arbiter_module = sys.modules.get("gunicorn.arbiter")
     if arbiter_module is None:
         return None, None
@@ -107,6 +127,8 @@ def first_runtime() -> Runtime:
     role, owner = gunicorn_role()
     if role == "master":
         raise RuntimeError(MASTER_REFUSAL)
+    if role == "mold":
+        raise RuntimeError(MOLD_REFUSAL)
     if role == "worker" and not _warned:
         from ._worker import Worker
 
@@ -129,6 +151,6 @@ def metrics_runtime() -> Runtime:
     registers no exit drain, so the master never fires ``beforeunload``, and a later
     ``wait_until`` there is still refused); elsewhere the default runtime.
     """
-    if gunicorn_role()[0] == "master":
+    if gunicorn_role()[0] in ("master", "mold"):
         return Runtime(load_settings())
     return _runtime.current()

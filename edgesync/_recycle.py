@@ -21,6 +21,12 @@ forked worker). gunicorn's own ``manage_workers`` still decides everything; it
 just does not see retirees, so it spawns one replacement per retiree and, when
 there are too many workers (TTOU, HUP), SIGTERMs the oldest *serving* worker,
 never a retiree that is leaving anyway.
+
+The table is there whatever ``replace_before_retire`` says (a retiree announces
+itself only with it on): it is also how the master knows which workers served.
+Two more patched methods make births cheaper and safer: ``spawn_workers`` forks
+without gunicorn's random sleep after each birth, and ``reap_workers`` keeps
+gunicorn's halt on exit codes 3 and 4 for workers that never served.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import signal
 import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+from . import _mold
 from ._process import running_arbiter
 from ._runtime import Runtime
 
@@ -78,8 +85,9 @@ class _Record(ctypes.Structure):
 class _Master:
     """The arbiter's side: which record each worker has, and the patched methods."""
 
-    def __init__(self, arbiter: Any, glog: Any):
+    def __init__(self, arbiter: Any, glog: Any, mold: bool = False, code_generations: bool = False):
         self.arbiter = arbiter
+        self.molds = _mold.Molds(arbiter, mold, glog, code_generations)
         self.glog = glog
         self.pid = os.getpid()
         # MAP_SHARED | MAP_ANONYMOUS: the same pages in the master and every worker forked later.
@@ -91,7 +99,7 @@ class _Master:
         self.spawned = 0
         self.full_warned = False
         self.orig: Dict[str, Callable[..., Any]] = {}
-        for name in ("spawn_worker", "manage_workers", "reap_workers", "kill_worker"):
+        for name in ("spawn_worker", "spawn_workers", "manage_workers", "reap_workers", "kill_worker"):
             self.orig[name] = getattr(arbiter, name)
             setattr(arbiter, name, getattr(self, name))
 
@@ -103,6 +111,8 @@ class _Master:
     def spawn_worker(self) -> Any:
         if not self.in_master():
             return self.orig["spawn_worker"]()
+        if self.molds.get() is not None:
+            return self._spawn_from_mold()
         global _own
         # Python's advice for fork without exec (gc docs, gc.freeze): what the master
         # holds (with --preload, the whole app) goes to the permanent generation, so
@@ -136,6 +146,59 @@ class _Master:
             self.slot_of[pid] = slot
         return pid
 
+    def _spawn_from_mold(self) -> int:
+        """gunicorn's ``spawn_worker`` (arbiter.py, 27.0.x), with the fork done by the generation's mold.
+
+        The master's half is gunicorn's: the ``Worker`` object, ``pre_fork``, the worker
+        in ``WORKERS``. If the mold and its successor fail, the master forks this worker
+        itself, as gunicorn would have.
+        """
+        arbiter = self.arbiter
+        slot = self._claim()
+        arbiter.worker_age += 1
+        worker = arbiter.worker_class(arbiter.worker_age, arbiter.pid, arbiter.LISTENERS, arbiter.app,
+                                      arbiter.timeout / 2.0, arbiter.cfg, arbiter.log)
+        arbiter.cfg.pre_fork(arbiter, worker)
+        pid = self.molds.fork(worker, slot)
+        if pid is None:
+            pid = self._fork_here(worker, slot)
+        worker.pid = pid
+        arbiter.WORKERS[pid] = worker
+        stats = getattr(arbiter, "_stats", None)
+        if isinstance(stats, dict):
+            stats["workers_spawned"] = stats.get("workers_spawned", 0) + 1
+        if slot is not None:
+            self.slot_of[pid] = slot
+        return pid
+
+    def _fork_here(self, worker: Any, slot: Optional[int]) -> int:
+        global _own
+        gc.freeze()
+        try:
+            pid = os.fork()
+        finally:
+            if os.getpid() == self.pid:
+                gc.unfreeze()
+        if pid:
+            return pid
+        _own = slot
+        for sibling in list(self.arbiter.WORKERS.values()) + list(self.hidden.values()):
+            sibling.tmp.close()
+        _mold.run_worker(self.arbiter, worker)
+
+    def spawn_workers(self) -> None:
+        """gunicorn's ``spawn_workers`` without its ``time.sleep(0.1 * random())`` after each fork.
+
+        That sleep (arbiter.py ``spawn_workers``) caps births near 14 a second per
+        server whatever the cores, and every replacement of a retiree waits for it.
+        """
+        if not self.in_master():
+            self.orig["spawn_workers"]()
+            return
+        arbiter = self.arbiter
+        for _ in range(int(arbiter.num_workers) - len(arbiter.WORKERS)):
+            arbiter.spawn_worker()
+
     def manage_workers(self) -> Any:
         if not self.in_master():
             return self.orig["manage_workers"]()
@@ -153,6 +216,8 @@ class _Master:
         return result
 
     def reap_workers(self) -> Any:
+        if self.in_master():
+            self._reap_served_boot_codes()
         result = self.orig["reap_workers"]()
         if self.in_master():
             # arbiter.reload waits for the old workers with reap_workers alone: a
@@ -165,6 +230,42 @@ class _Master:
         if self.in_master() and sig in _STOPPING_SIGNALS:
             self.stopping.add(pid)
         return self.orig["kill_worker"](pid, sig)
+
+    def _reap_served_boot_codes(self) -> None:
+        """Reap, before gunicorn does, each worker that served and then exited with 3 or 4.
+
+        gunicorn halts the whole server on those codes (arbiter.py ``reap_workers``):
+        its rule for a worker that could not boot. A worker that reached its serving
+        loop did boot; its exit status is then another process's business (a
+        library's ``os._exit(3)`` in a background thread), so it is handled as any
+        other worker's exit: logged, ``child_exit`` called, a replacement forked by
+        the next ``manage_workers``. Only workers with a record are looked at
+        (``waitid`` with ``WNOWAIT`` peeks without reaping); the rest, and every
+        worker that never served, keep gunicorn's rule. A served worker that exits in
+        the few system calls between this look and gunicorn's ``waitpid`` is still
+        gunicorn's to judge: the window is that narrow, not closed.
+        """
+        arbiter = self.arbiter
+        boot_codes = (int(arbiter.WORKER_BOOT_ERROR), int(arbiter.APP_LOAD_ERROR))
+        for pid, worker in list(arbiter.WORKERS.items()):
+            slot = self.slot_of.get(pid)
+            if slot is None or not self.records[slot].ready:
+                continue  # never served: gunicorn's rule
+            try:
+                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                continue
+            if info is None or info.si_code != os.CLD_EXITED or info.si_status not in boot_codes:
+                continue
+            os.waitpid(pid, 0)  # a zombie: returns at once
+            arbiter.WORKERS.pop(pid, None)
+            # What gunicorn's reap_workers does for any other exit status.
+            self.glog.error("Worker (pid:%s) exited with code %s.", pid, info.si_status)
+            self.glog.warning("edgesync: worker %d exited with code %d after serving: not a boot error, so "
+                              "the server goes on and replaces it (gunicorn halts on %d and %d only for a "
+                              "worker that never served)", pid, info.si_status, *boot_codes)
+            worker.tmp.close()
+            arbiter.cfg.child_exit(arbiter, worker)
 
     # -- records ----------------------------------------------------------------------
 
@@ -236,7 +337,7 @@ _master: Optional[_Master] = None
 _own: Optional[int] = None
 
 
-def install(glog: Any) -> bool:
+def install(glog: Any, mold: bool = False, code_generations: bool = False) -> bool:
     """In gunicorn's master, before the first fork: share the table and patch the arbiter.
 
     Returns False (and changes nothing) outside a running gunicorn arbiter, e.g.
@@ -250,7 +351,7 @@ def install(glog: Any) -> bool:
         glog.debug("edgesync: no running gunicorn arbiter in this process; workers retire without a "
                    "replacement serving first")
         return False
-    _master = _Master(arbiter, glog)
+    _master = _Master(arbiter, glog, mold, code_generations)
     return True
 
 
@@ -271,6 +372,12 @@ def _wake_master() -> None:
             os.kill(m.pid, signal.SIGCHLD)
         except OSError:  # the master is gone: the worker's parent check ends it
             log.debug("could not wake the arbiter", exc_info=True)
+
+
+def adopt(slot: Optional[int]) -> None:
+    """In a worker a mold forked: its own record (the master claimed it before asking the mold)."""
+    global _own
+    _own = slot
 
 
 def ready() -> None:

@@ -167,9 +167,10 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         log.info("edgesync: settings from %s", describe_source())
         # Each worker ends without Python's teardown of its modules (see _exit).
         _exit.install()
-        if cls._settings.replace_before_retire:
-            # Share the retire table with the workers to come; wrap the arbiter's counting.
-            _recycle.install(log)
+        # Share the workers' table with the workers to come and wrap the arbiter's
+        # births, reaping and counting (a retiree announces itself there only with
+        # replace_before_retire on).
+        _recycle.install(log, mold=cls._settings.mold, code_generations=cls._settings.policy == Policy.ONESHOT)
         _check_journal(cfg, cls._settings, log)
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -194,6 +195,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         self._signalled: List[Trigger] = []  # what signal handlers asked for (see poll)
         self._in_run = False
         self._stopped_accepting = False
+        self._oneshot = settings.policy == Policy.ONESHOT
         # The arbiter kills a worker silent for cfg.timeout (= 2 * self.timeout); one
         # notify() per beat is enough, where gthread makes one per loop turn (a system
         # call per finished request: each one wakes the loop).
@@ -233,10 +235,22 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         lg.propagate = False
 
     def get_thread_pool(self) -> Any:
-        return _RequestThreads(self, self.cfg.threads, self.runtime.tracker)
+        # A oneshot instance serves one request: one thread, not cfg.threads started at each birth.
+        return _RequestThreads(self, 1 if self._oneshot else self.cfg.threads, self.runtime.tracker)
 
     def enqueue_req(self, conn: Any) -> None:
+        if self._oneshot:
+            self._take_the_one_request()
         self.tpool.put(conn)
+
+    def _take_the_one_request(self) -> None:
+        # One request per instance: before a request thread can see the connection,
+        # `alive` goes off, so gthread's handle_request answers "Connection: close"
+        # (gthread.py handle_request) and finish_request never keeps it alive; and
+        # the listeners go, so this worker takes no second connection.
+        self.alive = False
+        self.set_accept_enabled(False)
+        self.runtime.retire(Policy.ONESHOT.value, Trigger.ONESHOT)
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
@@ -252,10 +266,10 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         gc.freeze()
 
     def accept(self, listener: Any) -> None:
+        if self._oneshot and not self.alive:
+            # A second listener readable in the same poll as the first connection's.
+            return
         super().accept(listener)
-        if self.settings.policy == Policy.ONESHOT and self.nr_conns:
-            # One request per instance: take no second connection.
-            self.runtime.retire(Policy.ONESHOT.value, Trigger.ONESHOT)
 
     def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
         # Mirrors gthread.ThreadWorker._keepalive_after (gthread.py 580-591), which

@@ -36,6 +36,7 @@ DESIGN_DEFAULTS = {
     "handoff_redis_url": "redis://127.0.0.1:6379/0",
     "handoff_queue": "default",
     "replace_before_retire": True,  # issue 10: a replacement serves before a retiring worker stops accepting
+    "mold": False,  # issue 23: a mold per code generation forks the workers (opt-in)
 }
 
 
@@ -89,6 +90,7 @@ def test_full_valid_file(tmp_path: Path) -> None:
         "handoff_redis_url": "unix:///run/redis.sock",
         "handoff_queue": "edge.tasks",
         "replace_before_retire": False,
+        "mold": True,
     }
     body = "\n".join(f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}".replace("'", '"')
                      for k, v in wanted.items())

@@ -43,9 +43,8 @@ RANGES = {
 TEXTS = {"durable_journal": r"[^\x00]*", "handoff_redis_url": r"(redis|rediss|unix)://\S+",
          "handoff_queue": r"[A-Za-z0-9_.:-]+"}
 KEYS = ["policy", *list(RANGES)[:-2], "durable_journal", "durable_max_attempts", "durable_lease_ms", "handoff",
-        "handoff_on",
-        "handoff_redis_url", "handoff_queue", "replace_before_retire"]
-BOOLEANS = {"replace_before_retire"}
+        "handoff_on", "handoff_redis_url", "handoff_queue", "replace_before_retire", "mold"]
+BOOLEANS = {"replace_before_retire", "mold"}
 DEFAULTS = dataclasses.asdict(Settings())
 SUPABASE_KEYS = {"enabled", "inspector_port", "deno_version", "secrets"}
 

@@ -1,0 +1,217 @@
+"""Births, measured side by side: what a worker's birth costs the server.
+
+    python bench/births.py oneshot [--rounds 5] [--seconds 5] [--workers 2] [--connections 8] [--no-pin]
+    python bench/births.py boot [--births 20] [--workers 2]
+    python bench/births.py recycling [--rounds 5] [--seconds 10] [--workers 2] [--preload-only]
+    python bench/births.py memory [--rounds 3] [--requests 1000]
+
+``oneshot``: four servers of the bench Flask app, loaded at once by their own wrk
+(each round starts a different one first): edgesync ``policy = "oneshot"`` with the
+mold; oneshot as before (no mold, gunicorn's own ``spawn_workers`` with its random sleep
+after each fork); edgesync ``per_worker``; and oneshot with the mold but gunicorn's
+sleep. Prints per round and the medians of the ratios oneshot / per_worker, mold /
+before, mold / mold-with-the-sleep, the failed requests (non-2xx and socket errors),
+and the births each oneshot server made.
+
+``boot``: the CPU each new worker spent from its fork to serving (its serving
+line, ``runtime_metrics()["boot_cpu_s"]``): the worker imports the app, the master did
+(``--preload``), a mold did, a mold forked from a preloading master; over ``--births``
+births each (oneshot servers, one request per birth). Medians.
+
+``recycling``: three servers at once, 2 workers each: steady (wall clock off),
+recycling (``wall_clock_limit_ms = 4000``) with births as gunicorn's, and recycling
+with the mold; the medians of recycling / steady req/s and p99; then the same three with
+``--preload``.
+
+The servers are pinned to core 0 and wrk to core 1 (``--no-pin``: no pinning, e.g. on
+a many-core machine). On a loaded machine, quote medians of several rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.harness import Load, Server, cleanup, median, side_by_side  # noqa: E402
+
+ES = "edgesync.Worker"
+SLEEP_CONF = str(REPO / "bench" / "apps" / "spawn_sleep_conf.py")
+QUIET = {"EDGESYNC_REQUEST_IDLE_TIMEOUT_MS": "0"}
+
+
+def _births(server: Server) -> int:
+    return server.count(r"Booting worker with pid")
+
+
+def oneshot(a: argparse.Namespace, logdir: Path) -> int:
+    cpu: Optional[int] = None if a.no_pin else 0
+    client: Optional[int] = None if a.no_pin else 1
+    one = {**QUIET, "EDGESYNC_POLICY": "oneshot"}
+    mold = {**one, "EDGESYNC_MOLD": "true"}
+    servers = [Server("oneshot-mold", ES, logdir, workers=a.workers, env=mold, cpu=cpu),
+               Server("oneshot-before", ES, logdir, workers=a.workers, env=one, cpu=cpu, args=["-c", SLEEP_CONF]),
+               Server("per_worker", ES, logdir, workers=a.workers, env=QUIET, cpu=cpu),
+               Server("oneshot-mold-spawn-sleep", ES, logdir, workers=a.workers, env=mold, cpu=cpu,
+                      args=["-c", SLEEP_CONF])]
+    try:
+        for s in servers:
+            s.start()
+        loads = [Load(s.name, s, "/hello") for s in servers]
+        side_by_side(loads, 1, a.connections, client)  # warm-up
+        vs_pw: List[float] = []
+        before_pw: List[float] = []
+        vs_sleep: List[float] = []
+        no_sleep: List[float] = []
+        failed = [0] * len(servers)
+        for r in range(a.rounds):
+            before = [_births(s) for s in servers]
+            res = side_by_side(loads, a.seconds, a.connections, client, first=r % len(loads))
+            births = [_births(s) - b for s, b in zip(servers, before, strict=True)]
+            for i, x in enumerate(res):
+                failed[i] += x.failed
+            vs_pw.append(res[0].rps / res[2].rps)
+            before_pw.append(res[1].rps / res[2].rps)
+            vs_sleep.append(res[0].rps / res[1].rps if res[1].rps else float("inf"))
+            no_sleep.append(res[0].rps / res[3].rps if res[3].rps else float("inf"))
+            print("round %d: %s" % (r + 1, " | ".join("%s: %s, %d births" % (s.name, x.brief(), n)
+                                                      for s, x, n in zip(servers, res, births, strict=True))))
+        print("median oneshot (mold) / per_worker req/s: %.4fx (rounds %s)" % (median(vs_pw), _fmt(vs_pw)))
+        print("median oneshot (before: no mold, gunicorn's spawn sleep) / per_worker req/s: %.4fx (rounds %s)"
+              % (median(before_pw), _fmt(before_pw)))
+        print("median oneshot (mold) / oneshot (before) req/s: %.2fx (rounds %s)" % (median(vs_sleep), _fmt(vs_sleep)))
+        print("median oneshot (mold) / oneshot (mold, gunicorn's spawn sleep) req/s: %.2fx (rounds %s)"
+              % (median(no_sleep), _fmt(no_sleep)))
+        print("failed requests: %s" % ", ".join("%s %d" % (s.name, f) for s, f in zip(servers, failed, strict=True)))
+        return 0
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def boot(a: argparse.Namespace, logdir: Path) -> int:
+    cpu: Optional[int] = None if a.no_pin else 0
+    one = {**QUIET, "EDGESYNC_POLICY": "oneshot"}
+    rows = []
+    for name, preload, mold in (("import-in-worker", False, "false"), ("preload", True, "false"),
+                                ("mold", False, "true"), ("mold + preload", True, "true")):
+        s = Server(name.replace(" + ", "-"), ES, logdir, workers=a.workers, env={**one, "EDGESYNC_MOLD": mold},
+                   cpu=cpu, args=["--preload"] if preload else [])
+        try:
+            s.start()
+            since = len(s.log)
+            while len(s.boot_cpu_ms(since)) < a.births:
+                s.get("/hello")
+            ms = s.boot_cpu_ms(since)
+            rows.append((name, median([float(x) for x in ms]), len(ms)))
+        finally:
+            s.stop()
+    for name, ms_med, n in rows:
+        print("boot CPU of a new worker, %s: median %.0f ms over %d births" % (name, ms_med, n))
+    return 0
+
+
+def recycling(a: argparse.Namespace, logdir: Path) -> int:
+    """Recycling (wall clock 4 s) / steady, without and with the mold, at once; then the same with --preload."""
+    cpu: Optional[int] = None if a.no_pin else 0
+    client: Optional[int] = None if a.no_pin else 1
+    wall = {**QUIET, "EDGESYNC_WALL_CLOCK_LIMIT_MS": "4000"}
+    variants: List[List[str]] = ([] if a.preload_only else [[]]) + [["--preload"]]
+    for preload in variants:
+        tag = " --preload" if preload else ""
+        servers = [Server("steady" + tag.replace(" ", ""), ES, logdir, workers=a.workers, cpu=cpu, args=preload,
+                          env={**QUIET, "EDGESYNC_WALL_CLOCK_LIMIT_MS": "0"}),
+                   Server("recycling" + tag.replace(" ", ""), ES, logdir, workers=a.workers, cpu=cpu, args=preload,
+                          env={**wall, "EDGESYNC_MOLD": "false"}),
+                   Server("recycling-mold" + tag.replace(" ", ""), ES, logdir, workers=a.workers, cpu=cpu,
+                          args=preload, env={**wall, "EDGESYNC_MOLD": "true"})]
+        try:
+            for s in servers:
+                s.start()
+            loads = [Load(s.name, s, "/hello") for s in servers]
+            side_by_side(loads, 1, a.connections, client)  # warm-up
+            rps: List[List[float]] = [[], []]
+            p99: List[List[float]] = [[], []]
+            failed = [0, 0, 0]
+            for r in range(a.rounds):
+                res = side_by_side(loads, a.seconds, a.connections, client, first=r % len(loads))
+                for i, x in enumerate(res):
+                    failed[i] += x.failed
+                for i in (0, 1):
+                    rps[i].append(res[i + 1].rps / res[0].rps)
+                    p99[i].append(res[i + 1].p99 / res[0].p99)
+                print("round %d%s: %s" % (r + 1, tag, " | ".join("%s: %s" % (s.name, x.brief())
+                                                                for s, x in zip(servers, res, strict=True))))
+            for i, name in enumerate(("recycling (no mold)", "recycling (mold)")):
+                print("median %s / steady%s: req/s %.3fx (%s), p99 %.2fx (%s)"
+                      % (name, tag, median(rps[i]), _fmt(rps[i]), median(p99[i]), _fmt(p99[i])))
+            print("failed requests%s: %s" % (tag, ", ".join("%s %d" % (s.name, f)
+                                                          for s, f in zip(servers, failed, strict=True))))
+            for s in servers[1:]:
+                ms = s.boot_cpu_ms()
+                print("  %s: %d births, median boot CPU %.0f ms" % (s.name, len(ms), median([float(x) for x in ms])))
+        finally:
+            for s in servers:
+                s.stop()
+    return 0
+
+
+def memory(a: argparse.Namespace, logdir: Path) -> int:
+    """Private memory (USS) of a worker after ``--requests`` requests: births by the mold or gunicorn's, with and
+    without --preload (one worker per server, servers one after the other)."""
+    import psutil
+
+    cpu: Optional[int] = None if a.no_pin else 0
+    for name, preload, mold in (("import-in-worker", False, "false"), ("preload", True, "false"),
+                                ("mold", False, "true"), ("mold + preload", True, "true")):
+        uss: List[float] = []
+        for _ in range(a.rounds):
+            s = Server(name.replace(" + ", "-"), ES, logdir, workers=1, env={**QUIET, "EDGESYNC_MOLD": mold},
+                       cpu=cpu, args=["--preload"] if preload else [])
+            try:
+                s.start()
+                for _ in range(a.requests):
+                    s.get("/hello")
+                pid = int(s.get("/pid")[1])
+                uss.append(psutil.Process(pid).memory_full_info().uss / 2**20)
+            finally:
+                s.stop()
+        print("USS of a worker after %d requests, %s: median %.1f MB (%s)" % (a.requests, name, median(uss), _fmt(uss)))
+    return 0
+
+
+def _fmt(values: List[float]) -> str:
+    return ", ".join("%.4f" % v for v in values)
+
+
+def main(argv: List[str]) -> int:
+    p = argparse.ArgumentParser(prog="python bench/births.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("oneshot", "boot", "recycling", "memory"))
+    p.add_argument("--requests", type=int, default=1000, help="memory: requests before the reading")
+    p.add_argument("--preload-only", action="store_true", help="recycling: only the --preload servers")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--connections", type=int, default=8)
+    p.add_argument("--births", type=int, default=20)
+    p.add_argument("--no-pin", action="store_true")
+    a = p.parse_args(argv)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="edgesync-births-") as tmp:
+        try:
+            rc = {"oneshot": oneshot, "boot": boot, "recycling": recycling, "memory": memory}[a.what](a, Path(tmp))
+        finally:
+            cleanup()
+    print("(%s took %.0fs)" % (a.what, time.monotonic() - started))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

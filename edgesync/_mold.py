@@ -1,0 +1,469 @@
+"""Births from a mold: one process per code generation imports the app once, and forks the workers.
+
+design: without ``--preload`` every gunicorn worker imports the app itself (about 120 ms
+of CPU for a Flask app), and with it every worker is forked from a master that never
+ran the app (cold caches, copy-on-write faults on its first requests). A mold is a
+child of the master that imports the app (``app.wsgi()``, what ``--preload`` does in
+the master), collects and freezes its heap (``gc.collect(); gc.freeze()``), starts no
+thread, and then forks every worker of its generation on the master's request.
+
+gunicorn stays in charge. The master (``_recycle._Master.spawn_worker``) still builds
+each worker's ``Worker`` object, runs ``pre_fork``, and records the worker in
+``WORKERS``; only the ``fork`` is the mold's. Each fork is a double fork (mold ->
+intermediate -> worker, the intermediate exits at once) and the master is a child
+subreaper (``prctl(PR_SET_CHILD_SUBREAPER)``, Linux), so every worker becomes the
+master's own child: the arbiter reaps it, counts it, times it out through its
+heartbeat file (sent to the mold with ``SCM_RIGHTS``) and signals it as any other.
+The worker runs gunicorn's child half of ``spawn_worker`` (``run_worker``, a mirror
+of it: "Booting worker", ``post_fork``, ``init_process``, ``worker_exit``).
+
+Rule: one mold per generation, and a generation is the arbiter's config object (a
+HUP builds a new one) or, under ``policy = "oneshot"`` without ``--preload``, the
+app's source files on disk: before each fork the mold compares their stat with its
+import's, and a change starts a new generation. A new generation's mold whose import fails is refused: the
+traceback is logged once, births go on from the previous generation's mold (the old
+code keeps serving), and the next HUP tries again. No mold at all (the first
+generation failed, the mold died and its successor failed, the app's import started
+a thread, ``mold = false``, ``--reload``, not Linux): births are gunicorn's own.
+
+Fork safety: a mold never forks with a thread running. If the app's import starts
+one, the mold reports which and exits; births fall back to gunicorn's (logged once,
+with how to fix). The mold dies with the master (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+from typing import Any, List, NoReturn, Optional, Union
+
+log = logging.getLogger("edgesync")
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+PR_SET_CHILD_SUBREAPER = 36
+#: Longest the master waits for a mold's import (blocking its loop, as a --preload reload does).
+READY_TIMEOUT = 60.0
+#: Longest the master waits for the pid of a worker the mold forks.
+FORK_TIMEOUT = 15.0
+#: Longest a new worker waits to become the master's child (its intermediate's exit).
+REPARENT_TIMEOUT = 5.0
+#: worker age, record slot (-1: none), max_requests, check the code on disk (0/1), a code signature to
+#: fork anyway (its import failed already)
+_REQUEST = struct.Struct("=qqqqq")
+
+_libc: Any = None
+
+
+def _prctl(option: int, arg: int, probe: bool = False) -> bool:
+    """``prctl(option, arg)`` on Linux; with ``probe``, only whether libc's prctl can be called."""
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return False
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    return probe or bool(_libc.prctl(option, arg, 0, 0, 0) == 0)
+
+
+def _name(name: bytes) -> None:
+    if _prctl(PR_SET_NAME, 0, probe=True):
+        _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+
+
+def unavailable(arbiter: Any, enabled: bool) -> Optional[str]:
+    """Why births cannot come from a mold here, or None if they can."""
+    if not enabled:
+        return "mold = false"
+    if not sys.platform.startswith("linux"):
+        return "not Linux (a mold needs PR_SET_CHILD_SUBREAPER)"
+    if arbiter.cfg.reload:
+        return "--reload (each worker watches the code it imported itself)"
+    if not hasattr(socket, "send_fds"):
+        return "no socket.send_fds"
+    return None
+
+
+class Mold:
+    """The master's handle on one mold process."""
+
+    def __init__(self, arbiter: Any, cfg: Any, pid: int, sock: socket.socket):
+        self.arbiter = arbiter
+        self.cfg = cfg
+        self.pid = pid
+        self.sock = sock
+
+    @classmethod
+    def start(cls, arbiter: Any) -> tuple[Optional[Mold], str, str]:
+        """Fork a mold for the arbiter's current config and wait until it is ready.
+
+        Returns ``(mold, "", "")`` or ``(None, kind, detail)`` with kind ``"threads"``
+        (detail: their names), ``"error"`` (the traceback) or ``"gone"``.
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        master = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the mold
+            try:
+                ours.close()
+                _mold_main(arbiter, theirs, master)
+            finally:
+                os._exit(1)
+        theirs.close()
+        mold = cls(arbiter, arbiter.cfg, pid, ours)
+        reply = mold._receive(READY_TIMEOUT)
+        if reply == b"ready":
+            return mold, "", ""
+        mold.stop()
+        if reply is None:
+            return None, "gone", "no answer within %.0fs" % READY_TIMEOUT
+        kind, _, detail = reply.decode(errors="replace").partition(":")
+        return None, kind, detail
+
+    def _receive(self, timeout: float) -> Optional[bytes]:
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        if not ready:
+            return None
+        try:
+            data = self.sock.recv(65536)
+        except OSError:
+            return None
+        return data or None
+
+    def fork(self, worker: Any, slot: Optional[int], check: bool = False, skip: int = 0) -> Union[int, bytes, None]:
+        """Have the mold fork ``worker`` (built in the master): its pid (the master's child by now), None if
+        the mold is gone, or (``check``) the signature of the code on disk as bytes if it changed since the
+        mold's import (and is not ``skip``)."""
+        request = _REQUEST.pack(worker.age, -1 if slot is None else slot, min(int(worker.max_requests), 2**62),
+                                int(check), skip)
+        try:
+            socket.send_fds(self.sock, [request], [worker.tmp.fileno()])
+        except OSError:
+            return None
+        reply = self._receive(FORK_TIMEOUT)
+        if reply is not None and reply.startswith(b"stale:"):
+            return reply[6:]
+        if reply is None or not reply.isdigit():
+            return None
+        return int(reply)
+
+    def stop(self) -> None:
+        """End the mold (it holds no worker: each one is the master's child)."""
+        self.sock.close()
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass  # gone already; the arbiter reaps it as an unknown child
+
+
+# -- in the mold ----------------------------------------------------------------------
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.send(data[:60000])
+    except OSError:
+        os._exit(1)
+
+
+def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != master:
+        os._exit(0)
+    # The arbiter's handlers would queue signals for a loop that does not run here.
+    # Ctrl-C reaches the whole process group: the master handles it, and ends us.
+    for sig in list(getattr(arbiter, "SIGNALS", [])) + [signal.SIGCHLD, signal.SIGTERM]:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    # The master's workers' heartbeat files: none of ours.
+    for worker in list(arbiter.WORKERS.values()):
+        worker.tmp.close()
+    arbiter.WORKERS.clear()
+    from gunicorn import util
+
+    util._setproctitle("mold [%s]" % arbiter.proc_name)  # with setproctitle installed
+    _name(b"edgesync-mold")  # what ps -o comm and psutil's name() show, whatever is installed
+    from . import _process
+
+    _process.set_mold(True)  # a wait_until at import is refused here, as in the master
+    try:
+        arbiter.app.wsgi()  # the app's import (done already in the master with --preload)
+    except BaseException:
+        _send(sock, b"error:" + traceback.format_exc().encode())
+        os._exit(1)
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    if others:
+        names = ", ".join("%s (target %s)" % (t.name, getattr(getattr(t, "_target", None), "__qualname__", "?"))
+                          for t in others)
+        _send(sock, b"threads:" + names.encode())
+        os._exit(0)
+    # What the import made lives as long as the generation: out of every worker's
+    # collections, and on pages the workers share and never write.
+    files = _app_files()
+    imported = _signature(files)
+    gc.collect()
+    gc.freeze()
+    _send(sock, b"ready")
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(sock, 64, 1)
+        except InterruptedError:
+            continue
+        except OSError:
+            os._exit(0)
+        if not msg:
+            os._exit(0)  # the master closed its end: a new generation, or it is gone
+        age, slot, max_requests, check, skip = _REQUEST.unpack(msg)
+        if check:
+            now = _signature(files)
+            if now not in (imported, skip):
+                for fd in fds:
+                    os.close(fd)
+                _send(sock, b"stale:%d" % now)
+                continue
+        pid = os.fork()
+        if pid == 0:  # the intermediate: forks the worker and exits, so that it becomes the master's child
+            worker_pid = os.fork()
+            if worker_pid == 0:
+                sock.close()
+                _worker_main(arbiter, master, age, None if slot < 0 else slot, max_requests, fds[0])
+            try:
+                sock.send(b"%d" % worker_pid)
+            except OSError:  # the master gave up on this mold: it will never know this worker
+                os.kill(worker_pid, signal.SIGKILL)
+                os._exit(1)
+            os._exit(0)
+        for fd in fds:
+            os.close(fd)
+        os.waitpid(pid, 0)
+
+
+def _app_files() -> List[str]:
+    """The source files of the modules imported from outside Python's and the environment's own trees."""
+    roots = tuple({os.path.join(os.path.realpath(p), "") for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
+    files = set()
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str) and path.endswith(".py") and not os.path.realpath(path).startswith(roots):
+            files.add(path)
+    return sorted(files)
+
+
+def _signature(files: List[str]) -> int:
+    """One number that changes when any of ``files`` changes (modified, replaced or removed)."""
+    stamps = []
+    for path in files:
+        try:
+            st = os.stat(path)
+            stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            stamps.append((0, 0, 0))
+    return hash(tuple(stamps)) & (2**62 - 1)
+
+
+def _worker_main(arbiter: Any, master: int, age: int, slot: Optional[int], max_requests: int,
+                 heartbeat_fd: int) -> NoReturn:
+    from . import _process, _recycle
+
+    _process.set_mold(False)
+    deadline = time.monotonic() + REPARENT_TIMEOUT
+    while os.getppid() != master:  # until the intermediate has exited
+        if time.monotonic() >= deadline:
+            os._exit(0)  # the master is gone
+        time.sleep(0.0002)
+    _recycle.adopt(slot)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+        # The master may have reopened its logs since the mold was born (USR1).
+        arbiter.log.reopen_files()
+        worker = arbiter.worker_class(age, master, arbiter.LISTENERS, arbiter.app, arbiter.timeout / 2.0,
+                                      arbiter.cfg, arbiter.log)
+        # The master's draw of max_requests_jitter: every worker forked by one mold would
+        # otherwise draw the same (the mold's random state).
+        worker.max_requests = max_requests
+        # The heartbeat file the master watches (gunicorn's WorkerTmp keeps it in _tmp).
+        worker.tmp._tmp.close()
+        worker.tmp._tmp = os.fdopen(heartbeat_fd, "w+b", 0)
+    except BaseException:
+        log.exception("edgesync: a worker forked by the mold could not be set up")
+        os._exit(1)
+    run_worker(arbiter, worker)
+
+
+def run_worker(arbiter: Any, worker: Any) -> NoReturn:
+    """The child half of gunicorn's ``Arbiter.spawn_worker`` (arbiter.py, 27.0.x), then ``_exit.leave``."""
+    import socket as _socket
+
+    from gunicorn import sock as gsock
+    from gunicorn import util
+    from gunicorn.errors import AppImportError
+
+    from . import _exit
+
+    cfg = arbiter.cfg
+    worker.pid = os.getpid()
+    code: object = 0
+    try:
+        util._setproctitle("worker [%s]" % arbiter.proc_name)
+        arbiter.log.info("Booting worker with pid: %s", worker.pid)
+        if cfg.reuse_port and hasattr(_socket, "SO_REUSEPORT"):
+            worker.sockets = gsock.create_sockets(cfg, arbiter.log)
+        cfg.post_fork(arbiter, worker)
+        worker.init_process()
+    except SystemExit as exc:
+        code = exc.code
+    except AppImportError as e:
+        arbiter.log.debug("Exception while loading the application", exc_info=True)
+        print("%s" % e, file=sys.stderr)
+        sys.stderr.flush()
+        code = arbiter.APP_LOAD_ERROR
+    except Exception as e:
+        arbiter.log.exception("Exception in worker process")
+        print("%s" % e, file=sys.stderr)
+        sys.stderr.flush()
+        code = -1 if worker.booted else arbiter.WORKER_BOOT_ERROR
+    finally:
+        arbiter.log.info("Worker exiting (pid: %s)", worker.pid)
+        try:
+            worker.tmp.close()
+            cfg.worker_exit(arbiter, worker)
+        except Exception:
+            arbiter.log.warning("Exception during worker exit:\n%s", traceback.format_exc())
+    _exit.leave(code)
+
+
+def become_subreaper() -> bool:
+    """In the master: orphans of its descendants (the mold's workers) become its children."""
+    return _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+class Molds:
+    """In the master: the current generation's mold, started, replaced and given up as the rules say."""
+
+    def __init__(self, arbiter: Any, enabled: bool, glog: Any, code_generations: bool = False):
+        self.arbiter = arbiter
+        self.enabled = enabled
+        # oneshot without --preload: a change to the app's source files starts a new generation.
+        self.code_generations = code_generations
+        self.refused_code = 0  # the signature of the code on disk whose import failed
+        self.glog = glog
+        self.current: Optional[Mold] = None
+        self.refused_cfg: Any = None  # the config whose mold failed to import
+        self.disabled = ""  # why births came back to gunicorn's for good (an import that starts threads)
+        self.subreaper = False
+        self._said_off = ""
+
+    def _off(self) -> Optional[str]:
+        why = self.disabled or unavailable(self.arbiter, self.enabled)
+        if why is None and not self.subreaper:
+            self.subreaper = become_subreaper()
+            if not self.subreaper:
+                why = "prctl(PR_SET_CHILD_SUBREAPER) failed"
+        if why and why != self._said_off:
+            self._said_off = why
+            if why == self.disabled:
+                return why  # logged with its details already
+            self.glog.info("edgesync: workers are forked by the master, not by a mold (%s)", why)
+        return why
+
+    def get(self) -> Optional[Mold]:
+        """The mold to fork the next worker from, or None: gunicorn's own birth."""
+        if self._off():
+            self.stop()
+            return None
+        cfg = self.arbiter.cfg
+        cur = self.current
+        if (cur is not None and cur.cfg is cfg) or cfg is self.refused_cfg:
+            return cur
+        started = time.monotonic()
+        new, kind, detail = Mold.start(self.arbiter)
+        if new is not None:
+            self.glog.info("edgesync: mold %d ready for %s (imported in %.2fs)%s", new.pid,
+                           "a new generation" if cur is not None else "the first generation",
+                           time.monotonic() - started, "; the previous one ends" if cur is not None else "")
+            if cur is not None:
+                cur.stop()
+            self.current = new
+            return new
+        if kind == "threads":
+            self._give_up(detail)
+            return None
+        self.refused_cfg = cfg
+        if cur is None:
+            self.glog.error("edgesync: the mold could not import the app (%s); workers are forked by the master "
+                            "as gunicorn does:\n%s", kind, detail)
+            return None
+        self.glog.error("edgesync: the new code's mold could not import the app (%s); this generation is refused "
+                        "and the previous code keeps serving (its mold forks the workers) until the next HUP:"
+                        "\n%s", kind, detail)
+        return cur
+
+    def fork(self, worker: Any, slot: Optional[int]) -> Optional[int]:
+        """Fork ``worker`` from the current generation's mold; None if no mold could (gunicorn's birth then)."""
+        mold = self.get()
+        for _ in range(3):
+            if mold is None:
+                return None
+            check = self.code_generations and not self.arbiter.cfg.preload_app
+            reply = mold.fork(worker, slot, check, self.refused_code)
+            if isinstance(reply, int):
+                return reply
+            if reply is None:
+                self.lost(mold)
+                mold = self.get()
+            else:
+                mold = self._renew(mold, int(reply))
+        return None
+
+    def _renew(self, old: Mold, code: int) -> Optional[Mold]:
+        """The app's source changed on disk (oneshot): a new generation from it, or ``old`` if its import fails."""
+        started = time.monotonic()
+        new, kind, detail = Mold.start(self.arbiter)
+        if new is not None:
+            self.glog.info("edgesync: the app's source changed: mold %d ready for a new generation (imported in "
+                           "%.2fs); the previous one ends", new.pid, time.monotonic() - started)
+            old.stop()
+            self.current = new
+            return new
+        if kind == "threads":
+            self._give_up(detail)
+            return None
+        self.refused_code = code
+        self.glog.error("edgesync: the changed source's mold could not import the app (%s); the previous code "
+                        "keeps serving until the next change or HUP:\n%s", kind, detail)
+        return old
+
+    def _give_up(self, threads: str) -> None:
+        self.disabled = "the app's import started threads"
+        self.glog.warning(
+            "edgesync: the app's import started threads: %s. A process with threads cannot fork safely, "
+            "so workers are forked by the master as gunicorn does and each one imports the app. To fix: "
+            "start them in the worker instead (gunicorn's post_worker_init hook, or lazily on the "
+            "first request), or set mold = false to silence this.", threads)
+        self.stop()
+
+    def lost(self, mold: Mold) -> None:
+        """``mold`` stopped answering (killed?): the next ``get`` starts another for the same config."""
+        self.glog.warning("edgesync: mold %d is gone; starting another", mold.pid)
+        mold.stop()
+        if self.current is mold:
+            self.current = None
+            if self.refused_cfg is self.arbiter.cfg:
+                self.refused_cfg = None
+
+    def stop(self) -> None:
+        if self.current is not None:
+            self.current.stop()
+            self.current = None

@@ -1,0 +1,424 @@
+"""Births: how workers are born and what their end means to the server (real gunicorn, real signals).
+
+gunicorn halts the whole server when a worker exits with 3 (``WORKER_BOOT_ERROR``) or
+4 (``APP_LOAD_ERROR``): meant for a worker that cannot boot. A worker that has served
+exits with those codes for other reasons (a background task's ``os._exit(3)``): the
+server lives and replaces it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import pytest
+
+from .conftest import Server, wait_for
+
+APP = "tests.apps.births:app"
+MOLD = {"EDGESYNC_MOLD": "true"}
+
+
+@pytest.mark.parametrize("code", [3, 4])
+@pytest.mark.parametrize(("handoff", "mold"), [("true", "false"), ("false", "false"), ("true", "true")])
+def test_a_worker_that_served_never_halts_the_server_by_its_exit_code(
+        server_factory: Callable[..., Server], code: int, handoff: str, mold: str) -> None:
+    server = server_factory("--workers", "2", app=APP, workers_ready=2,
+                            env={"EDGESYNC_REPLACE_BEFORE_RETIRE": handoff, "EDGESYNC_MOLD": mold})
+    status, body = server.get("/exit_later?code=%d&delay=0.2" % code)
+    assert status == 200
+    pid = int(body)
+    server.wait_for_log(r"Worker \(pid:%d\) exited with code %d" % (pid, code))
+    server.wait_for_log(r"worker %d exited with code %d after serving: not a boot error" % (pid, code))
+    # A replacement is born, and the server keeps serving.
+    wait_for(lambda: len(server.worker_pids()) == 2 and pid not in server.worker_pids(), 15,
+             "a replacement for the worker that exited")
+    for _ in range(10):
+        status, body = server.get("/pid")
+        assert status == 200 and int(body) != pid
+    assert server.exited() is None, server.log
+    assert "Worker failed to boot" not in server.log and "App failed to load" not in server.log
+    assert server.stop() == 0, server.log
+
+
+
+def _keep_alive_client(port: int, requests: int, out: List[Tuple[int, str, int]], errors: List[str]) -> None:
+    """One http.client connection object asking ``requests`` times; it reconnects after each close."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        for _ in range(requests):
+            try:
+                conn.request("GET", "/pid")
+                resp = conn.getresponse()
+                body = resp.read()
+                out.append((resp.status, resp.getheader("Connection", ""), int(body)))
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                errors.append(repr(exc))
+                conn.close()
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mold", ["false", "true"])
+def test_oneshot_serves_exactly_one_request_per_instance_under_keep_alive(
+        server_factory: Callable[..., Server], mold: str) -> None:
+    server = server_factory("--workers", "2", "--threads", "2", app=APP, workers_ready=2,
+                            env={"EDGESYNC_POLICY": "oneshot", "EDGESYNC_MOLD": mold})
+    probes = set(int(p) for p in re.findall(r"worker (\d+): retiring \(reason=oneshot\)", server.log))
+    out: List[Tuple[int, str, int]] = []
+    errors: List[str] = []
+    clients = [threading.Thread(target=_keep_alive_client, args=(server.port, 3, out, errors))
+               for _ in range(30)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join(120)
+    assert errors == [] and len(out) == 90, (errors, len(out))
+    assert all(status == 200 for status, _, _ in out)
+    # Every response closes its connection, and every instance answered one request.
+    assert Counter(conn.lower() for _, conn, _ in out) == {"close": 90}
+    per_pid: Dict[int, int] = Counter(pid for _, _, pid in out)
+    assert max(per_pid.values()) == 1, [p for p, n in per_pid.items() if n > 1]
+    assert not probes & set(per_pid)  # the readiness probes' instances served nothing else
+    assert server.stop() == 0, server.log
+
+
+# -- the mold --------------------------------------------------------------------------
+
+
+class _Load:
+    """Clients asking ``/version`` one request after another until stopped; every request accounted for."""
+
+    def __init__(self, server: Server, clients: int = 3):
+        self.server = server
+        self.answers: List[str] = []  # "<version> <pid>", in the order they came
+        self.errors: List[str] = []
+        self.sent = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                self.sent += 1
+            try:
+                status, body = self.server.get("/version", timeout=20)
+                with self._lock:
+                    if status == 200:
+                        self.answers.append(body.decode())
+                    else:
+                        self.errors.append("%d %r" % (status, body))
+            except (OSError, http.client.HTTPException) as exc:
+                with self._lock:
+                    self.errors.append(repr(exc))
+
+    def versions(self, last: int = 0) -> List[str]:
+        with self._lock:
+            return [a.split()[0] for a in self.answers[-last:]]
+
+    def answered(self) -> int:
+        with self._lock:
+            return len(self.answers)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+        assert self.sent == len(self.answers) + len(self.errors)
+
+
+def _mold_pids(server: Server) -> List[int]:
+    return [int(p) for p in re.findall(r"edgesync: mold (\d+) ready", server.log)]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+def test_a_broken_deploy_is_refused_and_the_old_code_serves_until_a_fixed_one(
+        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    code = tmp_path / "code"
+    code.write_text("v1")
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env={**MOLD, "CODE_FILE": str(code)})
+    server.wait_for_log(r"edgesync: mold \d+ ready for the first generation")
+    load = _Load(server)
+    try:
+        wait_for(lambda: load.answered() >= 10, 20, "the load to get answers")
+        code.write_text("raise")
+        server.signal(signal.SIGHUP)
+        server.wait_for_log(r"the new code's mold could not import the app .*this generation is refused")
+        # The old generation's mold forks the HUP's workers: the old code serves on.
+        wait_for(lambda: len(re.findall(r"Booting worker with pid", server.log)) >= 4, 20, "the HUP's workers")
+        seen = load.answered()
+        wait_for(lambda: load.answered() >= seen + 20, 20, "answers after the refused HUP")
+        assert set(load.versions()) == {"v1"}
+        assert server.log.count("RuntimeError: a broken deploy") == 1, server.log  # the traceback, once
+        code.write_text("v2")
+        server.signal(signal.SIGHUP)
+        server.wait_for_log(r"edgesync: mold \d+ ready for a new generation")
+        wait_for(lambda: load.versions(10) == ["v2"] * 10, 30, "the fixed code to serve")
+    finally:
+        load.stop()
+    assert load.errors == [], load.errors
+    assert server.exited() is None
+    assert "Worker failed to boot" not in server.log
+    assert server.stop() == 0, server.log
+
+
+@pytest.mark.slow
+def test_a_killed_mold_is_replaced_and_the_workers_serve_on(server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env=MOLD)
+    [mold] = _mold_pids(server)
+    load = _Load(server)
+    try:
+        os.kill(mold, signal.SIGKILL)
+        wait_for(lambda: _gone(mold), 10, "the mold to die")
+        server.signal(signal.SIGTTIN)  # a birth: from a new mold
+        server.wait_for_log(r"edgesync: mold %d is gone; starting another" % mold)
+        wait_for(lambda: len(_mold_pids(server)) == 2, 20, "a second mold")
+        wait_for(lambda: len(server.worker_pids()) == 3, 20, "the third worker")
+        seen = load.answered()
+        wait_for(lambda: load.answered() >= seen + 20, 20, "answers after the mold died")
+    finally:
+        load.stop()
+    assert load.errors == [], load.errors
+    assert server.stop() == 0, server.log
+
+
+def test_an_import_that_starts_a_thread_falls_back_to_gunicorns_births(
+        server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "2", app=APP, workers_ready=2,
+                            env={**MOLD, "IMPORT_THREAD": "metrics-exporter"})
+    server.wait_for_log(r"the app's import started threads: metrics-exporter .*post_worker_init")
+    server.signal(signal.SIGTTIN)
+    wait_for(lambda: len(server.worker_pids()) == 3, 20, "the third worker")
+    pids = {int(server.get("/pid")[1]) for _ in range(30)}
+    assert pids <= set(server.worker_pids())
+    assert server.log.count("the app's import started threads") == 1  # logged once
+    assert _mold_pids(server) == []
+    assert server.stop() == 0, server.log
+
+
+@pytest.mark.slow
+def test_no_mold_nor_worker_outlives_a_killed_master(server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env=MOLD)
+    [mold] = _mold_pids(server)
+    workers = server.worker_pids()
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGKILL)
+    wait_for(lambda: all(_gone(p) for p in [mold, *workers]), 20, "the mold and the workers to end")
+
+
+def test_the_workers_are_the_masters_children_and_the_mold_is_not_a_worker(
+        server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env=MOLD)
+    [mold] = _mold_pids(server)
+    assert server.proc is not None
+    for pid in [mold, *server.worker_pids()]:
+        assert os.stat("/proc/%d" % pid) and _ppid(pid) == server.proc.pid
+    assert mold not in server.worker_pids()
+    with open("/proc/%d/comm" % mold) as f:
+        assert f.read().strip() == "edgesync-mold"  # what ps shows
+    # Every worker was forked by the mold: none paid the app's import.
+    assert all(int(ms) < 50 for ms in re.findall(r"booted in [\d.]+s, (\d+) ms of CPU", server.log)), server.log
+    assert server.stop() == 0, server.log
+    assert _gone(mold)
+
+
+def _ppid(pid: int) -> int:
+    with open("/proc/%d/stat" % pid) as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _live_molds(server: Server) -> List[int]:
+    return [p for p in _mold_pids(server) if not _gone(p)]
+
+
+@pytest.mark.slow
+def test_twenty_hups_in_ten_seconds_under_load(server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    code = tmp_path / "code"
+    code.write_text("v0")
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env={**MOLD, "CODE_FILE": str(code)})
+    load = _Load(server)
+    try:
+        for i in range(1, 21):
+            code.write_text("v%d" % i)
+            server.signal(signal.SIGHUP)
+            time.sleep(0.5)  # the pace of the HUPs, not a wait for an outcome
+        server.wait_for_log(r"Handling signal: hup", count=20, timeout=60)
+        wait_for(lambda: load.versions(10) == ["v20"] * 10, 60, "the last code to serve")
+        wait_for(lambda: len(server.worker_pids()) == 2, 30, "two workers")
+    finally:
+        load.stop()
+    assert load.errors == [], load.errors
+    assert server.exited() is None
+    wait_for(lambda: len(_live_molds(server)) == 1, 10, "one mold alive")
+    assert server.stop() == 0, server.log
+    assert _live_molds(server) == []
+
+
+@pytest.mark.slow
+def test_ttin_and_ttou_during_a_rollover(server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    code = tmp_path / "code"
+    code.write_text("v1")
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env={**MOLD, "CODE_FILE": str(code)})
+    load = _Load(server)
+    try:
+        code.write_text("v2")
+        server.signal(signal.SIGHUP)
+        # One signal at a time: the kernel merges a signal sent while the same one is pending.
+        for sig, seen in ((signal.SIGTTIN, 1), (signal.SIGTTIN, 2), (signal.SIGTTOU, 1)):
+            server.signal(sig)
+            server.wait_for_log(r"Handling signal: %s" % sig.name[3:].lower(), count=seen)
+        wait_for(lambda: load.versions(10) == ["v2"] * 10, 30, "the new code to serve")
+        # gunicorn's count: the HUP reset it to 2, then +1 +1 -1.
+        wait_for(lambda: len(server.worker_pids()) == 3, 30, "three workers")
+        seen = load.answered()
+        wait_for(lambda: load.answered() >= seen + 20, 20, "answers after the rollover")
+    finally:
+        load.stop()
+    assert load.errors == [], load.errors
+    assert server.stop() == 0, server.log
+
+
+MAX_REQUESTS_CONF = '''
+import json, os
+
+def post_worker_init(worker):
+    with open(os.environ["EVENTS_FILE"], "a") as f:
+        f.write(json.dumps({"type": "max_requests", "pid": worker.pid, "value": worker.max_requests}) + "\\n")
+'''
+
+
+def test_a_molds_workers_draw_their_own_max_requests_jitter(server_factory: Callable[..., Server],
+                                                             tmp_path: Path) -> None:
+    conf = tmp_path / "conf.py"
+    conf.write_text(MAX_REQUESTS_CONF)
+    server = server_factory("--workers", "4", "--max-requests", "20", "--max-requests-jitter", "1000",
+                            "-c", str(conf), app=APP, workers_ready=4, env=MOLD)
+    drawn = server.wait_for_events("max_requests", count=4)
+    # gunicorn's jitter, drawn in the master for each worker (one mold's random state would give one draw).
+    assert len({e["value"] for e in drawn}) > 1, drawn
+    assert all(20 <= e["value"] <= 1020 for e in drawn), drawn
+    assert server.stop() == 0, server.log
+
+
+def test_max_requests_retires_a_molds_worker(server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "1", "--max-requests", "3", app=APP, env=MOLD)
+    first = int(server.get("/pid")[1])
+    for _ in range(3):
+        server.get("/pid")
+    server.wait_for_log(r"worker %d: retiring \(reason=max_requests\)" % first)
+    # Its replacement, forked by the mold, serves (the retiree serves on until then: "at least" 3).
+    wait_for(lambda: int(server.get("/pid")[1]) != first, 20, "the replacement to answer")
+    server.wait_for_log(r"Worker exiting \(pid: %d\)" % first)
+    assert len(_mold_pids(server)) == 1
+    assert server.stop() == 0, server.log
+
+
+HOLD_CONF = '''
+import json, os, time
+
+def post_fork(server, worker):
+    hold = os.environ["HOLD_FILE"]
+    if os.path.exists(hold):
+        with open(os.environ["EVENTS_FILE"], "a") as f:
+            f.write(json.dumps({"type": "held", "pid": worker.pid}) + "\\n")
+        deadline = time.monotonic() + 60
+        while os.path.exists(hold) and time.monotonic() < deadline:
+            time.sleep(0.02)
+'''
+
+
+@pytest.mark.slow
+def test_a_worker_killed_while_the_mold_forks_it_is_replaced(server_factory: Callable[..., Server],
+                                                               tmp_path: Path) -> None:
+    conf, hold = tmp_path / "conf.py", tmp_path / "hold"
+    conf.write_text(HOLD_CONF)
+    server = server_factory("--workers", "2", "-c", str(conf), app=APP, workers_ready=2,
+                            env={**MOLD, "HOLD_FILE": str(hold)})
+    load = _Load(server)
+    try:
+        hold.touch()
+        server.signal(signal.SIGTTIN)
+        [held] = server.wait_for_events("held")
+        assert server.proc is not None and _ppid(held["pid"]) == server.proc.pid  # the master's child already
+        os.kill(held["pid"], signal.SIGKILL)
+        server.wait_for_log(r"Worker \(pid:%d\) was sent SIGKILL" % held["pid"])
+        hold.unlink()
+        wait_for(lambda: len(server.worker_pids()) == 3, 20, "its replacement")
+        seen = load.answered()
+        wait_for(lambda: load.answered() >= seen + 20, 20, "answers after the kill")
+    finally:
+        load.stop()
+    assert load.errors == [], load.errors
+    assert server.exited() is None
+    assert server.stop() == 0, server.log
+
+
+def test_a_wait_until_at_import_is_refused_in_the_mold_and_the_workers_import_the_app(
+        server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env={**MOLD, "WAIT_UNTIL_AT_IMPORT": "1"})
+    server.wait_for_log(r"the mold could not import the app")
+    assert "while edgesync's mold imported the app" in server.log
+    assert server.get("/pid")[0] == 200  # gunicorn's births: each worker imported the app, wait_until and all
+    assert server.stop() == 0, server.log
+
+
+ONESHOT_APP = '''
+VERSION = "%s"
+
+
+def app(environ, start_response):
+    body = VERSION.encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+
+@pytest.mark.slow
+def test_oneshot_with_a_mold_serves_the_source_on_disk(server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "2", app="oneshot_app:app", start=False,
+                            env={**MOLD, "EDGESYNC_POLICY": "oneshot"})
+    src = server.workdir / "oneshot_app.py"
+    src.write_text(ONESHOT_APP % "v1")
+    server.start(workers_ready=2)
+    assert server.get("/")[1] == b"v1"
+    src.write_text(ONESHOT_APP % "v2")
+    # The instances forked before the edit serve their one request each; then the new code.
+    wait_for(lambda: server.get("/")[1] == b"v2", 20, "the edited code to serve")
+    server.wait_for_log(r"the app's source changed: mold \d+ ready for a new generation")
+    src.write_text("raise RuntimeError('a broken edit')\n")
+    answers = [server.get("/")[1] for _ in range(6)]
+    assert answers == [b"v2"] * 6, answers  # the old code serves on
+    server.wait_for_log(r"the changed source's mold could not import the app")
+    assert server.log.count("RuntimeError: a broken edit") == 1  # refused once, not at every birth
+    src.write_text(ONESHOT_APP % "v3")
+    wait_for(lambda: server.get("/")[1] == b"v3", 20, "the fixed code to serve")
+    assert server.exited() is None
+    assert server.stop() == 0, server.log
+
+
+def test_with_reload_the_workers_import_the_app_themselves(server_factory: Callable[..., Server]) -> None:
+    # gunicorn's --reload: each worker watches the files it imported; a mold's workers imported none.
+    server = server_factory("--workers", "1", "--reload", app=APP, env=MOLD)
+    server.wait_for_log(r"workers are forked by the master, not by a mold \(--reload")
+    assert _mold_pids(server) == []
+    assert server.get("/pid")[0] == 200
+    assert server.stop() == 0, server.log
