@@ -1,13 +1,23 @@
-"""What a runtime does with durable tasks: record, mark done, re-run the dead's, hand off.
+"""The durable-task layer: record, mark done, re-run the dead's, retry, hand off.
 
-design: the runtime calls four functions of this module and nothing else:
-``submit`` (``wait_until`` of a durable function), ``boot`` (a worker is ready:
-start claiming), ``unload`` (the instance unloads: hand off or leave pending what
-is not done) and ``metrics``. Per runtime there is one ``_Keeper``: the tasks this
-process holds (in memory, and in the journal when ``durable_journal`` is set), its
-counters, and one claimer thread (started after fork, by ``boot`` or by the first
-durable task) that every ``CLAIM_INTERVAL`` claims the rows of dead owners and runs
-them again, bounded by the free room of the pool.
+design: this is a layer of the runtime (``_runtime.register_layer``): ``wait_until`` of
+a durable function (or of a ``functools.partial`` of one) comes here (``submit``), and
+the runtime calls the layer when it is ready (start claiming), when it unloads (hand
+off or keep what is not done, and say where each task went) and for its metrics and
+statsd counters. Per runtime there is one ``_Keeper``: the tasks this process holds
+(in memory, and in the journal when ``durable_journal`` is set), its counters, and one
+claimer thread (started after fork, by ``ready`` or by the first durable task) that
+every ``CLAIM_INTERVAL`` claims the rows of dead owners and runs them again, bounded by
+the free room of the pool.
+
+One id: a durable task's id is made here, once, at acceptance; it is the journal row,
+the RQ job id, ``edgesync.task_id(future)`` and the id in every log line about the task
+in every process that runs it (the attempt number is separate).
+
+Accepted or refused: ``wait_until`` returns only once the task is kept somewhere (the
+journal, RQ, or this process's memory without a journal) and raises only when nothing
+was kept. A hand-off that fails with a journal keeps the task in the journal and runs
+it here (or, when the queue is full, in a later claim); without one it raises.
 
 Rule: a task that never started here may go to the hand-off target; a task that was
 running here when the instance unloaded stays in the journal (when there is one) and
@@ -16,56 +26,45 @@ is re-run only after this process has exited, so no two processes run it at once
 
 from __future__ import annotations
 
-import asyncio
-import inspect
+import functools
 import json
 import logging
 import os
 import threading
+import time
 import weakref
 from concurrent.futures import Future
-from typing import Any, Dict, Optional, Protocol
+from typing import Any, Dict, Optional, Tuple
 
-from ._config import Settings
-from ._durable import DurableFunction, attempt_scope, resolve
+from . import _runtime
+from ._context import load_app, process_app_path
+from ._durable import DurableFunction, resolve, unwrap
 from ._handoff import RQTarget
 from ._journal import Entry, Journal
 from ._lifecycle import State
 from ._pool import QueueFull
+from ._runtime import Runtime
 
 log = logging.getLogger("edgesync")
 
-#: Seconds between two claims of dead workers' journal rows (and statsd flushes).
+#: Seconds between two claims of dead workers' journal rows.
 CLAIM_INTERVAL = 1.0
 
-_COUNTERS = ("recorded", "completed", "rerun", "given_up", "handed_off", "left_pending")
-
-
-class _Runtime(Protocol):
-    """What this module needs of ``edgesync._runtime.Runtime``."""
-
-    settings: Settings
-    pid: int
-    stats: Any
-
-    @property
-    def state(self) -> State: ...
-
-    def wait_until(self, obj: Any, args: Any, kwargs: Any) -> Future[Any]: ...
-
-    @property
-    def pool(self) -> Any: ...
+_COUNTERS = ("recorded", "completed", "rerun", "given_up", "handed_off", "left_pending", "retried")
+_STATSD = ("rerun", "given_up", "handed_off", "left_pending", "retried")
 
 
 class _Held:
-    __slots__ = ("fn", "args", "attempt", "max_attempts", "started")
+    __slots__ = ("fn", "args", "attempt", "max_attempts", "started", "app", "given_up")
 
-    def __init__(self, fn: str, args: str, attempt: int, max_attempts: int):
+    def __init__(self, fn: str, args: str, attempt: int, max_attempts: int, app: Optional[str]):
         self.fn = fn
         self.args = args
         self.attempt = attempt
         self.max_attempts = max_attempts
+        self.app = app  # the import path of the app it runs in (see _context)
         self.started = False
+        self.given_up = False
 
 
 _journals: Dict[str, Journal] = {}
@@ -81,10 +80,10 @@ def _journal(path: str) -> Journal:
 
 
 class _Keeper:
-    def __init__(self, rt: _Runtime):
+    def __init__(self, rt: Runtime):
         st = rt.settings
         self.rt_ref = weakref.ref(rt)
-        self.pid = rt.pid
+        self.who = rt.who
         self.max_attempts = st.durable_max_attempts
         self.journal: Optional[Journal] = None
         if st.durable_journal:
@@ -97,7 +96,6 @@ class _Keeper:
         self.on_full = self.target is not None and st.handoff_on == "deadline_or_queue_full"
         self.held: Dict[str, _Held] = {}
         self.counts = dict.fromkeys(_COUNTERS, 0)
-        self._sent = dict.fromkeys(_COUNTERS, 0)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -105,73 +103,125 @@ class _Keeper:
 
     # -- accepting -------------------------------------------------------------------
 
-    def submit(self, rt: _Runtime, fn: DurableFunction[Any, Any], args: Any, kwargs: Any) -> Future[Any]:
+    def submit(self, rt: Runtime, fn: DurableFunction[Any, Any], args: Any, kwargs: Any) -> Future[Any]:
         payload = fn.encode(args, kwargs)
-        max_attempts = fn.max_attempts or self.max_attempts
+        max_attempts = fn.attempts_allowed(self.max_attempts)
         task_id = os.urandom(9).hex()
+        app = process_app_path()
         if self.always:
             assert self.target is not None
-            self.target.enqueue(task_id, fn.path, payload, 1)
-            return self._handed_off(1)
+            try:
+                self.target.enqueue(task_id, fn.path, payload, 1, max_attempts, app)
+                return self._handed_off(task_id)
+            except Exception:  # Redis down: with a journal the task is kept and runs here; else raised
+                if self.journal is None:
+                    raise  # nothing was kept
+                self._could_not_hand(task_id, fn.path, "kept in the journal and run here")
         if self.journal is not None:
             self.journal.record(task_id, fn.path, payload, max_attempts)
         elif not self._warned:
             self._warned = True
-            log.warning("worker %d: durable task %s is kept in memory only: set durable_journal in "
-                        "[edge_runtime] to survive the death of this process", self.pid, fn.path)
-        held = _Held(fn.path, payload, 1, max_attempts)
+            log.warning("%s: durable task %s is kept in memory only: set durable_journal in "
+                        "[edge_runtime] to survive the death of this process", self.who, fn.path)
+        held = _Held(fn.path, payload, 1, max_attempts, app)
         self.held[task_id] = held
         with self._lock:
             self.counts["recorded"] += 1
         if self._thread is None and self.journal is not None:
             self.start()  # the default runtime (outside gunicorn) claims from its first durable task on
         try:
-            return rt.wait_until(self._runner(task_id, held, fn, args, kwargs), (), {})
+            return rt.run_task(self._runner(task_id, held, fn, args, kwargs), fn.name or fn, task_id)
         except QueueFull:
-            if self.on_full:
-                assert self.target is not None
-                self.target.enqueue(task_id, fn.path, payload, 1)
+            if not self.on_full:
                 self._forget(task_id)
-                return self._handed_off(1)
+                raise
+            assert self.target is not None
+            try:
+                self.target.enqueue(task_id, fn.path, payload, 1, max_attempts, app)
+            except Exception as exc:  # Redis down: kept in the journal for a later claim, else refused
+                if self.journal is None:
+                    self._forget(task_id)  # nothing is kept: refused, as a full queue is
+                    raise QueueFull("edgesync: the background queue is full and the hand-off to %s failed "
+                                    "(%s: %s): the durable task was not accepted"
+                                    % (self.target.describe(), type(exc).__name__, exc)) from exc
+                self.held.pop(task_id, None)
+                self.journal.release(task_id)  # any live worker's next claim with room runs it
+                self._could_not_hand(task_id, fn.path, "kept in the journal for a later claim")
+                return self._marked(task_id)
             self._forget(task_id)
-            raise
+            return self._handed_off(task_id)
         # why BaseException: the task was not accepted, whatever stopped it; its record goes, then the error.
         except BaseException:
             self._forget(task_id)
             raise
 
-    def _handed_off(self, n: int) -> Future[Any]:
+    def _could_not_hand(self, task_id: str, fn: str, instead: str) -> None:
+        assert self.target is not None
+        # With its traceback: the cause (connection refused, timeout) is Redis's.
+        log.warning("%s: could not hand durable task %s to %s; %s, id=%s", self.who, fn,
+                    self.target.describe(), instead, task_id, exc_info=True)
+
+    def _handed_off(self, task_id: str) -> Future[Any]:
         with self._lock:
-            self.counts["handed_off"] += n
+            self.counts["handed_off"] += 1
+        return self._marked(task_id)
+
+    def _marked(self, task_id: str) -> Future[Any]:
+        """A done future for a task kept elsewhere: ``task_id(future)`` is its durable id."""
         future: Future[Any] = Future()
+        future._edgesync_task_seq = task_id  # type: ignore[attr-defined]  # _identity.FUTURE_ATTR
         future.set_result(None)
         return future
 
-    def _runner(self, task_id: str, held: _Held, fn: Any, args: Any, kwargs: Any) -> Any:
+    def _runner(self, task_id: str, held: _Held, fn: DurableFunction[Any, Any], args: Any,
+                kwargs: Any) -> Any:
         keeper = self
-        attempt = held.attempt
-        target = fn.__wrapped__
+
+        def retrying(failed: int, exc: BaseException, delay: float) -> None:
+            keeper._retrying(task_id, held, fn.path, failed, exc, delay)
 
         def run() -> Any:
             held.started = True
             try:
-                with attempt_scope(attempt):
-                    result = target(*args, **kwargs)
-                    if inspect.isawaitable(result):
-                        result = asyncio.run(_await(result))
-                    return result
+                return fn.run(args, kwargs, held.attempt, held.max_attempts, load_app(held.app), retrying)
+            except fn.retry_on:  # its retries are spent: given up
+                held.given_up = True
+                raise
             finally:
                 keeper._done(task_id)
-        run.__module__, run.__qualname__, run.__name__ = fn.__module__, fn.__qualname__, fn.__name__
         return run
 
+    def _retrying(self, task_id: str, held: _Held, fn: str, failed: int, exc: BaseException, delay: float) -> None:
+        log.warning("%s: durable task %s raised %s on attempt %d; retrying in %.1fs as attempt %d, id=%s",
+                    self.who, fn, type(exc).__name__, failed, delay, failed + 1, task_id)
+        held.attempt = failed + 1
+        if self.journal is not None:
+            # A death during the wait re-runs it as that attempt, elsewhere.
+            self.journal.set_attempt(task_id, held.attempt)
+        with self._lock:
+            self.counts["retried"] += 1
+        time.sleep(delay)  # on the task's thread, as its run would hold it (see @durable's docstring)
+
     def _done(self, task_id: str) -> None:
-        if self.held.pop(task_id, None) is None:
+        held = self.held.pop(task_id, None)
+        if held is None:
             return  # handed off at unload: its record is gone already
+        if held.given_up:
+            self._give_up(task_id, held.fn, "its retries were spent")
+            return
         if self.journal is not None:
             self.journal.delete(task_id)
         with self._lock:
             self.counts["completed"] += 1
+
+    def _give_up(self, task_id: str, fn: str, why: str) -> None:
+        """The one way a task is given up (its row, its count, its line)."""
+        if self.journal is not None:
+            self.journal.delete(task_id)
+        with self._lock:
+            self.counts["given_up"] += 1
+        # Names and ids only: arguments may hold personal data.
+        log.error("%s: gave up durable task %s: %s, id=%s", self.who, fn, why, task_id)
 
     def _forget(self, task_id: str) -> None:
         self.held.pop(task_id, None)
@@ -200,83 +250,92 @@ class _Keeper:
         entries = self.journal.claim(room)
         by_owner: Dict[int, int] = {}
         for entry in entries:
-            by_owner[entry.dead_pid] = by_owner.get(entry.dead_pid, 0) + 1
-            self._rerun(rt, entry)
+            if self._rerun(rt, entry):  # the line counts what runs again, not what is given up
+                by_owner[entry.dead_pid] = by_owner.get(entry.dead_pid, 0) + 1
         for dead, n in by_owner.items():
-            log.warning("worker %d: re-running %d durable task(s) of dead process %d from the journal",
-                        self.pid, n, dead)
+            log.warning("%s: re-running %d durable task(s) of dead process %d from the journal",
+                        self.who, n, dead)
         return len(entries)
 
-    def _rerun(self, rt: _Runtime, entry: Entry) -> None:
+    def _rerun(self, rt: Runtime, entry: Entry) -> bool:
+        """Run ``entry`` again here; False if it was given up (or given back)."""
         assert self.journal is not None
         if entry.attempt > entry.max_attempts:
-            self.journal.delete(entry.id)
-            with self._lock:
-                self.counts["given_up"] += 1
-            # Names and ids only: arguments may hold personal data (they stay in the journal row).
-            log.error("worker %d: gave up durable task %s (%s): its %d attempt(s) all ended with their "
-                      "process", self.pid, entry.id, entry.fn, entry.max_attempts)
-            return
+            self._give_up(entry.id, entry.fn, "its %d attempt(s) all ended with their process"
+                          % entry.max_attempts)
+            return False
         try:
             fn = resolve(entry.fn)
+            if not isinstance(fn, DurableFunction):
+                raise TypeError("%s is no longer a @durable function" % entry.fn)
             positional, keywords = _decode(entry.args)
         except Exception:  # an app that no longer has the function: logged, the row is given up
-            self.journal.delete(entry.id)
-            with self._lock:
-                self.counts["given_up"] += 1
-            log.exception("worker %d: gave up durable task %s (%s): it cannot be loaded", self.pid,
-                          entry.id, entry.fn)
-            return
-        held = _Held(entry.fn, entry.args, entry.attempt, entry.max_attempts)
+            log.exception("%s: durable task %s cannot be loaded, id=%s", self.who, entry.fn, entry.id)
+            self._give_up(entry.id, entry.fn, "it cannot be loaded")
+            return False
+        # app None: it runs in this process's app (a journal belongs to one app).
+        held = _Held(entry.fn, entry.args, entry.attempt, entry.max_attempts, None)
         self.held[entry.id] = held
         try:
-            rt.wait_until(self._runner(entry.id, held, fn, positional, keywords), (), {})
+            rt.run_task(self._runner(entry.id, held, fn, positional, keywords), fn, entry.id)
         except (QueueFull, RuntimeError):
             # No room, or the instance began to unload: give the row back for another claim.
             self.held.pop(entry.id, None)
             self.journal.release(entry.id)
-            return
+            return False
         with self._lock:
             self.counts["rerun"] += 1
+        return True
 
-    # -- unloading ------------------------------------------------------------------------------
+    # -- the runtime's calls (a _runtime.Layer) ---------------------------------------------------
 
-    def unload(self, why: str) -> None:
+    def ready(self) -> None:
+        """The instance serves: claim dead workers' tasks now and every ``CLAIM_INTERVAL``."""
+        try:
+            self.start()
+        except Exception:  # an unusable journal must not crash the worker: a durable wait_until raises it
+            log.exception("%s: durable tasks of dead workers will not be re-run here", self.who)
+
+    def unload(self, why: str) -> Dict[str, str]:
+        """Hand off what never started, keep the rest in the journal; say where each went; stop claiming."""
         if self._stop.is_set():
-            return  # unloaded already (an instance unloads once; a test runtime may be closed after)
+            return {}  # unloaded already (an instance unloads once; a test runtime may be closed after)
         self._stop.set()
-        held = list(self.held.items())
+        placed: Dict[str, str] = {}
         handed = kept = 0
-        for task_id, h in held:
+        for task_id, h in list(self.held.items()):
             # Running here, with a journal: re-run after this process exits (never two at once).
             if self.target is None or (h.started and self.journal is not None):
+                if self.journal is not None:
+                    placed[task_id] = "kept in the journal for a live worker to re-run"
                 kept += 1
                 continue
             attempt = h.attempt + 1 if h.started else h.attempt
             try:
-                self.target.enqueue(task_id, h.fn, h.args, attempt)
-            except Exception:  # Redis is down: the journal keeps it (if any); logged once with its traceback
-                log.exception("worker %d: could not hand durable task %s (%s) to %s", self.pid, task_id,
-                              h.fn, self.target.describe())
+                self.target.enqueue(task_id, h.fn, h.args, attempt, h.max_attempts, h.app or process_app_path())
+            except Exception:  # Redis is down: the journal keeps it (if any); logged with its traceback
+                log.exception("%s: could not hand durable task %s to %s, id=%s", self.who, h.fn,
+                              self.target.describe(), task_id)
+                if self.journal is not None:
+                    placed[task_id] = "kept in the journal for a live worker to re-run (the hand-off failed)"
                 kept += 1
                 continue
             self.held.pop(task_id, None)
             if self.journal is not None:
                 self.journal.delete(task_id)
+            placed[task_id] = self.target.where(task_id)
             handed += 1
         with self._lock:
             self.counts["handed_off"] += handed
             self.counts["left_pending"] += kept
         if handed:
-            log.warning("worker %d: handed %d durable task(s) to %s (reason=%s)", self.pid, handed,
+            log.warning("%s: handed %d durable task(s) to %s (reason=%s)", self.who, handed,
                         self.target.describe() if self.target else "-", why)
         if kept:
             where = ("left in the journal for a live worker to re-run" if self.journal is not None
                      else "lost: set durable_journal or handoff to keep them")
-            log.warning("worker %d: %d durable task(s) not done, %s (reason=%s)", self.pid, kept, where, why)
-        self.flush_stats()
-
-    # -- observing --------------------------------------------------------------------------------
+            log.warning("%s: %d durable task(s) not done, %s (reason=%s)", self.who, kept, where, why)
+        return placed
 
     def metrics(self) -> Dict[str, Any]:
         with self._lock:
@@ -287,26 +346,10 @@ class _Keeper:
         out["journal_pending"] = self.journal.counts()["total"] if self.journal is not None else None
         return out
 
-    def flush_stats(self) -> None:
-        rt = self.rt_ref()
-        stats = None if rt is None else rt.stats
-        if stats is None:
-            return
-        try:
-            with self._lock:
-                counts = dict(self.counts)
-            for key in ("rerun", "given_up", "handed_off", "left_pending"):
-                delta = counts[key] - self._sent[key]
-                if delta:
-                    stats.increment("edgesync.durable." + key, delta)
-                    self._sent[key] = counts[key]
-            stats.gauge("edgesync.durable.pending", len(self.held))
-        except Exception:  # statsd is best effort (gunicorn's statsd logger logs its own errors)
-            log.debug("statsd flush failed", exc_info=True)
-
-
-async def _await(awaitable: Any) -> Any:
-    return await awaitable
+    def counters(self) -> Tuple[Dict[str, int], Dict[str, float]]:
+        with self._lock:
+            totals = {key: self.counts[key] for key in _STATSD}
+        return totals, {"pending": len(self.held)}
 
 
 def _decode(args: str) -> Any:
@@ -319,62 +362,53 @@ def _claim_loop(keeper: _Keeper) -> None:
         try:
             keeper.claim_once()
         except Exception:  # a locked or broken journal must not end claiming: logged, retried next tick
-            log.exception("worker %d: claiming durable tasks from the journal failed", keeper.pid)
-        keeper.flush_stats()
+            log.exception("%s: claiming durable tasks from the journal failed", keeper.who)
         keeper._stop.wait(CLAIM_INTERVAL)
 
 
-# -- the runtime's calls ----------------------------------------------------------------------------
-
-_keepers: weakref.WeakKeyDictionary[Any, _Keeper] = weakref.WeakKeyDictionary()
-_keepers_lock = threading.Lock()
+# -- the layer's registration ------------------------------------------------------------------------
 
 
-def _keeper(rt: _Runtime) -> _Keeper:
-    keeper = _keepers.get(rt)
-    if keeper is None:
-        with _keepers_lock:
-            keeper = _keepers.get(rt)
-            if keeper is None:
-                keeper = _keepers[rt] = _Keeper(rt)
+def _layer(rt: Runtime, needed: bool) -> Optional[_Keeper]:
+    if needed or rt.settings.durable_journal or rt.settings.handoff:
+        return _Keeper(rt)
+    return None
+
+
+def _keeper(rt: Runtime) -> _Keeper:
+    """``rt``'s durable layer, created on first use."""
+    keeper = rt.layer("durable")
+    assert isinstance(keeper, _Keeper)
     return keeper
 
 
-def submit(rt: _Runtime, fn: DurableFunction[Any, Any], args: Any, kwargs: Any) -> Future[Any]:
+def submit(rt: Runtime, fn: DurableFunction[Any, Any], args: Any, kwargs: Any) -> Future[Any]:
     """``wait_until(fn, *args, **kwargs)`` of a durable function on ``rt``."""
     return _keeper(rt).submit(rt, fn, args, kwargs)
 
 
-def boot(rt: _Runtime) -> None:
-    """The instance is ready: claim dead workers' tasks now and every ``CLAIM_INTERVAL``."""
-    if rt.settings.durable_journal or rt.settings.handoff:
-        try:
-            _keeper(rt).start()
-        except Exception:  # an unusable journal must not crash the worker: a durable wait_until raises it
-            log.exception("worker %d: durable tasks of dead workers will not be re-run by this worker", rt.pid)
+def _submit_partial(rt: Runtime, fn: functools.partial[Any], args: Any, kwargs: Any) -> Future[Any]:
+    # A partial of a durable function stays durable, with the partial's arguments recorded too.
+    found = unwrap(fn, args, kwargs)
+    if found is None:
+        return rt.wait_until(fn, args, kwargs)
+    return _keeper(rt).submit(rt, *found)
 
 
-def unload(rt: _Runtime, why: str) -> None:
-    """The instance unloads: hand off what never started, leave the rest in the journal; stop claiming."""
-    keeper = _keepers.get(rt)
-    if keeper is not None:
-        keeper.unload(why)
+def boot(rt: Runtime) -> None:
+    """What ``Runtime.ready`` does for this layer (tests call it on a test runtime)."""
+    _keeper(rt).ready()
 
 
-def metrics(rt: _Runtime) -> Optional[Dict[str, Any]]:
-    """The ``durable`` part of ``runtime_metrics()``; None when durable tasks are off and unused."""
-    if not (rt.settings.durable_journal or rt.settings.handoff or rt in _keepers):
-        return None
-    return _keeper(rt).metrics()
+_runtime.register_layer("durable", _layer, {DurableFunction: submit, functools.partial: _submit_partial})
 
 
 def _after_fork_in_child() -> None:
-    # The parent's keepers and journals (their locks may be held by threads that did not survive the
-    # fork, their connections belong to the parent) are not this process's.
-    global _keepers_lock, _journals_lock, _journals
+    # The parent's journals (their locks may be held by threads that did not survive the fork, their
+    # connections belong to the parent) are not this process's. (A runtime, and its keeper, is
+    # created after fork: see _runtime.)
+    global _journals_lock, _journals
     _journals = {}
-    _keepers.clear()
-    _keepers_lock = threading.Lock()
     _journals_lock = threading.Lock()
 
 
