@@ -7,6 +7,7 @@ SIGKILLs itself; this process then claims its rows as a replacement worker would
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -158,6 +159,7 @@ def test_queue_full_leaves_no_record(tmp_path: Path) -> None:
 
 def test_unload_leaves_unfinished_tasks_in_the_journal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Kept in the journal is not abandoned: each task's line says where it went, and none is counted.
+    caplog.set_level(logging.INFO, logger="edgesync")
     path = tmp_path / "j.db"
     with runtime(durable_journal=str(path), background_threads=1) as rt:
         running = edgesync.task_id(edgesync.wait_until(durable_tasks.gated, "running"))
