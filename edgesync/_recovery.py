@@ -50,6 +50,10 @@ log = logging.getLogger("edgesync")
 #: Seconds between two claims of dead workers' journal rows.
 CLAIM_INTERVAL = 1.0
 
+#: After a hand-off failed, for this long a task that the journal can keep goes there without trying
+#: Redis again: a Redis that does not answer costs each view its timeout (2 s) and one traceback.
+TARGET_DOWN_S = 5.0
+
 _COUNTERS = ("recorded", "completed", "rerun", "given_up", "handed_off", "left_pending", "retried")
 _STATSD = ("rerun", "given_up", "handed_off", "left_pending", "retried")
 
@@ -100,6 +104,7 @@ class _Keeper:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._warned = False
+        self._target_down_until = 0.0  # see TARGET_DOWN_S
 
     # -- accepting -------------------------------------------------------------------
 
@@ -108,7 +113,7 @@ class _Keeper:
         max_attempts = fn.attempts_allowed(self.max_attempts)
         task_id = os.urandom(9).hex()
         app = process_app_path()
-        if self.always:
+        if self.always and self._target_up():
             assert self.target is not None
             try:
                 self.target.enqueue(task_id, fn.path, payload, 1, max_attempts, app)
@@ -137,6 +142,8 @@ class _Keeper:
                 raise
             assert self.target is not None
             try:
+                if not self._target_up():
+                    raise ConnectionError("it failed less than %.0fs ago" % TARGET_DOWN_S)
                 self.target.enqueue(task_id, fn.path, payload, 1, max_attempts, app)
             except Exception as exc:  # Redis down: kept in the journal for a later claim, else refused
                 if self.journal is None:
@@ -155,11 +162,17 @@ class _Keeper:
             self._forget(task_id)
             raise
 
+    def _target_up(self) -> bool:
+        """False for TARGET_DOWN_S after a failed hand-off, when the journal can keep the task instead."""
+        return self.journal is None or time.monotonic() >= self._target_down_until
+
     def _could_not_hand(self, task_id: str, fn: str, instead: str) -> None:
         assert self.target is not None
-        # With its traceback: the cause (connection refused, timeout) is Redis's.
-        log.warning("%s: could not hand durable task %s to %s; %s, id=%s", self.who, fn,
-                    self.target.describe(), instead, task_id, exc_info=True)
+        self._target_down_until = time.monotonic() + TARGET_DOWN_S
+        # With its traceback: the cause (connection refused, timeout) is Redis's. Once per TARGET_DOWN_S.
+        log.warning("%s: could not hand durable task %s to %s; %s, id=%s (for %.0fs the next ones are kept "
+                    "without trying it)", self.who, fn, self.target.describe(), instead, task_id, TARGET_DOWN_S,
+                    exc_info=True)
 
     def _handed_off(self, task_id: str) -> Future[Any]:
         with self._lock:
@@ -291,10 +304,7 @@ class _Keeper:
 
     def ready(self) -> None:
         """The instance serves: claim dead workers' tasks now and every ``CLAIM_INTERVAL``."""
-        try:
-            self.start()
-        except Exception:  # an unusable journal must not crash the worker: a durable wait_until raises it
-            log.exception("%s: durable tasks of dead workers will not be re-run here", self.who)
+        self.start()
 
     def unload(self, why: str) -> Dict[str, str]:
         """Hand off what never started, keep the rest in the journal; say where each went; stop claiming."""
@@ -370,9 +380,15 @@ def _claim_loop(keeper: _Keeper) -> None:
 
 
 def _layer(rt: Runtime, needed: bool) -> Optional[_Keeper]:
-    if needed or rt.settings.durable_journal or rt.settings.handoff:
+    if needed:
+        return _Keeper(rt)  # a durable wait_until: an unusable journal is its error
+    if not (rt.settings.durable_journal or rt.settings.handoff):
+        return None
+    try:
         return _Keeper(rt)
-    return None
+    except Exception:  # an unusable journal must not crash the worker: a durable wait_until raises it
+        log.exception("%s: durable tasks of dead workers will not be re-run here", rt.who)
+        return None
 
 
 def _keeper(rt: Runtime) -> _Keeper:

@@ -107,6 +107,9 @@ def test_always_with_redis_down_and_a_journal_keeps_the_task_and_runs_it(tmp_pat
                  handoff_redis_url=closed_port_url()) as rt:
         fut = edgesync.wait_until(durable_tasks.note, "kept", {})
         assert fut.result(5) == "kept"
+        # The next ones go to the journal without trying Redis again (one line, no timeout each).
+        later = [edgesync.wait_until(durable_tasks.note, "k%d" % i, {}) for i in range(3)]
+        assert [f.result(5) for f in later] == ["k0", "k1", "k2"]
         rt.wait(5)
         assert rows(path) == [] and durable_tasks.ran[0]["id"] == "kept"
     [line] = [r.getMessage() for r in caplog.records if "could not hand" in r.getMessage()]
