@@ -21,7 +21,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, Optional, ParamSpec, TypeVar, Union, overload
 
-from . import _recovery, _recycle, _runtime
+from . import _recovery, _recycle, _runtime  # noqa: F401  (_recovery registers the durable layer)
 from ._config import ConfigError, Settings, load_settings
 from ._durable import DurableFunction, current_attempt, durable
 from ._events import (
@@ -38,6 +38,7 @@ from ._pool import QueueFull
 from ._process import checking_config as _checking_config
 from ._process import first_runtime as _first_runtime
 from ._process import metrics_runtime as _metrics_runtime
+from ._runtime import accepts as _accepts
 from ._runtime import peek as _peek_runtime
 
 if TYPE_CHECKING:
@@ -101,14 +102,16 @@ def wait_until(fn: Union[Callable[..., Any], Future[Any], Awaitable[Any]], /,
     instance is unloading and accepts no more background work. A task that raises
     dispatches an ``unhandledrejection`` event and never affects other tasks.
 
-    A function declared with ``@edgesync.durable`` is recorded before this returns
-    and run again by a live worker if its worker dies first (see ``durable``); its
-    arguments must be JSON values, else ``TypeError``.
+    A function declared with ``@edgesync.durable`` (also through ``edgesync.named``
+    or ``functools.partial``) is recorded before this returns and run again by a
+    live worker if its worker dies first (see ``durable``); its arguments must be
+    JSON values, else ``TypeError``. It returns only once the task is kept (journal,
+    hand-off target, or memory without a journal) and raises only if nothing was kept.
     """
     rt = _runtime._current or _first_runtime()
-    # A @durable function is recorded (journal / hand-off) before this returns.
-    if type(fn) is DurableFunction:
-        return _recovery.submit(rt, fn, args, kwargs)
+    # A type a layer claims (a @durable function, a partial): that layer records it before this returns.
+    if type(fn) in _accepts:
+        return _accepts[type(fn)](rt, fn, args, kwargs)
     return rt.wait_until(fn, args, kwargs)
 
 
@@ -142,7 +145,7 @@ def runtime_metrics() -> Dict[str, Any]:
     ``retire_reason``, ``terminate_reason`` and ``beforeunload_dispatched`` (reasons,
     in order), and ``durable`` (None unless durable tasks are configured or used:
     ``pending`` held by this instance, ``recorded``, ``completed``, ``rerun``,
-    ``given_up``, ``handed_off``, ``left_pending``, of the whole journal
+    ``retried``, ``given_up``, ``handed_off``, ``left_pending``, of the whole journal
     ``journal_pending`` and ``journal_given_up`` (the given-up tasks it keeps:
     ``python -m edgesync durable``), ``journal`` (its path) and ``handoff`` (the
     target, or None)).

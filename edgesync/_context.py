@@ -20,6 +20,17 @@ framework the app has not imported cannot have put anything in the context.
   (active language, urlconf override) in ``asgiref.local.Local``, whose storage
   asgiref (3.13, tested) tags with its thread, so none of it reaches a task
   running on another thread. Nothing to strip.
+
+A durable task may run again far from its caller: re-run from the journal by another
+worker or after a restart, or handed to an RQ worker on another machine. Every run
+gets the same setup as the first (``run_in_app``): the app it runs in is the one the
+task recorded (the import path of the WSGI app, gunicorn's ``app_uri``, which an RQ
+worker imports once) or, without one, the app this process serves (``set_process_app``,
+set by the gunicorn worker when it loads the app). A Flask app (the object itself, or
+one a middleware wraps as ``.app``, ``.application`` or ``.__wrapped__``) gives the run
+an app context of its own unless one is active already (the first run's, above);
+Django's connection hygiene comes with the task hooks (``edgesync.django.install``),
+which every run goes through.
 """
 
 from __future__ import annotations
@@ -27,7 +38,8 @@ from __future__ import annotations
 import contextvars
 import inspect
 import sys
-from typing import Any, Callable, Tuple
+import threading
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from ._pool import run_awaitable
 
@@ -101,3 +113,75 @@ class _Isolated:
                 # not after the context has been popped.
                 result = run_awaitable(result)
             return result
+
+
+# -- the app a run belongs to --------------------------------------------------------
+
+_process_app: Tuple[Optional[str], Any] = (None, None)
+_loaded: Dict[str, Any] = {}
+_loaded_lock = threading.Lock()
+_flask_of: Dict[int, Tuple[Any, Any]] = {}  # id(wsgi app) -> (wsgi app, its Flask app or None)
+
+
+def set_process_app(path: Optional[str], app: Any) -> None:
+    """The WSGI app this process serves, and its import path (gunicorn's ``app_uri``) if known."""
+    global _process_app
+    _process_app = (path, app)
+
+
+def process_app_path() -> Optional[str]:
+    """The import path a durable task records, so that a run elsewhere finds its app."""
+    return _process_app[0]
+
+
+def load_app(path: Optional[str]) -> Any:
+    """The app at ``path`` (``module:name`` or ``module:factory()``, as gunicorn takes it), imported
+    once per process; this process's own app for its own path or for None."""
+    if path is None or path == _process_app[0]:
+        return _process_app[1]
+    app = _loaded.get(path)
+    if app is None:
+        with _loaded_lock:
+            app = _loaded.get(path)
+            if app is None:
+                from gunicorn.util import import_app  # the syntax gunicorn's app_uri has
+                app = _loaded[path] = import_app(path)
+    return app
+
+
+def _find_flask(app: Any) -> Any:
+    if app is None or "flask" not in sys.modules:
+        return None
+    seen = _flask_of.get(id(app))
+    if seen is not None and seen[0] is app:
+        return seen[1]
+    flask_cls = sys.modules["flask"].Flask
+    found, obj = None, app
+    for _ in range(5):  # the app, then what middlewares wrap (ProxyFix.app, WhiteNoise.application)
+        if isinstance(obj, flask_cls):
+            found = obj
+            break
+        obj = next((getattr(obj, a) for a in ("app", "application", "__wrapped__") if hasattr(obj, a)), None)
+        if obj is None:
+            break
+    _flask_of[id(app)] = (app, found)
+    return found
+
+
+def run_in_app(app: Any, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` inside ``app``'s framework setup: a Flask app context of its own,
+    unless one is active already; an ``async def`` result runs to completion inside it."""
+    flask_app = _find_flask(app)
+    if flask_app is None or _flask_app_active():
+        return _finish(fn(*args, **kwargs))
+    with flask_app.app_context():
+        return _finish(fn(*args, **kwargs))
+
+
+def _flask_app_active() -> bool:
+    flask_vars = _flask_vars(sys.modules[_FLASK_GLOBALS])
+    return bool(flask_vars) and flask_vars[0].get(None) is not None
+
+
+def _finish(result: Any) -> Any:
+    return run_awaitable(result) if inspect.isawaitable(result) else result

@@ -7,7 +7,12 @@ into the logs: ``functools.partial(<function send>, 'alice@example.com')``.
 
 Ids are ``<pid>-<n>``: short, unique within a process and, through the pid, among
 the workers of one server. The counter is read with ``next()``, atomic under the
-GIL, and formatted only when something reports the task.
+GIL, and formatted only when something reports the task. A durable task's id is its
+durable id instead (a string, the same in every process that runs it: see
+``_recovery``), kept as is.
+
+Log lines start with ``worker <pid>:`` in a gunicorn worker and ``process <pid>:``
+elsewhere (``who``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ import logging
 import os
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, Generic, Optional, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Callable, Generic, Optional, ParamSpec, TypeVar, Union, overload
+
+if TYPE_CHECKING:
+    from ._durable import DurableFunction
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -30,6 +38,8 @@ task_log = logging.getLogger("edgesync.tasks")
 
 _ids = itertools.count(1)
 _pid = os.getpid()
+_role = "process"  # "worker" once a gunicorn worker says so (set_role)
+_who = "process %d" % _pid
 
 #: The attribute of a Future that holds its task's number (see ``task_id``).
 FUTURE_ATTR = "_edgesync_task_seq"
@@ -39,11 +49,24 @@ FUTURE_ATTR = "_edgesync_task_seq"
 next_seq: Callable[[], int] = _ids.__next__
 
 
-def format_id(seq: int) -> str:
-    return "%d-%d" % (_pid, seq)
+def format_id(seq: Union[int, str]) -> str:
+    """``<pid>-<n>`` for a task number, or a durable id as it is."""
+    return seq if isinstance(seq, str) else "%d-%d" % (_pid, seq)
 
 
-def mark(future: Future[Any], seq: int) -> None:
+def who() -> str:
+    """How log lines name this process: ``worker <pid>`` in a gunicorn worker, else ``process <pid>``."""
+    return _who
+
+
+def set_role(role: str) -> None:
+    """``"worker"``: this process is a gunicorn worker (log lines say ``worker <pid>``)."""
+    global _role, _who
+    _role = role
+    _who = "%s %d" % (role, os.getpid())
+
+
+def mark(future: Future[Any], seq: Union[int, str]) -> None:
     """Make ``task_id(future)`` answer ``seq``'s id."""
     try:
         setattr(future, FUTURE_ATTR, seq)
@@ -55,10 +78,16 @@ def task_id(future: Future[Any]) -> str:
     """The id of the task behind a future returned by ``edgesync.wait_until``, e.g. ``"4242-17"``.
 
     The same id appears in every log line about the task (success, failure,
-    abandoned, cancelled) and in ``TaskInfo.id`` of ``event.pending_tasks``. Raises
-    ``ValueError`` for a future that ``wait_until`` did not return.
+    abandoned, cancelled) and in ``TaskInfo.id`` of ``event.pending_tasks``. For a
+    durable task it is its durable id (``"d4f1c09a2b7e35c1ae"``): the journal row, the
+    RQ job id and every log line about it, in every process that runs it, unchanged
+    across re-runs and retries; it never raises for a future that ``wait_until``
+    returned, wherever the task went (the journal, RQ). Raises ``ValueError`` for a
+    future that ``wait_until`` did not return.
     """
     seq = getattr(future, FUTURE_ATTR, None)
+    if type(seq) is str:
+        return seq
     if not isinstance(seq, int):
         raise ValueError("edgesync.task_id(%s): not a future returned by edgesync.wait_until; "
                          "pass the future that wait_until returned" % _type_name(future))
@@ -87,6 +116,8 @@ class Named(Generic[P, T]):
 @overload
 def named(name: str) -> Callable[[Callable[P, T]], Named[P, T]]: ...
 @overload
+def named(name: str, fn: DurableFunction[P, T]) -> DurableFunction[P, T]: ...  # type: ignore[overload-overlap]
+@overload
 def named(name: str, fn: Callable[P, T]) -> Named[P, T]: ...
 
 
@@ -95,17 +126,25 @@ def named(name: str, fn: Any = _DECORATOR) -> Any:
 
     Without ``fn`` it is a decorator: ``@edgesync.named("send-welcome")``. The
     result calls ``fn`` with the same arguments; the name takes no keyword of the
-    task's own, so it never collides with them. Raises ``TypeError`` unless
-    ``name`` is a non-empty string and ``fn`` is callable.
+    task's own, so it never collides with them. A durable function (alone or in a
+    ``functools.partial``) stays durable: the result is the durable function under
+    that name. Raises ``TypeError`` unless ``name`` is a non-empty string and ``fn``
+    is callable.
     """
     if not isinstance(name, str) or not name:
         raise TypeError("edgesync.named(name, fn): name must be a non-empty string, got %s"
                         % ("''" if name == "" else _type_name(name)))
 
-    def wrap(target: Callable[P, T]) -> Named[P, T]:
+    def wrap(target: Callable[P, T]) -> Any:
         if not callable(target):
             raise TypeError("edgesync.named(%r, fn): fn must be callable (a function, a coroutine "
                             "function or a method), got %s" % (name, _type_name(target)))
+        from ._durable import unwrap  # (here: _durable imports what imports this module)
+        found = unwrap(target, (), {})
+        if found is not None:
+            durable_fn, args, kwargs = found
+            renamed = durable_fn.renamed(name)
+            return functools.partial(renamed, *args, **kwargs) if type(target) is functools.partial else renamed
         return Named(name, target)
 
     return wrap if fn is _DECORATOR else wrap(fn)
@@ -146,15 +185,16 @@ def _type_name(obj: Any) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else "%s.%s" % (t.__module__, t.__qualname__)
 
 
-def log_success(name: str, seq: int, started: Optional[float]) -> None:
+def log_success(name: str, seq: Union[int, str], started: Optional[float]) -> None:
     """One INFO line for a task that returned (the caller checked ``task_log.isEnabledFor``)."""
     took = time.monotonic() - started if started is not None else 0.0
-    task_log.info("worker %d: task %s succeeded in %.3fs, id=%s", _pid, name, took, format_id(seq))
+    task_log.info("%s: task %s succeeded in %.3fs, id=%s", _who, name, took, format_id(seq))
 
 
 def _after_fork_in_child() -> None:
-    global _pid
+    global _pid, _who
     _pid = os.getpid()
+    _who = "%s %d" % (_role, _pid)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

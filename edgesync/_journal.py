@@ -344,6 +344,11 @@ class Journal:
         with self._lock:
             self._connection().execute("DELETE FROM edgesync_tasks WHERE id = ?", (task_id,))
 
+    def set_attempt(self, task_id: str, attempt: int) -> None:
+        """The task's next run is ``attempt`` (a retry after an exception)."""
+        with self._lock:
+            self._connection().execute("UPDATE edgesync_tasks SET attempt = ? WHERE id = ?", (attempt, task_id))
+
     def release(self, task_id: str) -> None:
         """Give a claimed row back, unrun (owner 0 is never alive): another claim takes it."""
         with self._lock:

@@ -333,7 +333,7 @@ class Drain:
         plan = self.plan = PLANS[trigger]
         now = time.monotonic()
         self.deadline = min(self.deadline, self.host.budget(plan.budget, now))
-        log.info("worker %d: %s", rt.pid, lc.describe())
+        log.info("%s: %s", rt.who, lc.describe())
         # A stronger cause does not wait for a replacement that is still booting.
         self.handoff = None if plan.replace is None else self.host.replace(plan.replace)
         if self.handoff is None:
@@ -363,8 +363,8 @@ class Drain:
     def _unload(self, plan: Plan) -> List[TaskInfo]:
         rt = self.rt
         if not self._listeners_done():
-            log.warning("worker %d: beforeunload listeners still running at their deadline; "
-                        "unloading without them", rt.pid)
+            log.warning("%s: beforeunload listeners still running at their deadline; "
+                        "unloading without them", rt.who)
         # Logged in the words of the event that announced it: early_drop, termination,
         # or the limit that terminated the instance.
         lc = self.lc
@@ -379,8 +379,8 @@ class Drain:
             while not done.wait(min(DRAIN_TICK, max(0.0, until - time.monotonic()))):
                 self.host.heartbeat()
                 if time.monotonic() >= until:
-                    log.warning("worker %d: unload listeners still running after %.1fs; exiting "
-                                "without them", rt.pid, UNLOAD_BUDGET)
+                    log.warning("%s: unload listeners still running after %.1fs; exiting "
+                                "without them", rt.who, UNLOAD_BUDGET)
                     break
         return abandoned
 

@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import Future
 from contextvars import Context
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set, Union
 
 from ._events import TaskInfo
 from ._identity import format_id, log_success, mark, next_seq, task_log, task_name
@@ -40,7 +40,8 @@ class Task:
                  "thread", "tracked", "seq")
 
     def __init__(self, future: Future[Any], fn: Optional[Callable[..., Any]], args: Any,
-                 kwargs: Any, context: Optional[Context], named: Any, tracked: bool = False):
+                 kwargs: Any, context: Optional[Context], named: Any, tracked: bool = False,
+                 task_id: Optional[str] = None):
         self.future = future
         self.fn = fn
         self.args = args
@@ -53,7 +54,9 @@ class Task:
         self.started: Optional[float] = None
         self.thread: Optional[str] = None
         self.tracked = tracked
-        self.seq = seq = next_seq()  # see _identity: the id is formatted only when reported
+        # See _identity: a number, formatted only when reported; a durable task's own id as is.
+        seq: Union[int, str] = next_seq() if task_id is None else task_id
+        self.seq = seq
         if tracked:
             mark(future, seq)  # the caller's own Future: any subclass
         else:
@@ -61,7 +64,7 @@ class Task:
 
     @property
     def id(self) -> str:
-        """``<pid>-<n>``: what ``edgesync.task_id(future)`` returns and every log line shows."""
+        """``<pid>-<n>`` (or a durable id): what ``edgesync.task_id(future)`` returns and every log line shows."""
         return format_id(self.seq)
 
     @property
@@ -128,13 +131,14 @@ class Pool:
         self._tasks.add(task)
 
     def submit(self, fn: Callable[..., Any], args: Any, kwargs: Any, context: Context,
-               named: Any = None) -> Future[Any]:
+               named: Any = None, task_id: Optional[str] = None) -> Future[Any]:
         """Schedule ``fn(*args, **kwargs)`` inside ``context``; never blocks.
 
         ``named`` is what the task is named after in reports (a string, or an object
-        whose ``module.qualname`` is used); by default ``fn``.
+        whose ``module.qualname`` is used); by default ``fn``. ``task_id``: the task's
+        id if it has one already (a durable task's), else a new ``<pid>-<n>``.
         """
-        task = Task(Future(), fn, args, kwargs, context, fn if named is None else named)
+        task = Task(Future(), fn, args, kwargs, context, fn if named is None else named, False, task_id)
         tasks = self._tasks
         with self._lock:
             if self._closed is not None or len(tasks) >= self.max_pending:
@@ -333,8 +337,8 @@ class EagerPool(Pool):
     """
 
     def submit(self, fn: Callable[..., Any], args: Any, kwargs: Any, context: Context,
-               named: Any = None) -> Future[Any]:
-        task = Task(Future(), fn, args, kwargs, context, fn if named is None else named)
+               named: Any = None, task_id: Optional[str] = None) -> Future[Any]:
+        task = Task(Future(), fn, args, kwargs, context, fn if named is None else named, False, task_id)
         with self._lock:
             self._accept(task)
         slot = self._tracker.slot()

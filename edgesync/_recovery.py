@@ -1,16 +1,28 @@
-"""What a runtime does with durable tasks: record, mark done, re-run the dead's, hand off.
+"""The durable-task layer: record, mark done, re-run the dead's, retry, hand off.
 
-design: the runtime calls four functions of this module and nothing else:
-``submit`` (``wait_until`` of a durable function), ``boot`` (a worker is ready:
-start claiming), ``unload`` (the instance unloads: hand off or leave pending what
-is not done) and ``metrics``. Per runtime there is one ``_Keeper``: the tasks this
-process holds (in memory, and in the journal when ``durable_journal`` is set), its
-counters, and one claimer thread (started after fork, by ``boot`` or by the first
-durable task) that every ``CLAIM_INTERVAL`` renews this process's lease, checks that
-the journal's file is still there, claims the rows of dead owners and runs them again,
-bounded by the free room of the pool. A run is counted in the journal when it starts;
-a claimed task that had ``max_attempts`` runs, or can no longer be loaded, is given up
-through ``_Keeper.give_up``: kept in the journal, counted, logged (never its arguments).
+design: this is a layer of the runtime (``_runtime.register_layer``): ``wait_until`` of
+a durable function (or of a ``functools.partial`` of one) comes here (``submit``), and
+the runtime calls the layer when it is ready (start claiming), when it unloads (hand
+off or keep what is not done, and say where each task went) and for its metrics and
+statsd counters. Per runtime there is one ``_Keeper``: the tasks this process holds
+(in memory, and in the journal when ``durable_journal`` is set), its counters, and one
+claimer thread (started after fork, by ``ready`` or by the first durable task) that
+every ``CLAIM_INTERVAL`` renews this process's lease, checks that the journal's file is
+still there, claims the rows of dead owners and runs them again, bounded by the free
+room of the pool. A run is counted in the journal when it starts; a claimed task that
+had ``max_attempts`` runs, or can no longer be loaded, or whose retries are spent, is
+given up through ``_Keeper.give_up``: kept in the journal, counted, logged (never its
+arguments).
+
+One id: a durable task's id is made here, once, at acceptance; it is the journal row,
+the hand-off job id, ``edgesync.task_id(future)`` and the id in every log line about the
+task in every process that runs it (the attempt number is separate).
+
+Accepted or refused: ``wait_until`` returns only once the task is kept somewhere (the
+journal, the hand-off target, or this process's memory without a journal) and raises
+only when nothing was kept. A hand-off that fails with a journal keeps the task in the
+journal and runs it here (or, when the queue is full, in a later claim); without one it
+raises.
 
 Rule: a task that never started here may go to the hand-off target; a task that was
 running here when the instance unloaded stays in the journal (when there is one) and
@@ -20,56 +32,82 @@ processes run it at once.
 
 from __future__ import annotations
 
-import asyncio
-import inspect
+import functools
 import json
 import logging
 import os
 import threading
+import time
 import weakref
 from concurrent.futures import Future
-from typing import Any, Dict, Optional, Protocol
+from typing import Any, Dict, Optional, Tuple
 
+from . import _runtime
 from ._config import Settings
-from ._durable import DurableFunction, attempt_scope, resolve
+from ._context import load_app, process_app_path
+from ._durable import DurableFunction, resolve, unwrap
 from ._handoff import RQTarget
 from ._journal import Entry, Journal, check
 from ._lifecycle import State
 from ._pool import QueueFull
+from ._runtime import Runtime
 
 log = logging.getLogger("edgesync")
 
-#: Seconds between two claims of dead workers' journal rows (and statsd flushes).
+#: Seconds between two claims of dead workers' journal rows.
 CLAIM_INTERVAL = 1.0
 
-_COUNTERS = ("recorded", "completed", "rerun", "given_up", "handed_off", "left_pending")
+#: After a hand-off failed, for this long a task that the journal can keep goes there without trying
+#: Redis again: a Redis that does not answer costs each view its timeout (2 s) and one traceback.
+TARGET_DOWN_S = 5.0
 
-
-class _Runtime(Protocol):
-    """What this module needs of ``edgesync._runtime.Runtime``."""
-
-    settings: Settings
-    pid: int
-    stats: Any
-
-    @property
-    def state(self) -> State: ...
-
-    def wait_until(self, obj: Any, args: Any, kwargs: Any) -> Future[Any]: ...
-
-    @property
-    def pool(self) -> Any: ...
+_COUNTERS = ("recorded", "completed", "rerun", "given_up", "handed_off", "left_pending", "retried")
+_STATSD = ("rerun", "given_up", "handed_off", "left_pending", "retried")
 
 
 class _Held:
-    __slots__ = ("fn", "args", "runs", "max_attempts", "started")
+    __slots__ = ("fn", "args", "runs", "max_attempts", "started", "app", "given_up")
 
-    def __init__(self, fn: str, args: str, runs: int, max_attempts: int):
+    def __init__(self, fn: str, args: str, runs: int, max_attempts: int, app: Optional[str]):
         self.fn = fn
         self.args = args
         self.runs = runs  # runs started so far, anywhere (this one included once it started)
         self.max_attempts = max_attempts
+        self.app = app  # the import path of the app it runs in (see _context)
         self.started = False  # whether it started in this process
+        self.given_up = False
+
+
+class _Run:
+    """One run of a durable task on the pool (one object: a task's bookkeeping stays small)."""
+
+    __slots__ = ("keeper", "task_id", "held", "fn", "args", "kwargs")
+
+    def __init__(self, keeper: _Keeper, task_id: str, held: _Held, fn: DurableFunction[Any, Any], args: Any,
+                 kwargs: Any):
+        self.keeper = keeper
+        self.task_id = task_id
+        self.held = held
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+
+    def __call__(self) -> Any:
+        held, fn = self.held, self.fn
+        attempt = self.keeper._begin(self.task_id, held)
+        if attempt is None:
+            return None
+        try:
+            return fn.run(self.args, self.kwargs, attempt, held.max_attempts, load_app(held.app),
+                          self.retrying, held.args)
+        except fn.retry_on:  # its retries are spent: given up
+            held.given_up = True
+            raise
+        finally:
+            self.keeper._done(self.task_id)
+
+    def retrying(self, failed: int, exc: BaseException, delay: float) -> None:
+        self.keeper._retrying(self.task_id, self.held, self.fn.path, failed, exc, delay)
 
 
 #: The app this server serves (gunicorn's app, ``module:variable``), set in the master before fork:
@@ -102,10 +140,10 @@ def check_journal(settings: Settings, app_uri: Optional[str]) -> Optional[Dict[s
 
 
 class _Keeper:
-    def __init__(self, rt: _Runtime):
+    def __init__(self, rt: Runtime):
         st = rt.settings
         self.rt_ref = weakref.ref(rt)
-        self.pid = rt.pid
+        self.who = rt.who
         self.max_attempts = st.durable_max_attempts
         self.journal: Optional[Journal] = None
         if st.durable_journal:
@@ -118,23 +156,29 @@ class _Keeper:
         self.on_full = self.target is not None and st.handoff_on == "deadline_or_queue_full"
         self.held: Dict[str, _Held] = {}
         self.counts = dict.fromkeys(_COUNTERS, 0)
-        self._sent = dict.fromkeys(_COUNTERS, 0)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._warned = False
+        self._target_down_until = 0.0  # see TARGET_DOWN_S
 
     # -- accepting -------------------------------------------------------------------
 
-    def submit(self, rt: _Runtime, fn: DurableFunction[Any, Any], args: Any, kwargs: Any) -> Future[Any]:
+    def submit(self, rt: Runtime, fn: DurableFunction[Any, Any], args: Any, kwargs: Any) -> Future[Any]:
         payload = fn.encode(args, kwargs)
-        max_attempts = fn.max_attempts or self.max_attempts
+        max_attempts = fn.attempts_allowed(self.max_attempts)
         task_id = os.urandom(9).hex()
-        if self.always:
+        app = process_app_path()
+        if self.always and self._target_up():
             assert self.target is not None
-            self.target.enqueue(task_id, fn.path, payload, 1)
-            return self._handed_off(1)
-        held = _Held(fn.path, payload, 0, max_attempts)
+            try:
+                self.target.enqueue(task_id, fn.path, payload, 1, max_attempts, app)
+                return self._handed_off(task_id)
+            except Exception:  # the target is down: with a journal the task is kept and runs here; else raised
+                if self.journal is None:
+                    raise  # nothing was kept
+                self._could_not_hand(task_id, fn.path, "kept in the journal and run here")
+        held = _Held(fn.path, payload, 0, max_attempts, app)
         # Held before it is recorded: a journal found deleted meanwhile gets every held task again.
         self.held[task_id] = held
         if self.journal is not None:
@@ -146,52 +190,83 @@ class _Keeper:
                 raise
         elif not self._warned:
             self._warned = True
-            log.warning("worker %d: durable task %s is kept in memory only: set durable_journal in "
-                        "[edge_runtime] to survive the death of this process", self.pid, fn.path)
+            log.warning("%s: durable task %s is kept in memory only: set durable_journal in "
+                        "[edge_runtime] to survive the death of this process", self.who, fn.path)
         with self._lock:
             self.counts["recorded"] += 1
         if self._thread is None and self.journal is not None:
             self.start()  # the default runtime (outside gunicorn) claims from its first durable task on
         try:
-            return rt.wait_until(self._runner(task_id, held, fn, args, kwargs), (), {})
+            return rt.run_task(self._runner(task_id, held, fn, args, kwargs), fn.name or fn, task_id)
         except QueueFull:
-            if self.on_full:
-                assert self.target is not None
-                self.target.enqueue(task_id, fn.path, payload, 1)
+            if not self.on_full:
                 self._forget(task_id)
-                return self._handed_off(1)
+                raise
+            assert self.target is not None
+            try:
+                if not self._target_up():
+                    raise ConnectionError("it failed less than %.0fs ago" % TARGET_DOWN_S)
+                self.target.enqueue(task_id, fn.path, payload, 1, max_attempts, app)
+            except Exception as exc:  # Redis down: kept in the journal for a later claim, else refused
+                if self.journal is None:
+                    self._forget(task_id)  # nothing is kept: refused, as a full queue is
+                    raise QueueFull("edgesync: the background queue is full and the hand-off to %s failed "
+                                    "(%s: %s): the durable task was not accepted"
+                                    % (self.target.describe(), type(exc).__name__, exc)) from exc
+                self.held.pop(task_id, None)
+                self.journal.release(task_id)  # any live worker's next claim with room runs it
+                self._could_not_hand(task_id, fn.path, "kept in the journal for a later claim")
+                return self._marked(task_id)
             self._forget(task_id)
-            raise
+            return self._handed_off(task_id)
         # why BaseException: the task was not accepted, whatever stopped it; its record goes, then the error.
         except BaseException:
             self._forget(task_id)
             raise
 
-    def _handed_off(self, n: int) -> Future[Any]:
+    def _target_up(self) -> bool:
+        """False for TARGET_DOWN_S after a failed hand-off, when the journal can keep the task instead."""
+        return self.journal is None or time.monotonic() >= self._target_down_until
+
+    def _could_not_hand(self, task_id: str, fn: str, instead: str) -> None:
+        assert self.target is not None
+        self._target_down_until = time.monotonic() + TARGET_DOWN_S
+        # With its traceback: the cause (connection refused, timeout) is Redis's. Once per TARGET_DOWN_S.
+        log.warning("%s: could not hand durable task %s to %s; %s, id=%s (for %.0fs the next ones are kept "
+                    "without trying it)", self.who, fn, self.target.describe(), instead, task_id, TARGET_DOWN_S,
+                    exc_info=True)
+
+    def _handed_off(self, task_id: str) -> Future[Any]:
         with self._lock:
-            self.counts["handed_off"] += n
+            self.counts["handed_off"] += 1
+        return self._marked(task_id)
+
+    def _marked(self, task_id: str) -> Future[Any]:
+        """A done future for a task kept elsewhere: ``task_id(future)`` is its durable id."""
         future: Future[Any] = Future()
+        future._edgesync_task_seq = task_id  # type: ignore[attr-defined]  # _identity.FUTURE_ATTR
         future.set_result(None)
         return future
 
-    def _runner(self, task_id: str, held: _Held, fn: Any, args: Any, kwargs: Any) -> Any:
-        keeper = self
-        target = fn.__wrapped__
+    def _runner(self, task_id: str, held: _Held, fn: DurableFunction[Any, Any], args: Any,
+                kwargs: Any) -> _Run:
+        return _Run(self, task_id, held, fn, args, kwargs)
 
-        def run() -> Any:
-            attempt = keeper._begin(task_id, held)
-            if attempt is None:
-                return None
+    def _retrying(self, task_id: str, held: _Held, fn: str, failed: int, exc: BaseException, delay: float) -> None:
+        log.warning("%s: durable task %s raised %s on attempt %d; retrying in %.1fs as attempt %d, id=%s",
+                    self.who, fn, type(exc).__name__, failed, delay, failed + 1, task_id)
+        with self._lock:
+            self.counts["retried"] += 1
+        time.sleep(delay)  # on the task's thread, as its run would hold it (see @durable's docstring)
+        # The retry is the next run: counted when it starts, as every run is (a death during the
+        # wait above re-runs it elsewhere as this same attempt number).
+        held.runs = failed + 1
+        if self.journal is not None:
             try:
-                with attempt_scope(attempt, held.args):
-                    result = target(*args, **kwargs)
-                    if inspect.isawaitable(result):
-                        result = asyncio.run(_await(result))
-                    return result
-            finally:
-                keeper._done(task_id)
-        run.__module__, run.__qualname__, run.__name__ = fn.__module__, fn.__qualname__, fn.__name__
-        return run
+                self.journal.start(task_id)
+            except Exception:  # the journal failed: the retry runs anyway (at least once), uncounted
+                log.exception("%s: could not count the retry of durable task %s in the journal, id=%s",
+                              self.who, fn, task_id)
 
     def _begin(self, task_id: str, held: _Held) -> Optional[int]:
         """Count this run before it starts (an attempt is a run); its number, None if it must not run here."""
@@ -200,14 +275,14 @@ class _Keeper:
             try:
                 runs = self.journal.start(task_id)
             except Exception:  # the journal failed: run it anyway (at least once), uncounted; logged once here
-                log.exception("worker %d: could not count the start of durable task %s (%s) in the journal",
-                              self.pid, task_id, held.fn)
+                log.exception("%s: could not count the start of durable task %s in the journal, id=%s",
+                              self.who, held.fn, task_id)
             if runs is None:
                 # Its row is another process's now (this process's lease lapsed and a server that shares
                 # the journal claimed it): running it here too would run it twice at once.
                 self.held.pop(task_id, None)
-                log.warning("worker %d: durable task %s (%s) is held by another process now; not run here",
-                            self.pid, task_id, held.fn)
+                log.warning("%s: durable task %s is held by another process now; not run here, id=%s",
+                            self.who, held.fn, task_id)
                 return None
         assert runs is not None
         held.runs, held.started = runs, True
@@ -226,12 +301,16 @@ class _Keeper:
             where = "kept in %s: see `python -m edgesync durable list`" % self.journal.path
         with self._lock:
             self.counts["given_up"] += 1
-        log.error("worker %d: gave up durable task %s (%s) after %d run(s): %s; %s", self.pid, task_id, fn,
+        log.error("%s: gave up durable task %s (%s) after %d run(s): %s; %s", self.who, task_id, fn,
                   runs, why, where)
 
     def _done(self, task_id: str) -> None:
-        if self.held.pop(task_id, None) is None:
+        held = self.held.pop(task_id, None)
+        if held is None:
             return  # handed off at unload: its record is gone already
+        if held.given_up:
+            self.give_up(task_id, held.fn, held.runs, "its retries were spent")
+            return
         if self.journal is not None:
             self.journal.delete(task_id)
         with self._lock:
@@ -269,16 +348,16 @@ class _Keeper:
             try:
                 rerun = self._rerun(rt, entry)
             except Exception as exc:  # one task that cannot be re-run must not stop the batch: given up, kept
-                log.exception("worker %d: durable task %s (%s) could not be re-run", self.pid, entry.id, entry.fn)
+                log.exception("%s: durable task %s could not be re-run, id=%s", self.who, entry.fn, entry.id)
                 self.give_up(entry.id, entry.fn, entry.runs, "its re-run failed: %s: %s" % (type(exc).__name__, exc))
                 rerun = False
-            if rerun:
+            if rerun:  # the line counts what runs again, not what is given up
                 by_owner[entry.dead_owner] = by_owner.get(entry.dead_owner, 0) + 1
         for owner, n in by_owner.items():
-            log.warning("worker %d: re-running %d durable task(s) of %s from the journal", self.pid, n, owner)
+            log.warning("%s: re-running %d durable task(s) of %s from the journal", self.who, n, owner)
         return len(entries)
 
-    def _rerun(self, rt: _Runtime, entry: Entry) -> bool:
+    def _rerun(self, rt: Runtime, entry: Entry) -> bool:
         """Run a claimed row again, give it up, or give it back; whether it will run here."""
         assert self.journal is not None
         if entry.runs >= entry.max_attempts:
@@ -287,19 +366,22 @@ class _Keeper:
             return False
         try:
             fn = resolve(entry.fn)
+            if not isinstance(fn, DurableFunction):
+                raise TypeError("%s is no longer a @durable function" % entry.fn)
             positional, keywords = _decode(entry.args)
         except Exception as exc:  # an app that no longer has the function: logged, given up (kept)
-            log.exception("worker %d: durable task %s (%s) cannot be loaded", self.pid, entry.id, entry.fn)
+            log.exception("%s: durable task %s cannot be loaded, id=%s", self.who, entry.fn, entry.id)
             self.give_up(entry.id, entry.fn, entry.runs, "it cannot be loaded: %s: %s" % (type(exc).__name__, exc))
             return False
         if not isinstance(fn, DurableFunction):  # a deploy removed @durable: it is no longer a durable task
             self.give_up(entry.id, entry.fn, entry.runs, "%s is no longer a @durable function (found %s)"
                          % (entry.fn, _short(repr(fn))))
             return False
-        held = _Held(entry.fn, entry.args, entry.runs, entry.max_attempts)
+        # app None: it runs in this process's app (a journal belongs to one app).
+        held = _Held(entry.fn, entry.args, entry.runs, entry.max_attempts, None)
         self.held[entry.id] = held
         try:
-            rt.wait_until(self._runner(entry.id, held, fn, positional, keywords), (), {})
+            rt.run_task(self._runner(entry.id, held, fn, positional, keywords), fn, entry.id)
         except (QueueFull, RuntimeError):
             # No room, or the instance began to unload: give the row back for another claim.
             self.held.pop(entry.id, None)
@@ -313,9 +395,9 @@ class _Keeper:
         """Every ``CLAIM_INTERVAL``: renew this process's lease, check the file is still there, claim."""
         if self.journal is not None:
             if self.journal.renew():
-                log.error("worker %d: this process's lease on its durable tasks in %s expired before it was "
+                log.error("%s: this process's lease on its durable tasks in %s expired before it was "
                           "renewed (was the process stopped?): a server sharing the journal from another "
-                          "container or host may run them too", self.pid, self.journal.path)
+                          "container or host may run them too", self.who, self.journal.path)
             what = self.journal.replaced()
             if what is not None:
                 self._recreate(what)
@@ -329,50 +411,58 @@ class _Keeper:
         held = list(self.held.items())
         for task_id, h in held:
             self.journal.record(task_id, h.fn, h.args, h.max_attempts, h.runs)
-        log.error("worker %d: the durable journal %s was %s while this process was writing it: it opened the "
+        log.error("%s: the durable journal %s was %s while this process was writing it: it opened the "
                   "file at that path (creating it if needed) and recorded its %d pending durable task(s) there "
                   "again. Tasks that only the old file held (of processes that died before they could record "
-                  "theirs again) are lost: never delete or replace a journal while its server runs", self.pid,
+                  "theirs again) are lost: never delete or replace a journal while its server runs", self.who,
                   self.journal.path, what, len(held))
 
-    # -- unloading ------------------------------------------------------------------------------
+    # -- the runtime's calls (a _runtime.Layer) ---------------------------------------------------
 
-    def unload(self, why: str) -> None:
+    def ready(self) -> None:
+        """The instance serves: claim dead workers' tasks now and every ``CLAIM_INTERVAL``."""
+        self.start()
+
+    def unload(self, why: str) -> Dict[str, str]:
+        """Hand off what never started, keep the rest in the journal; say where each went; stop claiming."""
         if self._stop.is_set():
-            return  # unloaded already (an instance unloads once; a test runtime may be closed after)
+            return {}  # unloaded already (an instance unloads once; a test runtime may be closed after)
         self._stop.set()
-        held = list(self.held.items())
+        placed: Dict[str, str] = {}
         handed = kept = 0
-        for task_id, h in held:
+        for task_id, h in list(self.held.items()):
             # Running here, with a journal: re-run after this process exits (never two at once).
             if self.target is None or (h.started and self.journal is not None):
+                if self.journal is not None:
+                    placed[task_id] = "kept in the journal for a live worker to re-run"
                 kept += 1
                 continue
             attempt = h.runs + 1
             try:
-                self.target.enqueue(task_id, h.fn, h.args, attempt)
-            except Exception:  # Redis is down: the journal keeps it (if any); logged once with its traceback
-                log.exception("worker %d: could not hand durable task %s (%s) to %s", self.pid, task_id,
-                              h.fn, self.target.describe())
+                self.target.enqueue(task_id, h.fn, h.args, attempt, h.max_attempts, h.app or process_app_path())
+            except Exception:  # Redis is down: the journal keeps it (if any); logged with its traceback
+                log.exception("%s: could not hand durable task %s to %s, id=%s", self.who, h.fn,
+                              self.target.describe(), task_id)
+                if self.journal is not None:
+                    placed[task_id] = "kept in the journal for a live worker to re-run (the hand-off failed)"
                 kept += 1
                 continue
             self.held.pop(task_id, None)
             if self.journal is not None:
                 self.journal.delete(task_id)
+            placed[task_id] = self.target.where(task_id)
             handed += 1
         with self._lock:
             self.counts["handed_off"] += handed
             self.counts["left_pending"] += kept
         if handed:
-            log.warning("worker %d: handed %d durable task(s) to %s (reason=%s)", self.pid, handed,
+            log.warning("%s: handed %d durable task(s) to %s (reason=%s)", self.who, handed,
                         self.target.describe() if self.target else "-", why)
         if kept:
             where = ("left in the journal for a live worker to re-run" if self.journal is not None
                      else "lost: set durable_journal or handoff to keep them")
-            log.warning("worker %d: %d durable task(s) not done, %s (reason=%s)", self.pid, kept, where, why)
-        self.flush_stats()
-
-    # -- observing --------------------------------------------------------------------------------
+            log.warning("%s: %d durable task(s) not done, %s (reason=%s)", self.who, kept, where, why)
+        return placed
 
     def metrics(self) -> Dict[str, Any]:
         with self._lock:
@@ -385,28 +475,13 @@ class _Keeper:
         out["journal_given_up"] = counts["given_up"] if counts is not None else None
         return out
 
-    def flush_stats(self) -> None:
-        rt = self.rt_ref()
-        stats = None if rt is None else rt.stats
-        if stats is None:
-            return
-        try:
-            with self._lock:
-                counts = dict(self.counts)
-            for key in ("rerun", "given_up", "handed_off", "left_pending"):
-                delta = counts[key] - self._sent[key]
-                if delta:
-                    stats.increment("edgesync.durable." + key, delta)
-                    self._sent[key] = counts[key]
-            stats.gauge("edgesync.durable.pending", len(self.held))
-            if self.journal is not None:
-                stats.gauge("edgesync.durable.journal_given_up", self.journal.counts()["given_up"])
-        except Exception:  # statsd is best effort (gunicorn's statsd logger logs its own errors)
-            log.debug("statsd flush failed", exc_info=True)
-
-
-async def _await(awaitable: Any) -> Any:
-    return await awaitable
+    def counters(self) -> Tuple[Dict[str, int], Dict[str, float]]:
+        with self._lock:
+            totals = {key: self.counts[key] for key in _STATSD}
+        gauges: Dict[str, float] = {"pending": len(self.held)}
+        if self.journal is not None:
+            gauges["journal_given_up"] = self.journal.counts()["given_up"]
+        return totals, gauges
 
 
 def _short(text: str) -> str:
@@ -423,62 +498,59 @@ def _claim_loop(keeper: _Keeper) -> None:
         try:
             keeper.tick()
         except Exception:  # a locked or broken journal must not end claiming: logged, retried next tick
-            log.exception("worker %d: claiming durable tasks from the journal failed", keeper.pid)
-        keeper.flush_stats()
+            log.exception("%s: claiming durable tasks from the journal failed", keeper.who)
         keeper._stop.wait(CLAIM_INTERVAL)
 
 
-# -- the runtime's calls ----------------------------------------------------------------------------
-
-_keepers: weakref.WeakKeyDictionary[Any, _Keeper] = weakref.WeakKeyDictionary()
-_keepers_lock = threading.Lock()
+# -- the layer's registration ------------------------------------------------------------------------
 
 
-def _keeper(rt: _Runtime) -> _Keeper:
-    keeper = _keepers.get(rt)
-    if keeper is None:
-        with _keepers_lock:
-            keeper = _keepers.get(rt)
-            if keeper is None:
-                keeper = _keepers[rt] = _Keeper(rt)
+def _layer(rt: Runtime, needed: bool) -> Optional[_Keeper]:
+    if needed:
+        return _Keeper(rt)  # a durable wait_until: an unusable journal is its error
+    if not (rt.settings.durable_journal or rt.settings.handoff):
+        return None
+    try:
+        return _Keeper(rt)
+    except Exception:  # an unusable journal must not crash the worker: a durable wait_until raises it
+        log.exception("%s: durable tasks of dead workers will not be re-run here", rt.who)
+        return None
+
+
+def _keeper(rt: Runtime) -> _Keeper:
+    """``rt``'s durable layer, created on first use."""
+    keeper = rt.layer("durable")
+    assert isinstance(keeper, _Keeper)
     return keeper
 
 
-def submit(rt: _Runtime, fn: DurableFunction[Any, Any], args: Any, kwargs: Any) -> Future[Any]:
+def submit(rt: Runtime, fn: DurableFunction[Any, Any], args: Any, kwargs: Any) -> Future[Any]:
     """``wait_until(fn, *args, **kwargs)`` of a durable function on ``rt``."""
     return _keeper(rt).submit(rt, fn, args, kwargs)
 
 
-def boot(rt: _Runtime) -> None:
-    """The instance is ready: claim dead workers' tasks now and every ``CLAIM_INTERVAL``."""
-    if rt.settings.durable_journal or rt.settings.handoff:
-        try:
-            _keeper(rt).start()
-        except Exception:  # an unusable journal must not crash the worker: a durable wait_until raises it
-            log.exception("worker %d: durable tasks of dead workers will not be re-run by this worker", rt.pid)
+def _submit_partial(rt: Runtime, fn: functools.partial[Any], args: Any, kwargs: Any) -> Future[Any]:
+    # A partial of a durable function stays durable, with the partial's arguments recorded too.
+    found = unwrap(fn, args, kwargs)
+    if found is None:
+        return rt.wait_until(fn, args, kwargs)
+    return _keeper(rt).submit(rt, *found)
 
 
-def unload(rt: _Runtime, why: str) -> None:
-    """The instance unloads: hand off what never started, leave the rest in the journal; stop claiming."""
-    keeper = _keepers.get(rt)
-    if keeper is not None:
-        keeper.unload(why)
+def boot(rt: Runtime) -> None:
+    """What ``Runtime.ready`` does for this layer (tests call it on a test runtime)."""
+    _keeper(rt).ready()
 
 
-def metrics(rt: _Runtime) -> Optional[Dict[str, Any]]:
-    """The ``durable`` part of ``runtime_metrics()``; None when durable tasks are off and unused."""
-    if not (rt.settings.durable_journal or rt.settings.handoff or rt in _keepers):
-        return None
-    return _keeper(rt).metrics()
+_runtime.register_layer("durable", _layer, {DurableFunction: submit, functools.partial: _submit_partial})
 
 
 def _after_fork_in_child() -> None:
-    # The parent's keepers and journals (their locks may be held by threads that did not survive the
-    # fork, their connections belong to the parent) are not this process's.
-    global _keepers_lock, _journals_lock, _journals
+    # The parent's journals (their locks may be held by threads that did not survive the fork, their
+    # connections belong to the parent) are not this process's. (A runtime, and its keeper, is
+    # created after fork: see _runtime.)
+    global _journals_lock, _journals
     _journals = {}
-    _keepers.clear()
-    _keepers_lock = threading.Lock()
     _journals_lock = threading.Lock()
 
 

@@ -5,6 +5,13 @@ transition); this module holds what an instance has: the bounded pool, the
 ``beforeunload`` dispatch (each reason at most once, listeners on their own
 thread), the counters, and the default runtime used outside gunicorn, which
 drains at interpreter exit with the same routine as a gunicorn worker.
+
+Layers (durable tasks: ``_recovery``) sit on top of the core through one extension
+point, ``register_layer``: ``wait_until`` hands the callables of the types a layer
+claims to that layer (one dict test per call), and the runtime calls each layer at
+ready, at unload (the layer says where the tasks it kept went, so they are not
+counted abandoned), for ``runtime_metrics()`` and for statsd. This module knows
+no journal and no queue.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from concurrent.futures import Future
 from contextvars import Context, copy_context
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
-from . import _events, _recovery
+from . import _events, _identity
 from ._config import Settings, load_settings
 from ._context import _FLASK_GLOBALS, isolate
 from ._events import BeforeUnloadEvent, TaskInfo, UnhandledRejectionEvent, UnloadEvent
@@ -59,6 +66,43 @@ def remove_task_hook(hook: TaskHook) -> None:
 on_heartbeat: Optional[Callable[[Runtime], None]] = None
 
 
+class Layer(Protocol):
+    """What the runtime calls on a layer (see the module docstring); one instance per runtime."""
+
+    def ready(self) -> None:
+        """The instance serves (a gunicorn worker loaded its app)."""
+
+    def unload(self, why: str) -> Dict[str, str]:
+        """The instance unloads, its pool abandoned already: place what the layer holds.
+
+        Returns where each task the layer kept went (``task id -> "handed to ..."`` or
+        ``"kept in the journal ..."``): those are not abandoned. A task the layer holds
+        outside the pool and loses, it logs as abandoned itself.
+        """
+
+    def metrics(self) -> Dict[str, Any]:
+        """Its part of ``runtime_metrics()``, as plain data."""
+
+    def counters(self) -> Tuple[Dict[str, int], Dict[str, float]]:
+        """Counters (totals since start) and gauges for statsd, under ``edgesync.<layer>.``."""
+
+
+#: ``accept(runtime, fn, args, kwargs) -> Future``: ``wait_until`` of a callable whose type a layer claims.
+Accept = Callable[["Runtime", Any, Tuple[Any, ...], Dict[str, Any]], "Future[Any]"]
+#: ``factory(runtime, needed)``: the layer of ``runtime``; with ``needed`` False, None unless configured.
+LayerFactory = Callable[["Runtime", bool], Optional[Layer]]
+
+#: type -> accept: read by ``edgesync.wait_until`` on every call (``type(fn) in accepts``).
+accepts: Dict[type, Accept] = {}
+_layer_factories: Dict[str, LayerFactory] = {}
+
+
+def register_layer(name: str, factory: LayerFactory, claims: Dict[type, Accept]) -> None:
+    """Add a layer: ``factory`` makes it per runtime; ``claims`` routes ``wait_until`` of those types to it."""
+    _layer_factories[name] = factory
+    accepts.update(claims)
+
+
 class StatsSink(Protocol):
     """Where counters and gauges go (gunicorn's statsd logger has this shape)."""
 
@@ -81,6 +125,7 @@ class Runtime:
     def __init__(self, settings: Settings, *, on_change: Optional[Callable[[Trigger], None]] = None):
         self.settings = settings
         self.pid = os.getpid()
+        self.who = _identity.who()  # "worker <pid>" or "process <pid>", as log lines say
         # The instance's age counts from here, or from ready() once the owner says
         # it serves (a gunicorn worker: after its app is loaded).
         self.started = time.monotonic()
@@ -100,6 +145,20 @@ class Runtime:
         self._process: Optional[_RssReader] = None  # created on first use (after fork)
         self.stats: Optional[StatsSink] = None
         self._stats_sent: Dict[str, int] = {}
+        self._stats_lock = threading.Lock()
+        self.layers: Dict[str, Layer] = {}  # created by layer() (see register_layer)
+
+    def layer(self, name: str, needed: bool = True) -> Optional[Layer]:
+        """This runtime's layer ``name``; with ``needed`` False, None unless its settings configure it."""
+        found = self.layers.get(name)
+        if found is None:
+            with self._lock:
+                found = self.layers.get(name)
+                if found is None:
+                    found = _layer_factories[name](self, needed)
+                    if found is not None:
+                        self.layers[name] = found
+        return found
 
     # -- background work -----------------------------------------------------
 
@@ -107,7 +166,7 @@ class Runtime:
         """See ``edgesync.wait_until``."""
         # A callable first: the common case (a Future is not callable).
         if callable(obj):
-            return self._submit(obj, args, kwargs)
+            return self._submit(obj, args, kwargs, obj, None)
         if isinstance(obj, Future):
             _no_arguments(obj, args, kwargs)
             self.pool.track(obj, "future %s" % task_name(obj))
@@ -120,7 +179,7 @@ class Runtime:
                 return future
             try:
                 _no_arguments(obj, args, kwargs)
-                return self._submit(run_awaitable, (obj,), {})
+                return self._submit(run_awaitable, (obj,), {}, obj, None)
             except BaseException:
                 # The awaitable will never run: close it, or Python warns that a
                 # coroutine was never awaited, far from the real cause.
@@ -131,21 +190,27 @@ class Runtime:
             "concurrent.futures.Future or an awaitable such as a coroutine; got %r (%s)"
             % (obj, type(obj).__name__))
 
-    def _submit(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Future[Any]:
+    def _submit(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any],
+                named: Any, task_id: Optional[str]) -> Future[Any]:
+        # named: what reports name the task after; task_id: a layer's own id, else None (a new one).
         context = copy_context()
-        named = args[0] if fn is run_awaitable else fn
         if _FLASK_GLOBALS in _modules:  # (checked here: one dict lookup on every submit)
             fn, context = isolate(fn, context)  # no framework request state (edgesync._context)
         if _task_hooks:
             for hook in _task_hooks:
                 fn, context = hook(fn, context)
-        return self.pool.submit(fn, args, kwargs, context, named)
+        return self.pool.submit(fn, args, kwargs, context, named, task_id)
+
+    def run_task(self, fn: Callable[..., Any], named: Any, task_id: str) -> Future[Any]:
+        """A layer's task: ``fn()`` on the pool as any task is (context, framework setup, limits),
+        reported under ``named`` and ``task_id``. Raises what ``wait_until`` raises."""
+        return self._submit(fn, (), {}, named, task_id)
 
     def _task_failed(self, task: Task, exc: BaseException) -> None:
         event = UnhandledRejectionEvent(exc, task.future, task.name)
         _events.dispatch(event)
         if not event.default_prevented:
-            log.error("worker %d: background task %s raised %s, id=%s", self.pid, task.name,
+            log.error("%s: background task %s raised %s, id=%s", self.who, task.name,
                       type(exc).__name__, task.id, exc_info=exc)
 
     # -- events ----------------------------------------------------------------
@@ -173,7 +238,7 @@ class Runtime:
         pending = tuple(self.pool.snapshot())
         event = BeforeUnloadEvent(reason.value, deadline, pending)
         left = event.time_remaining
-        log.info("worker %d: beforeunload (reason=%s, %d tasks pending%s)", self.pid, reason,
+        log.info("%s: beforeunload (reason=%s, %d tasks pending%s)", self.who, reason,
                  len(pending), "" if left is None else ", %.1fs left" % left)
         self._increment("beforeunload." + reason)
         return self._post(event)
@@ -242,10 +307,10 @@ class Runtime:
         # exit before the thread that asked (the monitor) runs again.
         lc = self.lifecycle
         if trigger in (Trigger.RETIRE, Trigger.ONESHOT):
-            log.info("worker %d: retiring (reason=%s)", self.pid, lc.retire_reason)
+            log.info("%s: retiring (reason=%s)", self.who, lc.retire_reason)
             self._increment("retirements.%s" % lc.retire_reason)
         elif trigger is Trigger.TERMINATE:
-            log.warning("worker %d: terminating (reason=%s): %s", self.pid, lc.terminate_reason,
+            log.warning("%s: terminating (reason=%s): %s", self.who, lc.terminate_reason,
                         lc.terminate_message)
             self._increment("terminations.%s" % lc.terminate_reason)
         if self._on_change is not None:
@@ -254,29 +319,38 @@ class Runtime:
     def unload(self, why: str) -> List[TaskInfo]:
         """-> UNLOADED: refuse new work; abandon what is pending and log each task.
 
-        Called by the drain (``_lifecycle.drain``) once it is over; raises
-        ``LifecycleError`` if the instance is unloaded already.
+        A task a layer placed (a durable task handed to RQ or kept in the journal) is
+        logged with where it went, and is not counted abandoned. Called by the drain
+        (``_lifecycle.drain``) once it is over; raises ``LifecycleError`` if the
+        instance is unloaded already.
         """
         self.lifecycle.request(Trigger.UNLOAD)
-        abandoned = self.pool.abandon(
+        pending = self.pool.abandon(
             "edgesync: this instance is unloading (%s) and accepts no more background work; "
             "run the work inline, or schedule it before the instance unloads" % why)
-        for info in abandoned:
-            if info.running_for is None:
-                log.warning("worker %d: abandoned task %s (%s, never started, waited %.2fs), id=%s, reason=%s",
-                            self.pid, info.name, info.state, info.age, info.id, why)
-            else:
-                log.warning("worker %d: abandoned task %s (running, ran %.2fs), id=%s, reason=%s",
-                            self.pid, info.name, info.running_for, info.id, why)
+        placed: Dict[str, str] = {}
+        for layer in list(self.layers.values()):
+            placed.update(layer.unload(why))
+        abandoned = []
+        for info in pending:
+            where = placed.get(info.id)
+            state = ("%s, never started, waited %.2fs" % (info.state, info.age) if info.running_for is None
+                     else "running, ran %.2fs" % info.running_for)
+            if where is not None:
+                log.warning("%s: task %s (%s) %s, id=%s, reason=%s", self.who, info.name, state, where,
+                            info.id, why)
+                continue
+            abandoned.append(info)
+            log.warning("%s: abandoned task %s (%s), id=%s, reason=%s", self.who, info.name, state, info.id, why)
+        # The pool counted every pending task abandoned: those placed elsewhere were not.
+        self.tracker.record(Kind.TASK, Outcome.ABANDONED, len(abandoned) - len(pending))
         now = time.monotonic()
         requests = [inv for _, inv in self.tracker.live() if inv.kind is Kind.REQUEST]
         for inv in requests:
-            log.warning("worker %d: abandoned %s (running, ran %.2fs), reason=%s", self.pid,
+            log.warning("%s: abandoned %s (running, ran %.2fs), reason=%s", self.who,
                         inv.describe(), now - inv.started, why)
         self.tracker.record(Kind.REQUEST, Outcome.ABANDONED, len(requests))
-        # Durable tasks not done go to the hand-off target or stay in the journal.
-        _recovery.unload(self, why)
-        log.info("worker %d: unloaded (%s; %d requests served, %d tasks abandoned)", self.pid,
+        log.info("%s: unloaded (%s; %d requests served, %d tasks abandoned)", self.who,
                  why, self.tracker.requests(), len(abandoned))
         self.flush_stats()
         if _events.listeners(_events.UNLOAD):
@@ -300,20 +374,28 @@ class Runtime:
                 log.debug("statsd increment failed", exc_info=True)
 
     def flush_stats(self) -> None:
-        """Send counters (as increments since the last flush) and gauges to ``stats``."""
-        if self.stats is None:
+        """Send counters (as increments since the last flush) and gauges to ``stats``, the layers' too."""
+        stats = self.stats
+        if stats is None:
             return
         counts = self.pool.counts()
-        counts["cancelled"] = self.tracker.cancelled()
+        totals = {"edgesync.tasks.%s" % key: counts[key] for key in _COUNTERS if key != "cancelled"}
+        totals["edgesync.invocations.cancelled"] = self.tracker.cancelled()
+        gauges: Dict[str, float] = {"edgesync.tasks.queued": counts["queued"],
+                                    "edgesync.tasks.running": counts["running"]}
         try:
-            for key in _COUNTERS:
-                delta = counts[key] - self._stats_sent.get(key, 0)
-                if delta:
-                    self.stats.increment("edgesync.tasks.%s" % key if key != "cancelled"
-                                         else "edgesync.invocations.cancelled", delta)
-                    self._stats_sent[key] = counts[key]
-            self.stats.gauge("edgesync.tasks.queued", counts["queued"])
-            self.stats.gauge("edgesync.tasks.running", counts["running"])
+            for name, layer in list(self.layers.items()):
+                layer_totals, layer_gauges = layer.counters()
+                totals.update(("edgesync.%s.%s" % (name, k), v) for k, v in layer_totals.items())
+                gauges.update(("edgesync.%s.%s" % (name, k), v) for k, v in layer_gauges.items())
+            with self._stats_lock:  # the monitor flushes, and the unload
+                for key, total in totals.items():
+                    delta = total - self._stats_sent.get(key, 0)
+                    if delta:
+                        stats.increment(key, delta)
+                        self._stats_sent[key] = total
+                for key, value in gauges.items():
+                    stats.gauge(key, value)
         except Exception:  # statsd is best effort; never let it stop the monitor
             log.debug("statsd flush failed", exc_info=True)
 
@@ -328,6 +410,10 @@ class Runtime:
         self.started = time.monotonic()
         self.boot_cpu = time.process_time()
         self.rss_baseline = self.rss()
+        for name in _layer_factories:
+            layer = self.layer(name, needed=False)
+            if layer is not None:
+                layer.ready()
 
     def rss(self) -> Optional[int]:
         """This process's resident set size in bytes (None if it cannot be read).
@@ -366,8 +452,15 @@ class Runtime:
             "retire_reason": lc.retire_reason,
             "terminate_reason": None if lc.terminate_reason is None else lc.terminate_reason.value,
             "beforeunload_dispatched": self.dispatched(),
-            "durable": _recovery.metrics(self),  # durable hook: pending / re-run / given up
+            **self._layer_metrics(),
         }
+
+    def _layer_metrics(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for name in _layer_factories:
+            layer = self.layer(name, needed=False)
+            out[name] = None if layer is None else layer.metrics()
+        return out
 
 
 class _RssReader:

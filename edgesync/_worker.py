@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Dict, List, Optional
 from gunicorn.http.body import LengthReader
 from gunicorn.workers import gthread
 
-from . import _exit, _recovery, _recycle, _runtime
+from . import _context, _exit, _identity, _logging, _recycle, _runtime
 from ._config import ConfigError, Settings, describe_source, load_settings
 from ._invocation import REQUEST, InvocationCancelled, Tracker
 from ._journal import JournalError
@@ -205,6 +205,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
     # -- set-up, after fork -----------------------------------------------------
 
     def init_process(self) -> None:
+        _identity.set_role("worker")  # log lines say "worker <pid>" (elsewhere: "process <pid>")
         self.runtime = Runtime(self.settings, on_change=self._wake)
         _runtime.install(self.runtime)
         if self.cfg.statsd_host and hasattr(self.log, "gauge"):
@@ -254,6 +255,11 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
+        # A durable task records the app's import path, so that every run, here, in another
+        # worker or on an RQ worker, runs in this app (see _context).
+        _context.set_process_app(getattr(self.app, "app_uri", None), self.wsgi)
+        # The app's logging configuration (Django's LOGGING) may have disabled edgesync's loggers.
+        _logging.keep_enabled()
         # Built on the main thread once the app is imported (and after post_fork): its
         # context is every request's starting point.
         self.wsgi: Any = Boundary(self.wsgi, self.runtime.tracker, self.runtime.pid)
@@ -318,7 +324,8 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
     def run(self) -> None:
         rt = self.runtime
         created = rt.started  # init_process's moment, until ready() restarts the clock
-        # The app is loaded: the instance's age and memory count from here.
+        # The app is loaded: the instance's age and memory count from here, and its layers
+        # start (durable tasks: re-run dead workers' tasks, now and every second).
         rt.ready()
         # Ready, so a retiree waiting for this worker may stop accepting. Before the
         # monitor starts: a retire it decides must come after (a record READY first).
@@ -344,8 +351,6 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
                  rt.pid, st.policy, st.wall_clock_limit_ms, st.cpu_soft_limit_ms, st.cpu_hard_limit_ms,
                  st.memory_limit_mb, (rt.rss_baseline or 0) / 2**20, st.request_idle_timeout_ms,
                  st.background_threads, boot, round((rt.boot_cpu or 0.0) * 1000))
-        # Re-run the durable tasks of dead workers, now and every second.
-        _recovery.boot(rt)
         parent_alive = self._serve()
         self.poll()
         if rt.lifecycle.serving:
@@ -492,6 +497,8 @@ def _check_journal(cfg: Any, settings: Settings, log: Any) -> None:
     master running as root can write where its workers cannot, and a journal it created
     would be root's. ``JournalError`` (a ``RuntimeError``) names the file, the cause and the fix.
     """
+    from . import _recovery  # the durable layer, only where the server checks a journal
+
     app = cfg.wsgi_app or cfg.settings["default_proc_name"].get()
     if cfg.uid == os.geteuid() and cfg.gid == os.getegid():
         counts = _recovery.check_journal(settings, app)
@@ -510,6 +517,8 @@ def _check_journal(cfg: Any, settings: Settings, log: Any) -> None:
 def _check_journal_as(cfg: Any, settings: Settings, app: str) -> Optional[Dict[str, int]]:
     """``_recovery.check_journal`` in a child process that runs as the workers' user and group."""
     from gunicorn import util
+
+    from . import _recovery
 
     read_end, write_end = os.pipe()
     pid = os.fork()

@@ -76,7 +76,7 @@ from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-u
 from django.db import close_old_connections, connections  # type: ignore[import-untyped]
 from django.utils import timezone  # type: ignore[import-untyped]
 
-from . import _results, _runtime, wait_until
+from . import _logging, _results, _runtime, wait_until
 from ._config import Settings, load_settings
 from ._pool import run_awaitable
 
@@ -113,6 +113,8 @@ class EdgeSyncConfig(AppConfig):  # type: ignore[misc]  # Django ships no type h
 
     def ready(self) -> None:
         install()
+        # Django configured logging from LOGGING just before: keep edgesync's lines (see _logging).
+        _logging.keep_enabled()
 
 
 def _task_hook(fn: Callable[..., Any], context: Context) -> Tuple[Callable[..., Any], Context]:

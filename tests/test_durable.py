@@ -7,8 +7,10 @@ SIGKILLs itself; this process then claims its rows as a replacement worker would
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -74,15 +76,22 @@ def test_decorator_refuses_what_another_process_could_not_import() -> None:
 
 
 def test_wait_until_refuses_arguments_that_json_would_change(tmp_path: Path) -> None:
+    # The error names the argument (position or keyword) and the type, never a value.
+    secret = "alice@example.com"
     with runtime(durable_journal=str(tmp_path / "j.db")):
-        with pytest.raises(TypeError, match=r"tests\.apps\.durable_tasks:note.*must be JSON values.*Object of "
-                                            r"type object is not JSON serializable.*Pass an id"):
+        with pytest.raises(TypeError, match=r"tests\.apps\.durable_tasks:note.*must be JSON values.*argument 2 is "
+                                            r"a dict holding a value of type object \(not a JSON value\).*Pass an id"):
             edgesync.wait_until(durable_tasks.note, "a", {"x": object()})
-        with pytest.raises(TypeError, match="come back from JSON unchanged.*Use lists instead of tuples"):
-            edgesync.wait_until(durable_tasks.note, "a", {"pair": (1, 2)})
-        with pytest.raises(TypeError, match="come back from JSON unchanged"):
-            edgesync.wait_until(durable_tasks.note, "a", {1: "int key"})  # type: ignore[dict-item]
-        with pytest.raises(TypeError, match="must be JSON values"):
+        with pytest.raises(TypeError, match=r"come back from JSON unchanged.*; argument 2 is a dict holding a tuple "
+                                            r"\(JSON makes it a list\)\. Use lists instead of tuples") as refused:
+            edgesync.wait_until(durable_tasks.note, "a", {"pair": (secret, 2)})
+        assert secret not in str(refused.value)
+        with pytest.raises(TypeError, match=r"come back from JSON unchanged.*; argument 1 is a tuple \(JSON makes it "
+                                            r"a list\); keyword argument payload is a dict with a key of type int"
+                                            ) as refused:
+            edgesync.wait_until(durable_tasks.note, (secret,), payload={1: secret})  # type: ignore[arg-type, dict-item]
+        assert secret not in str(refused.value)
+        with pytest.raises(TypeError, match="must be JSON values.*; argument 2 is a dict holding a float that is NaN"):
             edgesync.wait_until(durable_tasks.note, "a", {"x": math.nan})
         assert rows(tmp_path / "j.db") == []  # nothing refused was recorded
 
@@ -149,16 +158,27 @@ def test_queue_full_leaves_no_record(tmp_path: Path) -> None:
         durable_tasks.gate.set()
 
 
-def test_unload_leaves_unfinished_tasks_in_the_journal(tmp_path: Path) -> None:
+def test_unload_leaves_unfinished_tasks_in_the_journal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Kept in the journal is not abandoned: each task's line says where it went, and none is counted.
+    caplog.set_level(logging.INFO, logger="edgesync")
     path = tmp_path / "j.db"
     with runtime(durable_journal=str(path), background_threads=1) as rt:
-        edgesync.wait_until(durable_tasks.gated, "running")
-        edgesync.wait_until(durable_tasks.gated, "queued")
+        running = edgesync.task_id(edgesync.wait_until(durable_tasks.gated, "running"))
+        queued = edgesync.task_id(edgesync.wait_until(durable_tasks.gated, "queued"))
+        wait_for(lambda: rt.metrics()["tasks"]["running"] == 1, 5, "the first task to start")
         abandoned = rt.runtime.unload("the test unloads it")
-        assert len(abandoned) == 2
+        assert abandoned == []
         assert sorted(r[2] for r in rows(path)) == ['[["queued"],{}]', '[["running"],{}]']
         assert rt.metrics()["durable"]["left_pending"] == 2
+        assert rt.metrics()["tasks"]["abandoned"] == 0
     durable_tasks.gate.set()
+    lines = [r.getMessage() for r in caplog.records]
+    for task_id, state in ((running, "running"), (queued, "queued, never started")):
+        assert any(re.fullmatch(r"process %d: task tests\.apps\.durable_tasks\.gated \(%s.*\) kept in the journal "
+                                r"for a live worker to re-run, id=%s, reason=the test unloads it"
+                                % (os.getpid(), state, task_id), line) for line in lines), lines
+    assert not [line for line in lines if "abandoned task" in line]
+    assert "process %d: unloaded (the test unloads it; 0 requests served, 0 tasks abandoned)" % os.getpid() in lines
 
 
 DEAD_WORKER = textwrap.dedent("""

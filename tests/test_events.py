@@ -227,7 +227,7 @@ def test_beforeunload_is_logged_with_pending_count_and_time_left(caplog: pytest.
         rt.fire_beforeunload("termination", timeout=4.0)
     lines = [r.getMessage() for r in caplog.records if "beforeunload" in r.getMessage()]
     assert len(lines) == 1, lines
-    assert lines[0].startswith("worker %d: beforeunload (reason=termination, 0 tasks pending, " % os.getpid())
+    assert lines[0].startswith("process %d: beforeunload (reason=termination, 0 tasks pending, " % os.getpid())
     left = re.search(r", (\d+\.\d)s left\)$", lines[0])
     assert left is not None and 2.0 <= float(left.group(1)) <= 4.0, lines[0]
 
@@ -365,7 +365,7 @@ def test_rejection_is_logged_once_with_its_traceback(caplog: pytest.LogCaptureFi
         fut = fail_then_drain(rt)
     [record] = rejections(caplog)
     assert record.levelno == logging.ERROR
-    assert record.getMessage() == "worker %d: background task tests.test_events.boom raised ValueError, id=%s" % (
+    assert record.getMessage() == "process %d: background task tests.test_events.boom raised ValueError, id=%s" % (
         os.getpid(), edgesync.task_id(fut))
     assert record.exc_info is not None and record.exc_info[1] is fut.exception()
     assert "Traceback (most recent call last)" in caplog.text
@@ -404,5 +404,5 @@ def test_a_raising_rejection_listener_does_not_stop_the_default_log(
         if r.name == "edgesync" and r.levelno == logging.ERROR:
             key = "listener" if "unhandledrejection listener" in r.getMessage() else r.getMessage()
             messages[key] = messages.get(key, 0) + 1
-    assert messages == {"listener": 1, "worker %d: background task tests.test_events.boom raised ValueError, "
+    assert messages == {"listener": 1, "process %d: background task tests.test_events.boom raised ValueError, "
                         "id=%s" % (os.getpid(), edgesync.task_id(fut)): 1}

@@ -81,7 +81,7 @@ def test_a_failing_partial_is_logged_by_name_only(caplog: pytest.LogCaptureFixtu
         ok.result(WAIT)
         rt.wait(WAIT)
     lines = edgesync_lines(caplog)
-    assert "worker %d: background task tests.test_identity.fail (partial) raised ValueError, id=%s" % (
+    assert "process %d: background task tests.test_identity.fail (partial) raised ValueError, id=%s" % (
         os.getpid(), edgesync.task_id(fut)) in lines, lines
     assert any("task tests.test_identity.send (partial) succeeded" in line for line in lines), lines
     assert SECRET not in caplog.text
@@ -195,7 +195,7 @@ def test_success_is_one_info_line_with_id_name_and_duration(caplog: pytest.LogCa
     edgesync_runtime.wait(WAIT)
     [record] = [r for r in caplog.records if "succeeded" in r.getMessage()]
     assert record.levelno == logging.INFO and record.name == "edgesync.tasks"
-    assert re.fullmatch(r"worker %d: task send-welcome succeeded in \d+\.\d{3}s, id=%s"
+    assert re.fullmatch(r"process %d: task send-welcome succeeded in \d+\.\d{3}s, id=%s"
                         % (os.getpid(), edgesync.task_id(fut)), record.getMessage()), record.getMessage()
 
 

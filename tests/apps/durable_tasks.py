@@ -65,3 +65,20 @@ renamed = edgesync.durable(plain)  # its path names `plain`, the undecorated fun
 @edgesync.durable
 def boom(task_id: str) -> None:
     raise ValueError("durable task %s fails on purpose" % task_id)
+
+
+@edgesync.durable(retry_on=(ConnectionError,), max_retries=2, backoff=0.01)
+def flaky(task_id: str, failures: int) -> int:
+    """Raises ConnectionError on its first ``failures`` attempts (retried twice at most), then returns."""
+    attempt = edgesync.current_attempt()
+    ran.append({"id": task_id, "attempt": attempt})
+    if attempt <= failures:
+        raise ConnectionError("flaky %s fails on attempt %d" % (task_id, attempt))
+    return attempt
+
+
+@edgesync.durable(retry_on=ConnectionError, backoff=0.01)
+def wrong_error(task_id: str) -> None:
+    """Raises an exception its retry_on does not name: never retried."""
+    ran.append({"id": task_id, "attempt": edgesync.current_attempt()})
+    raise KeyError(task_id)

@@ -12,3 +12,7 @@ DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": os.envi
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 TIME_ZONE = "UTC"
 USE_TZ = True
+if os.environ.get("DJANGOSITE_LOGGING") == "standard":
+    # The shape of most projects' LOGGING: disable_existing_loggers is left to its default (True).
+    LOGGING = {"version": 1, "handlers": {"console": {"class": "logging.StreamHandler"}},
+               "root": {"handlers": ["console"], "level": "WARNING"}}
