@@ -26,6 +26,7 @@ must exceed the longest run, or a running task is given to a second worker too.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -35,6 +36,9 @@ from celery import Celery, shared_task
 
 from ._config import ConfigError, load_settings
 from ._handoff import SEND_TIMEOUT_S, Handed, run_handed, safe_url
+from ._identity import who
+
+log = logging.getLogger("edgesync")
 
 __all__ = ["TASK_NAME", "Target", "run_durable", "standalone_app"]
 
@@ -44,8 +48,21 @@ TASK_NAME = "edgesync.run_durable"
 
 def _run_durable(self: Any, fn: str, args: str, attempt: int, app: Optional[str] = None,
                  max_attempts: int = 1000) -> None:
-    """Run a handed-off durable task on a Celery worker (see ``edgesync.rq.run``); its result is not kept."""
-    run_handed(str(self.request.id or "-"), fn, args, attempt, app, max_attempts)
+    """Run a handed-off durable task on a Celery worker (see ``edgesync.rq.run``); its result is not kept.
+
+    A message the broker gives out again (its worker died mid-run: ``redelivered``) runs as the next
+    attempt, so ``current_attempt() > 1`` says "this may have run before", as a re-run from the journal
+    does; past ``max_attempts`` it is given up. The broker says only that it was given out before, not
+    how often: a task that kills its worker every time comes back as the same next attempt.
+    """
+    task_id = str(self.request.id or "-")
+    if (self.request.delivery_info or {}).get("redelivered"):
+        attempt += 1
+        if attempt > max_attempts:
+            log.error("%s: gave up durable task %s: its %d attempt(s) all ended with their process, id=%s",
+                      who(), fn, max_attempts, task_id)
+            return
+    run_handed(task_id, fn, args, attempt, app, max_attempts)
 
 
 #: The Celery task ``edgesync.run_durable``, in every Celery app of the process (a shared task).
@@ -76,12 +93,12 @@ def make_app(name: str, settings: Any, sender: bool) -> Celery:
             transport.update(socket_timeout=SEND_TIMEOUT_S, socket_connect_timeout=SEND_TIMEOUT_S)
     app.conf.update(
         broker_transport_options=transport,
-        broker_connection_timeout=SEND_TIMEOUT_S if sender else 4.0,
         broker_connection_retry_on_startup=True,
         task_default_queue=settings.handoff_queue,
         worker_prefetch_multiplier=1,  # acks_late: a message a worker holds but does not run waits for it
-        worker_hijack_root_logger=not sender,
     )
+    if sender:
+        app.conf.broker_connection_timeout = SEND_TIMEOUT_S  # AMQP's connect timeout (Celery's: 4 s)
     return app
 
 

@@ -245,7 +245,9 @@ def test_a_solo_worker_sigkilled_mid_task_loses_nothing_its_task_runs_again_afte
     assert tally.lost == set(), line
     # Only the task that was running ran twice (prefetch 1: the others waited in the queue) ...
     assert {i for i, n in runs.items() if n > 1} == {first["id"]} and set(runs.values()) <= {1, 2}
-    # ... and not before Redis's visibility timeout had passed since the first worker took it.
+    # ... as attempt 2 (the message was redelivered), not before Redis's visibility timeout had passed
+    # since the first worker took it.
+    assert (first["attempt"], again["attempt"]) == (1, 2) and first["id"] in tally.reruns
     assert again["t"] - first["t"] >= 3.0
 
 
@@ -271,7 +273,7 @@ def test_a_prefork_child_killed_mid_task_gives_its_message_back_at_once(
     print("ran twice: %d of %d; the second start came %.1fs after the kill"
           % (sum(1 for n in runs.values() if n > 1), len(runs), again["t"] - killed_at))
     assert tally.lost == set(), line
-    assert runs[first["id"]] == 2 and again["pid"] != first["pid"]
+    assert runs[first["id"]] == 2 and again["pid"] != first["pid"] and again["attempt"] == 2
 
 
 @pytest.mark.slow

@@ -291,7 +291,8 @@ def test_new_keys_are_validated(tmp_path: Path) -> None:
         load_settings({}, cwd=tmp_path)
     (tmp_path / "var").mkdir()
     assert load_settings({}, cwd=tmp_path).durable_journal == "var/journal.db"
-    with pytest.raises(ConfigError, match=r"EDGESYNC_HANDOFF: handoff must be one of '', 'rq', 'celery', got 'dramatiq'"):
+    with pytest.raises(ConfigError, match=r"EDGESYNC_HANDOFF: handoff must be one of '', 'rq', 'celery', "
+                                          r"got 'dramatiq'"):
         load_settings({"EDGESYNC_HANDOFF": "dramatiq"}, cwd=tmp_path)
     with pytest.raises(ConfigError, match=r"handoff_redis_url must be a redis://, rediss:// or unix:// URL, "
                                           r"got 'localhost:6379'"):
