@@ -133,7 +133,7 @@ class Target:
         """Send ``task`` as Celery task ``task.id``; returns it. Raises kombu's error when the broker is down."""
         result = self._celery().send_task(
             TASK_NAME, args=(task.fn, task.args, task.attempt, task.app, task.max_attempts), task_id=task.id,
-            queue=self.queue_name, shadow="%s (edgesync durable task, attempt %d)" % (task.fn, task.attempt),
+            queue=self.queue_name, shadow=task.fn,  # Celery's lines name the durable function
             # One quick retry: a pooled connection that went stale (Redis restarted) reconnects once.
             retry=True, retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2,
                                       "interval_max": 0.2})
