@@ -47,7 +47,6 @@ log = logging.getLogger("edgesync")
 
 #: How long one send may wait for the broker (connect and answer) before it counts as down.
 SEND_TIMEOUT_S = 2.0
-REDIS_TIMEOUT_S = SEND_TIMEOUT_S  # the name older code and tests know
 
 #: ``handoff`` setting -> the module of that engine (its ``Target`` and its worker entry point).
 ENGINES: Dict[str, str] = {"rq": "edgesync.rq", "celery": "edgesync.celery"}
