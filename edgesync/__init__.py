@@ -143,7 +143,7 @@ def runtime_metrics() -> Dict[str, Any]:
     ``invocations_cancelled``, ``retire_reason``, ``terminate_reason`` and
     ``beforeunload_dispatched`` (reasons, in order), and ``durable`` (None unless
     durable tasks are configured or used: ``pending`` held by this instance,
-    ``recorded``, ``completed``, ``rerun``, ``given_up``, ``handed_off``,
+    ``recorded``, ``completed``, ``rerun``, ``retried``, ``given_up``, ``handed_off``,
     ``left_pending`` and ``journal_pending``, the rows of the whole journal).
     Outside gunicorn this creates the default runtime if needed (no thread starts
     until work arrives); in the gunicorn master (``--preload``) it describes a

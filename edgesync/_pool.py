@@ -138,7 +138,7 @@ class Pool:
         whose ``module.qualname`` is used); by default ``fn``. ``task_id``: the task's
         id if it has one already (a durable task's), else a new ``<pid>-<n>``.
         """
-        task = Task(Future(), fn, args, kwargs, context, fn if named is None else named, task_id=task_id)
+        task = Task(Future(), fn, args, kwargs, context, fn if named is None else named, False, task_id)
         tasks = self._tasks
         with self._lock:
             if self._closed is not None or len(tasks) >= self.max_pending:
@@ -326,7 +326,7 @@ class EagerPool(Pool):
 
     def submit(self, fn: Callable[..., Any], args: Any, kwargs: Any, context: Context,
                named: Any = None, task_id: Optional[str] = None) -> Future[Any]:
-        task = Task(Future(), fn, args, kwargs, context, fn if named is None else named, task_id=task_id)
+        task = Task(Future(), fn, args, kwargs, context, fn if named is None else named, False, task_id)
         with self._lock:
             self._accept(task)
         slot = self._tracker.slot()

@@ -161,7 +161,7 @@ class Runtime:
         """See ``edgesync.wait_until``."""
         # A callable first: the common case (a Future is not callable).
         if callable(obj):
-            return self._submit(obj, args, kwargs)
+            return self._submit(obj, args, kwargs, obj, None)
         if isinstance(obj, Future):
             _no_arguments(obj, args, kwargs)
             self.pool.track(obj, "future %s" % task_name(obj))
@@ -174,7 +174,7 @@ class Runtime:
                 return future
             try:
                 _no_arguments(obj, args, kwargs)
-                return self._submit(run_awaitable, (obj,), {})
+                return self._submit(run_awaitable, (obj,), {}, obj, None)
             except BaseException:
                 # The awaitable will never run: close it, or Python warns that a
                 # coroutine was never awaited, far from the real cause.
@@ -186,10 +186,9 @@ class Runtime:
             % (obj, type(obj).__name__))
 
     def _submit(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any],
-                named: Any = None, task_id: Optional[str] = None) -> Future[Any]:
+                named: Any, task_id: Optional[str]) -> Future[Any]:
+        # named: what reports name the task after; task_id: a layer's own id, else None (a new one).
         context = copy_context()
-        if named is None:
-            named = args[0] if fn is run_awaitable else fn
         if _FLASK_GLOBALS in _modules:  # (checked here: one dict lookup on every submit)
             fn, context = isolate(fn, context)  # no framework request state (edgesync._context)
         if _task_hooks:

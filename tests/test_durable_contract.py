@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import socket
 import sqlite3
 from pathlib import Path
@@ -194,3 +195,32 @@ def test_retry_options_are_checked() -> None:
     assert 2.5 <= fn.retry_delay(2) <= 5 and 2.5 <= fn.retry_delay(7) <= 5 and 0.5 <= fn.retry_delay(1) <= 1
     fn = edgesync.durable(retry_on=OSError, max_retries=9, backoff=1, backoff_max=4)(durable_tasks.plain)
     assert 2 <= fn.retry_delay(3) <= 4 and 2 <= fn.retry_delay(9) <= 4 and fn.attempts_allowed(3) == 10
+
+
+def test_the_rerun_line_counts_what_runs_again_not_what_is_given_up(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import time
+
+    from edgesync import _recovery
+    from edgesync._journal import Journal, process_start
+    path = tmp_path / "j.db"
+    journal = Journal(str(path))
+    journal.open()  # creates the table
+    dead = 2**22 + 3  # above pid_max on this machine: never alive
+    assert process_start(dead) is None
+    conn = sqlite3.connect(path)
+    conn.executemany("INSERT INTO edgesync_tasks VALUES (?, 'tests.apps.durable_tasks:note', ?, ?, 2, ?, 1, ?)",
+                     [("spent-1", '[["s1",{}],{}]', 2, dead, time.time()),  # its 2 attempts ran: given up
+                      ("spent-2", '[["s2",{}],{}]', 2, dead, time.time()),
+                      ("again", '[["a",{}],{}]', 1, dead, time.time())])
+    conn.commit()
+    conn.close()
+    journal.close()
+    with runtime(durable_journal=str(path)) as rt:
+        assert _recovery._keeper(rt.runtime).claim_once() == 3
+        rt.wait(5)
+        assert [r["id"] for r in durable_tasks.ran] == ["a"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line for line in lines if "re-running" in line] == [
+        "process %d: re-running 1 durable task(s) of dead process %d from the journal" % (os.getpid(), dead)]
+    assert len([line for line in lines if "gave up durable task" in line]) == 2

@@ -96,6 +96,26 @@ def test_a_flask_task_handed_to_rq_runs_in_the_app_and_its_job_id_is_its_id(
     assert {(e["where"], e["mail_from"]) for e in done} == {("rq", "welcome@example.test")}
 
 
+@pytest.mark.parametrize("where", ["gunicorn", "rq"])
+def test_retries_run_in_gunicorn_and_on_rq_as_the_next_attempts(
+        server_factory: Callable[..., Server], redis_server: Redis,  # noqa: F811
+        rq_workers: Callable[[Redis, Server], RQWorker], where: str) -> None:  # noqa: F811
+    server = start(server_factory, journal=where == "gunicorn", workers=1, redis=redis_server,
+                   handoff_on="always" if where == "rq" else "deadline")
+    rq_log = rq_workers(redis_server, server).log_path if where == "rq" else None
+    assert server.get("/flaky?failures=2&n=2")[0] == 200
+    wait_for(all_done(server), 60, "both tasks to complete on their third attempt")
+    stop_cleanly(server)
+    starts = server.events("durable_start")
+    assert sorted((e["id"], e["attempt"], e["where"]) for e in starts) == sorted(
+        (app_id, attempt, where) for app_id in durable_ids(server) for attempt in (1, 2, 3))
+    assert {(e["attempt"], e["mail_from"]) for e in server.events("durable_done")} == {(3, "welcome@example.test")}
+    log = server.log + (rq_log.read_text() if rq_log is not None else "")
+    for task_id in durable_ids(server).values():
+        assert len(re.findall(r"durable task tests\.apps\.flaskdurable:flaky_welcome raised ConnectionError on "
+                              r"attempt \d; retrying in [\d.]+s as attempt \d, id=%s" % task_id, log)) == 2, log
+
+
 def test_a_drain_that_hands_off_or_keeps_tasks_abandons_none(
         server_factory: Callable[..., Server], redis_server: Redis,  # noqa: F811
         rq_workers: Callable[[Redis, Server], RQWorker]) -> None:  # noqa: F811

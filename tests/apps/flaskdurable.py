@@ -4,7 +4,8 @@
 (ids ``<pid>_<n>``) as tests/apps/durable.py does, and records ``accepted`` for each. The
 task records ``durable_start`` and ``durable_done`` with what it read through
 ``current_app``: a re-run, in another worker or on an RQ worker, must read the same.
-``/named`` and ``/partial`` schedule it through ``edgesync.named`` and ``functools.partial``.
+``/named`` and ``/partial`` schedule it through ``edgesync.named`` and ``functools.partial``;
+``/flaky?failures=`` schedules ``flaky_welcome``, which raises ``ConnectionError`` (retried) first.
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ def welcome(task_id: str, first: float) -> None:
     record(type="durable_done", id=task_id, attempt=attempt, where=where, mail_from=current_app.config["MAIL_FROM"])
 
 
+@edgesync.durable(retry_on=ConnectionError, max_retries=3, backoff=0.05)
+def flaky_welcome(task_id: str, failures: int) -> None:
+    """Raises ConnectionError on its first ``failures`` attempts, then does what ``welcome`` does."""
+    attempt = edgesync.current_attempt()
+    where = os.environ.get("DURABLE_WHERE", "gunicorn")
+    record(type="durable_start", id=task_id, attempt=attempt, where=where)
+    if attempt <= failures:
+        raise ConnectionError("the mail server is down (attempt %d)" % attempt)
+    record(type="durable_done", id=task_id, attempt=attempt, where=where, mail_from=current_app.config["MAIL_FROM"])
+
+
 def _schedule(how: str) -> str:
     if request.args.get("only", str(os.getpid())) != str(os.getpid()):
         return "not worker %s" % request.args["only"], 409  # type: ignore[return-value]
@@ -42,7 +54,9 @@ def _schedule(how: str) -> str:
     for _ in range(int(request.args.get("n", "1"))):
         task_id = "%d_%d" % (os.getpid(), next(_counter))
         first = float(request.args.get("first", "0.01"))
-        if how == "named":
+        if how == "flaky":
+            fut = edgesync.wait_until(flaky_welcome, task_id, int(request.args.get("failures", "2")))
+        elif how == "named":
             fut = edgesync.wait_until(edgesync.named("send-welcome", welcome), task_id, first)
         elif how == "partial":
             fut = edgesync.wait_until(functools.partial(welcome, task_id), first)
@@ -66,6 +80,11 @@ def named() -> str:
 @app.get("/partial")
 def partial() -> str:
     return _schedule("partial")
+
+
+@app.get("/flaky")
+def flaky() -> str:
+    return _schedule("flaky")
 
 
 @app.get("/pid")
