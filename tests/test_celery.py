@@ -299,3 +299,24 @@ def test_broker_stopped_keeps_the_task_in_the_journal_or_refuses_it(
     else:
         assert server.events("accepted") == [] and server.events("durable_start") == []
     assert took < 10, "a broker that refuses must not hold the view (%.1fs)" % took
+
+
+@pytest.mark.slow
+def test_retries_on_a_celery_worker_run_as_the_next_attempts_logged_with_the_durable_id(
+        server_factory: Callable[..., Server], redis_server: Redis,  # noqa: F811
+        celery_workers: Callable[..., CeleryWorker]) -> None:
+    server = start(server_factory, redis_server, "always", workers=1)
+    worker = celery_workers(redis_server, server)
+    assert server.get("/flaky?failures=2&n=2")[0] == 200
+    wait_for(all_done(server), 60, "both tasks to complete on their third attempt")
+    stop_cleanly(server)
+    ids = durable_ids(server)
+    assert sorted((e["id"], e["attempt"], e["where"]) for e in server.events("durable_start")) == sorted(
+        (app_id, attempt, "celery") for app_id in ids for attempt in (1, 2, 3))
+    assert {(e["attempt"], e["mail_from"]) for e in server.events("durable_done")} == {(3, "welcome@example.test")}
+    log = worker.log_path.read_text(errors="replace")
+    for task_id in ids.values():
+        assert len(re.findall(r"process \d+: durable task tests\.apps\.flaskdurable:flaky_welcome raised "
+                              r"ConnectionError on attempt \d; retrying in [\d.]+s as attempt \d, id=%s" % task_id,
+                              log)) == 2, log
+        assert re.search(r"Task tests\.apps\.flaskdurable:flaky_welcome\[%s\] succeeded" % task_id, log), log
