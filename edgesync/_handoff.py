@@ -11,7 +11,8 @@ Each engine is one module, public because its worker side is what queued jobs na
   Celery queue, sent by name (``send_task``), never importing the user's tasks.
 
 An engine module holds a ``Target`` class (the web side: :class:`Target`, built from the
-settings; it imports its client library only on the first send, after fork) and the
+settings; ``target_for`` imports the module on first use, and the target connects on its
+first send, both in the gunicorn worker, after fork) and the
 worker side's entry point, which calls :func:`run_handed`: the task runs on the
 engine's worker as it would in gunicorn: ``edgesync.current_attempt()``, the app's
 framework setup (a Flask app context, Django's connection hygiene:
@@ -35,6 +36,7 @@ import functools
 import importlib
 import json
 import logging
+import threading
 import time
 import urllib.parse
 from typing import Any, Callable, Dict, NamedTuple, Optional, Protocol
@@ -85,12 +87,42 @@ class Target(Protocol):
 
 
 def target_for(settings: Any) -> Optional[Target]:
-    """The hand-off target the settings name (``handoff``), or None for ``handoff = ""``."""
+    """The hand-off target the settings name (``handoff``), or None for ``handoff = ""``.
+
+    Its engine module (and with it the engine's client library: Celery's costs about 60 ms of CPU
+    to import) is imported on its first use, so a worker that never hands a task off never pays it.
+    """
     if not settings.handoff:
         return None
-    module = importlib.import_module(ENGINES[settings.handoff])
-    target: Target = module.Target(settings)
-    return target
+    return _Deferred(settings.handoff, settings)
+
+
+class _Deferred:
+    """A :class:`Target` that builds the engine's own on first use (in the process that uses it)."""
+
+    def __init__(self, engine: str, settings: Any):
+        self.engine = engine
+        self._settings = settings
+        self._target: Optional[Target] = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> Target:
+        target = self._target
+        if target is None:
+            with self._lock:
+                if self._target is None:
+                    self._target = importlib.import_module(ENGINES[self.engine]).Target(self._settings)
+                target = self._target
+        return target
+
+    def describe(self) -> str:
+        return self._get().describe()
+
+    def where(self, task_id: str) -> str:
+        return self._get().where(task_id)
+
+    def send(self, task: Handed) -> str:
+        return self._get().send(task)
 
 
 def safe_url(url: str) -> str:
