@@ -11,7 +11,7 @@ every ``CLAIM_INTERVAL`` claims the rows of dead owners and runs them again, bou
 the free room of the pool.
 
 One id: a durable task's id is made here, once, at acceptance; it is the journal row,
-the RQ job id, ``edgesync.task_id(future)`` and the id in every log line about the task
+the RQ job or Celery task id, ``edgesync.task_id(future)`` and the id in every log line about the task
 in every process that runs it (the attempt number is separate).
 
 Accepted or refused: ``wait_until`` returns only once the task is kept somewhere (the

@@ -74,7 +74,7 @@ def _is_redis(url: str) -> bool:
     return url.split("://", 1)[0] in ("redis", "rediss", "sentinel")
 
 
-def make_app(name: str, settings: Any, sender: bool) -> Celery:
+def _make_app(name: str, settings: Any, sender: bool) -> Celery:
     """A Celery app for ``settings``: its broker, queue and (on Redis) visibility timeout.
 
     ``sender``: the web side's app, whose sends give up after about ``SEND_TIMEOUT_S`` (a broker
@@ -119,7 +119,7 @@ class Target:
         if app is not None and app[0] == os.getpid():
             return app[1]
         with self._lock:
-            made = make_app("edgesync-sender", self.settings, sender=True)
+            made = _make_app("edgesync-sender", self.settings, sender=True)
             self._app = (os.getpid(), made)
             return made
 
@@ -159,7 +159,7 @@ def standalone_app() -> Celery:
                     % os.getcwd())
             if os.getcwd() not in sys.path:
                 sys.path.insert(0, os.getcwd())
-            _standalone = make_app("edgesync", settings, sender=False)
+            _standalone = _make_app("edgesync", settings, sender=False)
         return _standalone
 
 
