@@ -71,6 +71,36 @@ class _Held:
         self.given_up = False
 
 
+class _Run:
+    """One run of a durable task on the pool (one object: a task's bookkeeping stays small)."""
+
+    __slots__ = ("keeper", "task_id", "held", "fn", "args", "kwargs")
+
+    def __init__(self, keeper: _Keeper, task_id: str, held: _Held, fn: DurableFunction[Any, Any], args: Any,
+                 kwargs: Any):
+        self.keeper = keeper
+        self.task_id = task_id
+        self.held = held
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+
+    def __call__(self) -> Any:
+        held, fn = self.held, self.fn
+        held.started = True
+        try:
+            return fn.run(self.args, self.kwargs, held.attempt, held.max_attempts, load_app(held.app),
+                          self.retrying)
+        except fn.retry_on:  # its retries are spent: given up
+            held.given_up = True
+            raise
+        finally:
+            self.keeper._done(self.task_id)
+
+    def retrying(self, failed: int, exc: BaseException, delay: float) -> None:
+        self.keeper._retrying(self.task_id, self.held, self.fn.path, failed, exc, delay)
+
+
 _journals: Dict[str, Journal] = {}
 _journals_lock = threading.Lock()
 
@@ -185,22 +215,8 @@ class _Keeper:
         return future
 
     def _runner(self, task_id: str, held: _Held, fn: DurableFunction[Any, Any], args: Any,
-                kwargs: Any) -> Any:
-        keeper = self
-
-        def retrying(failed: int, exc: BaseException, delay: float) -> None:
-            keeper._retrying(task_id, held, fn.path, failed, exc, delay)
-
-        def run() -> Any:
-            held.started = True
-            try:
-                return fn.run(args, kwargs, held.attempt, held.max_attempts, load_app(held.app), retrying)
-            except fn.retry_on:  # its retries are spent: given up
-                held.given_up = True
-                raise
-            finally:
-                keeper._done(task_id)
-        return run
+                kwargs: Any) -> _Run:
+        return _Run(self, task_id, held, fn, args, kwargs)
 
     def _retrying(self, task_id: str, held: _Held, fn: str, failed: int, exc: BaseException, delay: float) -> None:
         log.warning("%s: durable task %s raised %s on attempt %d; retrying in %.1fs as attempt %d, id=%s",
