@@ -224,3 +224,24 @@ def test_the_rerun_line_counts_what_runs_again_not_what_is_given_up(tmp_path: Pa
     assert [line for line in lines if "re-running" in line] == [
         "process %d: re-running 1 durable task(s) of dead process %d from the journal" % (os.getpid(), dead)]
     assert len([line for line in lines if "gave up durable task" in line]) == 2
+
+
+def test_a_job_on_an_rq_worker_runs_in_its_app_and_through_the_task_hooks() -> None:
+    # What the RQ worker calls (edgesync._handoff.run), called here: the app comes from the path the
+    # task recorded, the hooks (Django's connection hygiene) are the ones a gunicorn task goes through.
+    from edgesync import _handoff, _runtime
+    hooked: List[str] = []
+
+    def hook(fn: Any, context: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            hooked.append("before")
+            return fn(*args, **kwargs)
+        return run, context
+    _runtime.add_task_hook(hook)
+    try:
+        _handoff.run("tests.apps.flaskdurable:welcome", '[["rq-1",0.0],{}]', 1, "tests.apps.flaskdurable:app")
+    finally:
+        _runtime.remove_task_hook(hook)
+    assert hooked == ["before"]
+    with pytest.raises(RuntimeError, match="Working outside of application context"):
+        _handoff.run("tests.apps.flaskdurable:welcome", '[["rq-2",0.0],{}]', 1, None)  # no app recorded
