@@ -320,3 +320,32 @@ def test_retries_on_a_celery_worker_run_as_the_next_attempts_logged_with_the_dur
                               r"ConnectionError on attempt \d; retrying in [\d.]+s as attempt \d, id=%s" % task_id,
                               log)) == 2, log
         assert re.search(r"Task tests\.apps\.flaskdurable:flaky_welcome\[%s\] succeeded" % task_id, log), log
+
+
+@pytest.mark.slow
+def test_a_redelivered_task_past_its_max_attempts_is_given_up(
+        redis_server: Redis, tmp_path: Path,  # noqa: F811
+        celery_workers: Callable[..., CeleryWorker]) -> None:
+    # Sent as attempt 1 of at most 1: the pool child running it is killed, the message comes back
+    # (reject_on_worker_lost) as attempt 2, which is past the cap: given up, not run again.
+    from types import SimpleNamespace
+
+    from edgesync._handoff import Handed, target_for
+    target = target_for(Settings(handoff="celery", handoff_broker_url=redis_server.url, handoff_queue=QUEUE))
+    assert target is not None
+    task_id = "0f1e2d3c4b5a697887"
+    target.send(Handed(task_id, "tests.apps.durable_tasks:work", json.dumps([["once", 30], {}]), 1, 1, None))
+    events = SimpleNamespace(events_path=tmp_path / "events.jsonl")
+    worker = celery_workers(redis_server, events, pool="prefork")
+
+    def started() -> List[Dict[str, object]]:
+        lines = events.events_path.read_text().splitlines() if events.events_path.exists() else []
+        return [e for e in map(json.loads, lines) if e["type"] == "durable_start"]
+    first = wait_for(started, 30, "the task to start")[0]
+    os.kill(int(str(first["pid"])), signal.SIGKILL)
+    wait_for(lambda: "gave up durable task" in worker.log_path.read_text(errors="replace"), 60,
+             "the redelivered message to be given up")
+    log = worker.log_path.read_text(errors="replace")
+    assert re.search(r"process \d+: gave up durable task tests\.apps\.durable_tasks:work: its 1 attempt\(s\) all "
+                     r"ended with their process, id=%s" % task_id, log), log
+    assert [e["attempt"] for e in started()] == [1]
