@@ -15,8 +15,12 @@ the GIL; the gate opens and everything drains (durable rows deleted) between rou
 - ``durable_full``: the same with ``PRAGMA synchronous=FULL`` (an fsync per task), for reference.
 - ``rq_enqueue``: ``rq.Queue.enqueue("bench.apps.durable_tasks.send_email_plain", "a@b.c", n)`` to a
   redis-server started here on 127.0.0.1 (a free port, no persistence).
-- ``handoff_always``: the durable call with ``handoff = "rq"``, ``handoff_on = "always"``.
+- ``handoff_always``: the durable call with ``handoff = "rq"``, ``handoff_on = "always"`` (durable -> RQ).
+- ``handoff_celery``: the durable call with ``handoff = "celery"``, ``handoff_on = "always"`` (durable ->
+  Celery: ``send_task("edgesync.run_durable", ...)`` to the same Redis), if Celery is installed.
 - ``celery_delay``: ``send.delay("a@b.c", n)`` to the same Redis, if Celery is installed.
+
+Every queue is emptied after each side's loop (nothing consumes them).
 
 ``--connections`` measures the journal's concurrency choice instead: 8 threads recording and
 deleting at once through one connection under a lock, against one connection per thread.
@@ -130,6 +134,7 @@ def main() -> None:
         import redis
         import rq
         queue = rq.Queue("bench", connection=redis.Redis.from_url(url))
+        queue2 = rq.Queue("bench2", connection=queue.connection)  # handoff_always's
         sides: Dict[str, Callable[[], float]] = {
             "plain": edgesync_side("plain", opts.calls, durable_tasks.send_email_plain),
             "durable": edgesync_side("durable", opts.calls, durable_tasks.send_email,
@@ -146,6 +151,9 @@ def main() -> None:
             app = celery.Celery("bench", broker=url, backend=None)
             send = app.task(name="bench.send_email")(durable_tasks.send_email_plain)
             sides["celery_delay"] = lambda: timed(lambda i: send.delay("a@b.c", i), opts.calls)
+            sides["handoff_celery"] = edgesync_side("handoff_celery", opts.calls, durable_tasks.send_email,
+                                                    handoff="celery", handoff_on="always", handoff_broker_url=url,
+                                                    handoff_queue="bench3")
         except ImportError:
             pass
         for side in sides.values():  # warm up: imports, connections, the journal file
@@ -157,6 +165,8 @@ def main() -> None:
             for name in order:
                 results[name].append(sides[name]())
                 queue.empty()  # type: ignore[no-untyped-call]  # rq's
+                queue2.empty()  # type: ignore[no-untyped-call]
+                queue.connection.delete("celery", "bench3")  # Celery's queues: lists of messages
     finally:
         redis_proc.terminate()
         redis_proc.wait(10)

@@ -183,8 +183,9 @@ class Settings:
         minimum=3000, maximum=_MAX_MS,
     )
     handoff: str = _setting(
-        "", doc="'rq': hand durable tasks to RQ over Redis (see handoff_on); '': never.",
-        choices=("", "rq"),
+        "", doc="Where durable tasks are handed (see handoff_on): 'rq' (RQ over handoff_redis_url), 'celery' "
+        "(Celery over handoff_broker_url; the worker side is edgesync.celery); '': nowhere.",
+        choices=("", "rq", "celery"),
     )
     handoff_on: str = _setting(
         "deadline", doc="When durable tasks go to the hand-off target: 'deadline' (pending when the instance "
@@ -195,8 +196,19 @@ class Settings:
         "redis://127.0.0.1:6379/0", doc="The Redis that RQ uses, for handoff = 'rq'.",
         text="a redis://, rediss:// or unix:// URL", pattern=r"(redis|rediss|unix)://\S+",
     )
+    handoff_broker_url: str = _setting(
+        "", doc="The broker Celery uses, for handoff = 'celery' (required then): Redis or RabbitMQ.",
+        text='a redis://, rediss://, sentinel://, amqp://, amqps:// or pyamqp:// URL, or "" (off)',
+        pattern=r"((redis|rediss|sentinel|amqp|amqps|pyamqp)://\S+)?",
+    )
+    handoff_visibility_timeout_ms: int = _setting(
+        3600000, doc="handoff = 'celery' on Redis: how long a task whose worker died unacknowledged waits "
+        "before Redis gives it to another worker; keep it above the longest task, or a running task is "
+        "given out twice. Read by the standalone edgesync.celery worker (your own app: broker_transport_options).",
+        minimum=1000, maximum=_MAX_MS, open_ended=True,
+    )
     handoff_queue: str = _setting(
-        "default", doc="The RQ queue durable tasks are handed to.",
+        "default", doc="The RQ or Celery queue durable tasks are handed to.",
         text="a queue name (letters, digits, _ . : -)", pattern=r"[A-Za-z0-9_.:-]+",
     )
     replace_before_retire: bool = _setting(
@@ -272,15 +284,26 @@ def _check_cpu_pair(values: Mapping[str, Any], where: Mapping[str, str]) -> None
 
 
 def _check_handoff(values: Mapping[str, Any], where: Mapping[str, str]) -> None:
-    """Raise ConfigError if a hand-off target is named whose client library is not installed."""
-    if values["handoff"] == "rq":
-        missing = [m for m in ("rq", "redis") if importlib.util.find_spec(m) is None]
-        if missing:
-            lead = where.get("handoff", "default")
-            raise ConfigError(
-                f"{lead} handoff = 'rq' needs the {' and '.join(missing)} package(s), which are not installed: "
-                "pip install 'edgesync-wsgi[rq]', or set handoff = ''"
-            )
+    """Raise ConfigError if the hand-off target named lacks its broker URL or its client library."""
+    engine = values["handoff"]
+    lead = where.get("handoff", "default")
+    if engine == "celery" and not values["handoff_broker_url"]:
+        also = (" (handoff_redis_url is RQ's)" if "handoff_redis_url" in where and where["handoff_redis_url"]
+                != "Settings():" else "")
+        raise ConfigError(f"{lead} handoff = 'celery' needs handoff_broker_url, the broker's URL (redis://host:6379/0 "
+                          f"or amqp://user:password@host:5672//), got none{also}")
+    if engine == "rq" and values["handoff_broker_url"] and "handoff_redis_url" not in where:
+        raise ConfigError(f"{where.get('handoff_broker_url', lead)} handoff_broker_url = "
+                          f"{_show(values['handoff_broker_url'])} is Celery's: handoff = 'rq' reads its Redis from "
+                          "handoff_redis_url")
+    needs = {"rq": ("rq", "redis"), "celery": ("celery",) + (("redis",) if str(values["handoff_broker_url"]).startswith(
+        ("redis", "rediss", "sentinel")) else ())}.get(engine, ())
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(
+            f"{lead} handoff = {engine!r} needs the {' and '.join(missing)} package(s), which are not installed: "
+            f"pip install 'edgesync-wsgi[{engine}]', or set handoff = ''"
+        )
 
 
 def _unknown(what: str, name: str, known: Iterable[str]) -> ConfigError:

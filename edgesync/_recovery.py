@@ -15,8 +15,8 @@ given up through ``_Keeper.give_up``: kept in the journal, counted, logged (neve
 arguments).
 
 One id: a durable task's id is made here, once, at acceptance; it is the journal row,
-the hand-off job id, ``edgesync.task_id(future)`` and the id in every log line about the
-task in every process that runs it (the attempt number is separate).
+the RQ job or Celery task id, ``edgesync.task_id(future)`` and the id in every log line about
+the task in every process that runs it (the attempt number is separate).
 
 Accepted or refused: ``wait_until`` returns only once the task is kept somewhere (the
 journal, the hand-off target, or this process's memory without a journal) and raises
@@ -46,7 +46,7 @@ from . import _runtime
 from ._config import Settings
 from ._context import load_app, process_app_path
 from ._durable import DurableFunction, resolve, unwrap
-from ._handoff import RQTarget
+from ._handoff import Handed, Target, target_for
 from ._journal import Entry, Journal, check
 from ._lifecycle import State
 from ._pool import QueueFull
@@ -149,9 +149,7 @@ class _Keeper:
         if st.durable_journal:
             self.journal = _journal(os.path.abspath(st.durable_journal), st.durable_lease_ms / 1000)
             self.journal.open()
-        self.target: Optional[RQTarget] = None
-        if st.handoff == "rq":
-            self.target = RQTarget(st.handoff_redis_url, st.handoff_queue)
+        self.target: Optional[Target] = target_for(st)
         self.always = self.target is not None and st.handoff_on == "always"
         self.on_full = self.target is not None and st.handoff_on == "deadline_or_queue_full"
         self.held: Dict[str, _Held] = {}
@@ -172,7 +170,7 @@ class _Keeper:
         if self.always and self._target_up():
             assert self.target is not None
             try:
-                self.target.enqueue(task_id, fn.path, payload, 1, max_attempts, app)
+                self.target.send(Handed(task_id, fn.path, payload, 1, max_attempts, app))
                 return self._handed_off(task_id)
             except Exception:  # the target is down: with a journal the task is kept and runs here; else raised
                 if self.journal is None:
@@ -206,7 +204,7 @@ class _Keeper:
             try:
                 if not self._target_up():
                     raise ConnectionError("it failed less than %.0fs ago" % TARGET_DOWN_S)
-                self.target.enqueue(task_id, fn.path, payload, 1, max_attempts, app)
+                self.target.send(Handed(task_id, fn.path, payload, 1, max_attempts, app))
             except Exception as exc:  # Redis down: kept in the journal for a later claim, else refused
                 if self.journal is None:
                     self._forget(task_id)  # nothing is kept: refused, as a full queue is
@@ -439,7 +437,7 @@ class _Keeper:
                 continue
             attempt = h.runs + 1
             try:
-                self.target.enqueue(task_id, h.fn, h.args, attempt, h.max_attempts, h.app or process_app_path())
+                self.target.send(Handed(task_id, h.fn, h.args, attempt, h.max_attempts, h.app or process_app_path()))
             except Exception:  # Redis is down: the journal keeps it (if any); logged with its traceback
                 log.exception("%s: could not hand durable task %s to %s, id=%s", self.who, h.fn,
                               self.target.describe(), task_id)

@@ -199,12 +199,12 @@ def all_done(server: Server, also: Callable[[DurableTally], Set[str]] = lambda t
     return check
 
 
-def plant(server: Server, pid: int, query: str) -> List[str]:
-    """Schedule durable tasks on worker ``pid`` (retrying until a request lands there)."""
+def plant(server: Server, pid: int, query: str, route: str = "durable") -> List[str]:
+    """Schedule durable tasks on worker ``pid`` through ``/<route>`` (retrying until a request lands there)."""
     planted: List[str] = []
 
     def once() -> bool:
-        status, body = server.get("/durable?only=%d&%s" % (pid, query))
+        status, body = server.get("/%s?only=%d&%s" % (route, pid, query))
         if status == 200:
             planted.extend(body.decode().split()[:-1])
         return bool(planted)

@@ -34,6 +34,8 @@ DESIGN_DEFAULTS = {
     "handoff": "",
     "handoff_on": "deadline",
     "handoff_redis_url": "redis://127.0.0.1:6379/0",
+    "handoff_broker_url": "",  # issue 22: handoff = "celery"
+    "handoff_visibility_timeout_ms": 3600000,
     "handoff_queue": "default",
     "replace_before_retire": True,  # issue 10: a replacement serves before a retiring worker stops accepting
     "mold": False,  # issue 23: a mold per code generation forks the workers (opt-in)
@@ -88,6 +90,8 @@ def test_full_valid_file(tmp_path: Path) -> None:
         "handoff": "rq",
         "handoff_on": "always",
         "handoff_redis_url": "unix:///run/redis.sock",
+        "handoff_broker_url": "amqp://edge:secret@rabbit:5672//",
+        "handoff_visibility_timeout_ms": 7200000,
         "handoff_queue": "edge.tasks",
         "replace_before_retire": False,
         "mold": True,

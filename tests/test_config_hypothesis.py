@@ -9,6 +9,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ else:
     import tomli as tomllib
 
 # The contract, written out independently of the module's declaration (the README's settings table).
-CHOICES = {"policy": ("per_worker", "oneshot"), "handoff": ("", "rq"),
+CHOICES = {"policy": ("per_worker", "oneshot"), "handoff": ("", "rq", "celery"),
            "handoff_on": ("deadline", "deadline_or_queue_full", "always")}
 RANGES = {
     "wall_clock_limit_ms": (0, 2**31 - 1),
@@ -39,11 +40,14 @@ RANGES = {
     "exit_drain_timeout_ms": (0, 2**31 - 1),
     "durable_max_attempts": (1, 1000),
     "durable_lease_ms": (3000, 2**31 - 1),
+    "handoff_visibility_timeout_ms": (1000, 2**31 - 1),
 }
 TEXTS = {"durable_journal": r"[^\x00]*", "handoff_redis_url": r"(redis|rediss|unix)://\S+",
+         "handoff_broker_url": r"((redis|rediss|sentinel|amqp|amqps|pyamqp)://\S+)?",
          "handoff_queue": r"[A-Za-z0-9_.:-]+"}
-KEYS = ["policy", *list(RANGES)[:-2], "durable_journal", "durable_max_attempts", "durable_lease_ms", "handoff",
-        "handoff_on", "handoff_redis_url", "handoff_queue", "replace_before_retire", "mold"]
+KEYS = ["policy", *list(RANGES)[:-3], "durable_journal", "durable_max_attempts", "durable_lease_ms", "handoff",
+        "handoff_on", "handoff_redis_url", "handoff_broker_url", "handoff_visibility_timeout_ms", "handoff_queue",
+        "replace_before_retire", "mold"]
 BOOLEANS = {"replace_before_retire", "mold"}
 DEFAULTS = dataclasses.asdict(Settings())
 SUPABASE_KEYS = {"enabled", "inspector_port", "deno_version", "secrets"}
@@ -70,6 +74,16 @@ def acceptable(key: str, value: object, base: Path | None = None) -> bool:
 def cpu_pair_ok(values: dict[str, Any]) -> bool:
     soft, hard = values["cpu_soft_limit_ms"], values["cpu_hard_limit_ms"]
     return not (soft and hard and soft > hard)
+
+
+def handoff_problem(values: dict[str, Any], given: Iterable[str]) -> str | None:
+    """The key a hand-off rule reports, or None: celery needs a broker URL; a broker URL with rq (and no
+    handoff_redis_url) is a mix-up. (rq, redis and celery are installed with the test extra.)"""
+    if values["handoff"] == "celery" and not values["handoff_broker_url"]:
+        return "handoff = 'celery' needs handoff_broker_url"
+    if values["handoff"] == "rq" and values["handoff_broker_url"] and "handoff_redis_url" not in given:
+        return "handoff_broker_url = "
+    return None
 
 
 def assert_valid(result: Settings) -> None:
@@ -152,7 +166,8 @@ def test_the_writer_round_trips(value: Any) -> None:
 @FAST
 def test_any_value_for_a_known_key(tmp_path: Path, key: str, value: Any) -> None:
     (tmp_path / "edgesync.toml").write_text(toml_table({key: value}), encoding="utf-8")
-    expected_ok = acceptable(key, value, tmp_path) and cpu_pair_ok({**DEFAULTS, key: value})
+    expected_ok = (acceptable(key, value, tmp_path) and cpu_pair_ok({**DEFAULTS, key: value})
+                   and handoff_problem({**DEFAULTS, key: value}, [key]) is None)
     try:
         result = load_settings({}, cwd=tmp_path)
     except ConfigError as exc:
@@ -183,6 +198,9 @@ def test_any_table(tmp_path: Path, table: dict[str, Any]) -> None:
         break
     if expected is None and not cpu_pair_ok({**DEFAULTS, **table}):
         expected = "edgesync.toml: [edge_runtime] cpu_soft_limit_ms must be <= cpu_hard_limit_ms"
+    rule = handoff_problem({**DEFAULTS, **table}, table) if expected is None else None
+    if rule is not None:
+        expected = "edgesync.toml: [edge_runtime] " + rule
     try:
         result = load_settings({}, cwd=tmp_path)
     except ConfigError as exc:
@@ -241,7 +259,8 @@ def env_parse(key: str, raw: str) -> object:
 def test_any_environment_value(tmp_path: Path, key: str, raw: str) -> None:
     name = "EDGESYNC_" + key.upper()
     value = env_parse(key, raw)
-    expected_ok = acceptable(key, value, tmp_path) and cpu_pair_ok({**DEFAULTS, key: value})
+    expected_ok = (acceptable(key, value, tmp_path) and cpu_pair_ok({**DEFAULTS, key: value})
+                   and handoff_problem({**DEFAULTS, key: value}, [key]) is None)
     try:
         result = load_settings({name: raw}, cwd=tmp_path)
     except ConfigError as exc:

@@ -317,8 +317,9 @@ def test_new_keys_are_validated(tmp_path: Path) -> None:
         load_settings({}, cwd=tmp_path)
     (tmp_path / "var").mkdir()
     assert load_settings({}, cwd=tmp_path).durable_journal == "var/journal.db"
-    with pytest.raises(ConfigError, match=r"EDGESYNC_HANDOFF: handoff must be one of '', 'rq', got 'celery'"):
-        load_settings({"EDGESYNC_HANDOFF": "celery"}, cwd=tmp_path)
+    with pytest.raises(ConfigError, match=r"EDGESYNC_HANDOFF: handoff must be one of '', 'rq', 'celery', "
+                                          r"got 'dramatiq'"):
+        load_settings({"EDGESYNC_HANDOFF": "dramatiq"}, cwd=tmp_path)
     with pytest.raises(ConfigError, match=r"handoff_redis_url must be a redis://, rediss:// or unix:// URL, "
                                           r"got 'localhost:6379'"):
         load_settings({"EDGESYNC_HANDOFF_REDIS_URL": "localhost:6379"}, cwd=tmp_path)

@@ -18,11 +18,11 @@ import os
 import re
 import signal
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import pytest
 
-from .fault_suite import all_done, durable_tally, stop_cleanly
+from .fault_suite import all_done, durable_tally, plant, stop_cleanly
 from .support import QUEUE, Redis, RQWorker, Server, require_wrk, wait_for
 
 pytestmark = pytest.mark.slow
@@ -41,18 +41,6 @@ def start(server_factory: Callable[..., Server], journal: bool = True, workers: 
                           workers_ready=workers)
 
 
-def plant(server: Server, pid: int, route: str, query: str) -> List[str]:
-    planted: List[str] = []
-
-    def once() -> bool:
-        status, body = server.get("/%s?only=%d&%s" % (route, pid, query))
-        if status == 200:
-            planted.extend(body.decode().split()[:-1])
-        return bool(planted)
-    wait_for(once, 10, "durable tasks to land on worker %d" % pid)
-    return planted
-
-
 def durable_ids(server: Server) -> Dict[str, str]:
     """App id -> edgesync.task_id(future), as the view recorded it."""
     return {e["id"]: e["task_id"] for e in server.events("accepted")}
@@ -61,8 +49,8 @@ def durable_ids(server: Server) -> Dict[str, str]:
 def test_reruns_after_sigkill_run_in_the_flask_app_and_keep_their_id(server_factory: Callable[..., Server]) -> None:
     server = start(server_factory)
     victim = server.worker_pids()[0]
-    planted = (plant(server, victim, "durable", "first=60") + plant(server, victim, "named", "first=60")
-               + plant(server, victim, "partial", "first=60"))
+    planted = (plant(server, victim, "first=60") + plant(server, victim, "first=60", route="named")
+               + plant(server, victim, "first=60", route="partial"))
     server.wait_for_events("durable_start", 3, where=lambda e: e["pid"] == victim)
     os.kill(victim, signal.SIGKILL)
     wait_for(all_done(server), 30, "every accepted durable task to complete")
@@ -123,8 +111,8 @@ def test_a_drain_that_hands_off_or_keeps_tasks_abandons_none(
     # behind it (handed to RQ). None of the five is abandoned.
     server = start(server_factory, redis=redis_server, env={"EDGESYNC_BACKGROUND_THREADS": "1"})
     victim = server.worker_pids()[0]
-    running = plant(server, victim, "durable", "first=30")
-    queued = plant(server, victim, "durable", "first=0.05&n=4")
+    running = plant(server, victim, "first=30")
+    queued = plant(server, victim, "first=0.05&n=4")
     server.wait_for_events("durable_start", 1, where=lambda e: e["pid"] == victim)
     os.kill(victim, signal.SIGTERM)  # graceful_timeout 5 s: the 30 s task cannot finish
     server.wait_for_log(r"worker %d: unloaded \(" % victim, timeout=15)
