@@ -364,8 +364,6 @@ class _Keeper:
             return False
         try:
             fn = resolve(entry.fn)
-            if not isinstance(fn, DurableFunction):
-                raise TypeError("%s is no longer a @durable function" % entry.fn)
             positional, keywords = _decode(entry.args)
         except Exception as exc:  # an app that no longer has the function: logged, given up (kept)
             log.exception("%s: durable task %s cannot be loaded, id=%s", self.who, entry.fn, entry.id)

@@ -130,6 +130,11 @@ def _run_in_span(tracer: Tracer, fn: Callable[..., Any], args: Any, kwargs: Any)
     # current span there is the one that called wait_until.
     caller = trace.get_current_span().get_span_context()
     task, inv = _current_task()
+    if task is None:
+        # Not a task of an edgesync runtime: a handed-off durable task on an RQ or Celery worker,
+        # which runs the task hooks too. Its span is the durable trace's (``_DurableTracing.run``),
+        # named after the task and linked to the request that accepted it.
+        return fn(*args, **kwargs)
     name = str(getattr(task, "name", None) or getattr(fn, "__qualname__", "task"))
     attributes: Dict[str, Any] = {"messaging.system": "edgesync", "messaging.operation.type": "process",
                                   TASK_NAME: name, TASK_ATTEMPT: 1}

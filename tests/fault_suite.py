@@ -182,13 +182,13 @@ def runs_at_once(events: List[Dict[str, Any]], alive: Optional[Callable[[int], b
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (dead, not yet reaped: an orphaned worker whose master was
+    SIGKILLed waits for init to reap it) is dead."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def all_done(server: Server, also: Callable[[DurableTally], Set[str]] = lambda t: set()) -> Callable[[], bool]:

@@ -176,7 +176,7 @@ def test_retries_spent_give_the_task_up_and_other_errors_are_not_retried(tmp_pat
         assert [r["attempt"] for r in durable_tasks.ran] == [1, 2, 3, 1]
         metrics = rt.metrics()["durable"]
         assert (metrics["retried"], metrics["given_up"], metrics["completed"]) == (2, 1, 1)
-    assert any("gave up durable task tests.apps.durable_tasks:flaky: its retries were spent, id=%s"
+    assert any("gave up durable task %s (tests.apps.durable_tasks:flaky) after 3 run(s): its retries were spent"
                % edgesync.task_id(fut) in r.getMessage() for r in caplog.records)
 
 
@@ -209,7 +209,8 @@ def test_the_rerun_line_counts_what_runs_again_not_what_is_given_up(tmp_path: Pa
     dead = 2**22 + 3  # above pid_max on this machine: never alive
     assert process_start(dead) is None
     conn = sqlite3.connect(path)
-    conn.executemany("INSERT INTO edgesync_tasks VALUES (?, 'tests.apps.durable_tasks:note', ?, ?, 2, ?, 1, ?)",
+    conn.executemany("INSERT INTO edgesync_tasks (id, fn, args, attempt, max_attempts, owner_pid, owner_start, "
+                     "accepted) VALUES (?, 'tests.apps.durable_tasks:note', ?, ?, 2, ?, 1, ?)",
                      [("spent-1", '[["s1",{}],{}]', 2, dead, time.time()),  # its 2 attempts ran: given up
                       ("spent-2", '[["s2",{}],{}]', 2, dead, time.time()),
                       ("again", '[["a",{}],{}]', 1, dead, time.time())])
