@@ -11,7 +11,6 @@ none lost. Each tally prints its figures (run with ``-s`` to see them).
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 from collections import Counter
