@@ -19,6 +19,9 @@ Routes (each is one behaviour a scenario measures):
   process of the machine, so the client can subtract it from the moment it was
   answered. When the monitor acts before the thread can note the crossing, the
   last "before" mark is when the crossing step began.
+- ``/durable`` and ``/nondurable``: the same view handing a no-op task to
+  ``wait_until``, durable (recorded in ``durable_journal`` before it returns) or
+  plain (``bench/journal_scale.py``).
 - ``/pid``: the worker's pid.
 - ``/io?ms=N``: waits N ms (default 20) without CPU, as a view waiting on a
   database or an API does, then answers (scenario 6, I/O-bound).
@@ -36,6 +39,7 @@ from typing import Any, List
 from flask import Flask, jsonify, request
 
 import edgesync
+from bench.apps import durable_tasks
 
 app = Flask(__name__)
 
@@ -76,6 +80,18 @@ def task() -> Any:
 
 
 _executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="bench-tpe")
+
+
+@app.get("/durable")
+def durable_view() -> Any:
+    edgesync.wait_until(durable_tasks.send_email, "a@b.c", 1)
+    return jsonify(_payload())
+
+
+@app.get("/nondurable")
+def nondurable_view() -> Any:
+    edgesync.wait_until(durable_tasks.send_email_plain, "a@b.c", 1)
+    return jsonify(_payload())
 
 
 @app.get("/task_tpe")
