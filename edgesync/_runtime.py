@@ -82,8 +82,10 @@ class Runtime:
         self._on_change = on_change
         self.lifecycle = Lifecycle(self._changed)
         self.tracker = Tracker()
+        # The pool's threads keep what they are given: a module function, not a
+        # bound method, so that they never hold this runtime.
         self.pool = Pool(settings.background_threads, settings.max_pending_tasks, self.tracker,
-                         self._task_failed)
+                         report_rejection, success_interval=settings.task_log_interval_ms / 1000.0)
         self.rss_baseline: Optional[int] = None
         self.boot_cpu: Optional[float] = None  # CPU seconds before ready() (see there)
         self.unload_done: Optional[threading.Event] = None  # the unload event's listeners returned
@@ -135,13 +137,6 @@ class Runtime:
             for hook in _task_hooks:
                 fn, context = hook(fn, context)
         return self.pool.submit(fn, args, kwargs, context, named)
-
-    def _task_failed(self, task: Task, exc: BaseException) -> None:
-        event = UnhandledRejectionEvent(exc, task.future, task.name)
-        _events.dispatch(event)
-        if not event.default_prevented:
-            log.error("worker %d: background task %s raised %s, id=%s", self.pid, task.name,
-                      type(exc).__name__, task.id, exc_info=exc)
 
     # -- events ----------------------------------------------------------------
 
@@ -244,6 +239,7 @@ class Runtime:
         self.tracker.record(Kind.REQUEST, Outcome.ABANDONED, len(requests))
         # Durable tasks not done go to the hand-off target or stay in the journal.
         _recovery.unload(self, why)
+        self.pool.log_successes()  # the last summary, before the line that ends the instance
         log.info("worker %d: unloaded (%s; %d requests served, %d tasks abandoned)", self.pid,
                  why, self.tracker.requests(), len(abandoned))
         self.flush_stats()
@@ -356,6 +352,15 @@ class _RssReader:
             return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
         rss: int = self._process.memory_info().rss
         return rss
+
+
+def report_rejection(task: Task, exc: BaseException) -> None:
+    """A task raised: dispatch ``unhandledrejection``, and log it unless a listener prevented that."""
+    event = UnhandledRejectionEvent(exc, task.future, task.name)
+    _events.dispatch(event)
+    if not event.default_prevented:
+        log.error("worker %d: background task %s raised %s, id=%s", os.getpid(), task.name,
+                  type(exc).__name__, task.id, exc_info=exc)
 
 
 def _no_arguments(obj: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
