@@ -21,6 +21,8 @@ import edgesync
 from edgesync import Settings, testing
 from edgesync._runtime import Runtime
 
+from .conftest import Server
+
 WAIT = 10.0
 
 
@@ -178,3 +180,24 @@ def test_tasks_finishing_on_many_threads_are_all_counted(caplog: pytest.LogCaptu
         assert tr.runtime.metrics()["tasks"]["completed"] == n
     assert [line for line in (r.getMessage() for r in successes(caplog))
             if "%d tasks succeeded in the last" % n in line]
+
+
+# -- in a real gunicorn, at its default log level ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gunicorn_at_info_logs_summaries_that_count_every_success(server_factory: Callable[..., Server]) -> None:
+    server = server_factory(env={"EDGESYNC_TASK_LOG_INTERVAL_MS": "300"})  # --log-level info (conftest)
+    pid = int(server.get("/pid")[1])
+    for n in range(5):
+        assert server.get("/task?id=s%d&sleep=0" % n)[0] == 200
+    summary = re.compile(r"worker %d: (\d+) tasks? succeeded in the last \d+\.\ds \(p50 \d+\.\d{3}s, "
+                         r"p99 \d+\.\d{3}s, max \d+\.\d{3}s: tests\.apps\.core\.sleepy_task, id=%d-\d+\)$"
+                         % (pid, pid))
+
+    def counted() -> int:
+        return sum(int(m.group(1)) for m in map(summary.search, server.log.splitlines()) if m)
+
+    wait_for(lambda: counted() >= 5, "summary lines counting the 5 tasks", timeout=15.0)
+    assert counted() == 5
+    assert "succeeded in 0." not in server.log, "no line per task at INFO"
