@@ -195,8 +195,8 @@ class Pool:
         if not future.set_running_or_notify_cancel():
             self._finish(task, None)  # its caller cancelled it before it started
             return
-        task.started = started = _monotonic()
         inv = slot.current = Invocation(slot, TASK, task, None, task)
+        task.started = started = inv.started
         error: Optional[BaseException] = None
         result: Any = None
         try:
@@ -216,11 +216,11 @@ class Pool:
             slot.end_surely(inv)
         task.fn = task.args = task.kwargs = task.context = None  # drop references early
         if error is None:
-            took = _monotonic() - started
+            ended = _monotonic()
             if task_log.isEnabledFor(self._each_level):  # a cached lookup when the level is off
-                log_success(self._each_level, task.name, task.seq, took)
+                log_success(self._each_level, task.name, task.seq, ended - started)
             future.set_result(result)
-            self._finish(task, True, took=took)
+            self._finish(task, True, ended=ended)
             task._named = None  # after _finish: a snapshot taken meanwhile still names it
             return
         if isinstance(error, InvocationCancelled) and inv.verdict is not None:
@@ -236,9 +236,9 @@ class Pool:
         del error
 
     def _finish(self, task: Task, ok: Optional[bool], cancelled: bool = False,
-                took: Optional[float] = None) -> None:
-        """Count ``task`` out: ``ok`` True completed (in ``took`` seconds, if it ran here),
-        False failed (``cancelled``: by a limit), None cancelled by its caller."""
+                ended: Optional[float] = None) -> None:
+        """Count ``task`` out: ``ok`` True completed (at ``ended``, if it ran here), False
+        failed (``cancelled``: by a limit), None cancelled by its caller."""
         summary = None
         with self._lock:
             try:
@@ -249,8 +249,8 @@ class Pool:
                 self._tracked -= 1
             if self._waiters and not self._tasks:
                 self._idle.notify_all()
-            if took is not None and self._summarise:
-                summary = self._successes.add(took, task, _monotonic())
+            if ended is not None and self._summarise:
+                summary = self._successes.add(ended - task.started, task, ended)  # type: ignore[operator]
         self._tracker.record(TASK, Outcome.COMPLETED if ok else Outcome.CALLER_CANCELLED
                              if ok is None else Outcome.CANCELLED if cancelled else Outcome.FAILED)
         if summary is not None:
