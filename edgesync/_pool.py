@@ -39,7 +39,7 @@ _monotonic = time.monotonic
 _isawaitable = inspect.isawaitable
 #: Results that are surely not awaitable: one set lookup spares ``inspect.isawaitable``
 #: (an ABC check) for what tasks return most.
-_PLAIN: Set[type] = {int, str, bool, float, bytes, dict, list, tuple}
+NOT_AWAITABLE: Set[type] = {int, str, bool, float, bytes, dict, list, tuple}
 
 
 class QueueFull(RuntimeError):
@@ -202,7 +202,7 @@ class Pool:
         try:
             try:
                 result = task.context.run(task.fn, *task.args, **task.kwargs)  # type: ignore[union-attr, arg-type]
-                if result is not None and type(result) not in _PLAIN and _isawaitable(result):
+                if result is not None and type(result) not in NOT_AWAITABLE and _isawaitable(result):
                     result = task.context.run(run_awaitable, result)  # type: ignore[union-attr]
             # why BaseException: whatever the task raises belongs to its future and its
             # unhandledrejection event; it must not end this thread or reach other tasks.
