@@ -10,7 +10,10 @@ Side by side (bench/harness.py), each comparison with its two servers loaded at 
    ``edgesync.wait_until``, and to a plain ``ThreadPoolExecutor(8)``; both servers
    ``edgesync.Worker`` at gunicorn's default log level (``info``).
 2. ``/hello``: ``edgesync.Worker`` against gunicorn's ``gthread``.
-3. With ``--before TREE`` (a checkout holding ``edgesync/`` and ``bench/``): ``/bg`` of this
+3. With ``--app-context``: ``/bg`` against ``/bg_tpe_app``, the executor's task inside
+   ``app.app_context()`` (as Flask-Executor runs it, and as ``wait_until`` runs a task
+   scheduled in a Flask request: ``edgesync._context``).
+4. With ``--before TREE`` (a checkout holding ``edgesync/`` and ``bench/``): ``/bg`` of this
    tree against ``/bg`` of that one, and ``/hello`` likewise.
 
 Cores: with at least 2 x workers + 2 cores, server A gets cores 0..w-1, server B
@@ -97,6 +100,9 @@ def main(argv: List[str]) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="seconds of load per round (default 10)")
     p.add_argument("--before", type=Path, help="another checkout (edgesync/ and bench/) to compare against")
     p.add_argument("--only", choices=("bg", "hello"), help="run one comparison (and its --before twin)")
+    p.add_argument("--app-context", action="store_true",
+                   help="also /bg against /bg_tpe_app: the executor's task in app.app_context(), as "
+                        "Flask-Executor runs it and as wait_until runs a task scheduled in a Flask request")
     a = p.parse_args(argv)
     if a.before is not None and not (a.before / "edgesync" / "__init__.py").exists():
         p.error("--before %s: no edgesync/__init__.py there" % a.before)
@@ -135,6 +141,9 @@ def main(argv: List[str]) -> int:
         if a.only in (None, "bg"):
             run("/bg: wait_until / ThreadPoolExecutor(8)", server("bg", cpu_a), "/bg",
                 server("bg-tpe", cpu_b), "/bg_tpe")
+        if a.app_context:
+            run("/bg: wait_until / ThreadPoolExecutor(8) + app context", server("bg", cpu_a), "/bg",
+                server("bg-tpe-app", cpu_b), "/bg_tpe_app")
         if a.only in (None, "hello"):
             run("/hello: edgesync.Worker / gthread", server("hello", cpu_a), "/hello",
                 server("hello-gthread", cpu_b, "gthread"), "/hello")
