@@ -23,6 +23,12 @@ every round and, last, one line per comparison: the median of the per-round
 req/s, p50 and p99 ratios (A / B). Nothing is installed: ``$WRK`` names the wrk
 binary (else ``wrk`` on PATH); the Python running this needs Flask, gunicorn and
 psutil. Exit status 0 when every comparison ran, 2 on a setup error.
+
+On a machine where nothing can be installed (tried here with a bare Python 3.12):
+wheels of flask, gunicorn, blinker, itsdangerous, werkzeug, jinja2, markupsafe,
+click, packaging and psutil installed with ``pip install --no-index --no-deps
+--target DIR``, then ``PYTHON=python3 PYTHONPATH=DIR WRK=carried/wrk
+bench/manycore.sh``, with ``libluajit-5.1.so.2`` carried beside that wrk.
 """
 
 from __future__ import annotations
@@ -71,6 +77,10 @@ def check_setup() -> None:
         raise BenchError("%s does not run here: %s" % (wrk, (probe.stdout + probe.stderr).strip()[:500]))
     if not shutil.which("taskset"):
         raise BenchError("taskset is missing (util-linux): the servers cannot be given their cores")
+    pinned = subprocess.run(["taskset", "-c", str(min(os.sched_getaffinity(0))), "true"], capture_output=True,
+                            text=True)
+    if pinned.returncode != 0:
+        raise BenchError("taskset cannot pin a process here: %s" % (pinned.stderr.strip()[:500]))
 
 
 def _importable(module: str) -> bool:
