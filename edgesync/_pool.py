@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Set
 
 from ._events import TaskInfo
 from ._identity import Successes, format_id, log_success, log_summary, mark, next_seq, task_log, task_name
-from ._invocation import TASK, Invocation, InvocationCancelled, Outcome, Slot, Tracker
+from ._invocation import INDEX, TASK, Invocation, InvocationCancelled, Outcome, Slot, Tracker
 
 log = logging.getLogger("edgesync")
 
@@ -193,7 +193,7 @@ class Pool:
     def _run(self, task: Task, slot: Slot) -> None:
         future = task.future
         if not future.set_running_or_notify_cancel():
-            self._finish(task, None)  # its caller cancelled it before it started
+            self._finish(task, None, slot=slot)  # its caller cancelled it before it started
             return
         inv = slot.current = Invocation(slot, TASK, task, None, task)
         task.started = started = inv.started
@@ -220,7 +220,7 @@ class Pool:
             if task_log.isEnabledFor(self._each_level):  # a cached lookup when the level is off
                 log_success(self._each_level, task.name, task.seq, ended - started)
             future.set_result(result)
-            self._finish(task, True, ended=ended)
+            self._finish(task, True, ended=ended, slot=slot)
             task._named = None  # after _finish: a snapshot taken meanwhile still names it
             return
         if isinstance(error, InvocationCancelled) and inv.verdict is not None:
@@ -232,13 +232,14 @@ class Pool:
         try:
             self._on_failure(task, error)
         finally:
-            self._finish(task, False, cancelled=inv.verdict is not None)
+            self._finish(task, False, cancelled=inv.verdict is not None, slot=slot)
         del error
 
     def _finish(self, task: Task, ok: Optional[bool], cancelled: bool = False,
-                ended: Optional[float] = None) -> None:
+                ended: Optional[float] = None, slot: Optional[Slot] = None) -> None:
         """Count ``task`` out: ``ok`` True completed (at ``ended``, if it ran here), False
-        failed (``cancelled``: by a limit), None cancelled by its caller."""
+        failed (``cancelled``: by a limit), None cancelled by its caller. ``slot``: the
+        calling thread's own, which counts the outcome (see ``_invocation``)."""
         summary = None
         with self._lock:
             try:
@@ -251,8 +252,12 @@ class Pool:
                 self._idle.notify_all()
             if ended is not None and self._summarise:
                 summary = self._successes.add(ended - task.started, task, ended)  # type: ignore[operator]
-        self._tracker.record(TASK, Outcome.COMPLETED if ok else Outcome.CALLER_CANCELLED
-                             if ok is None else Outcome.CANCELLED if cancelled else Outcome.FAILED)
+        outcome = (Outcome.COMPLETED if ok else Outcome.CALLER_CANCELLED if ok is None
+                   else Outcome.CANCELLED if cancelled else Outcome.FAILED)
+        if slot is not None:
+            slot.counts[INDEX[TASK, outcome]] += 1
+        else:
+            self._tracker.record(TASK, outcome)
         if summary is not None:
             log_summary(summary)
 

@@ -207,3 +207,35 @@ def test_gunicorn_at_info_logs_summaries_that_count_every_success(server_factory
     wait_for(lambda: counted() >= 5, "summary lines counting the 5 tasks", timeout=15.0)
     assert counted() == 5
     assert "succeeded in 0." not in server.log, "no line per task at INFO"
+
+
+# -- counters: each thread counts its own outcomes, the tracker sums them -----------------------------------
+
+
+def test_outcomes_counted_by_threads_survive_the_threads() -> None:
+    from edgesync._invocation import REQUEST, TASK, Outcome, Tracker
+
+    tracker = Tracker()
+
+    def run(n: int, unregister: bool) -> None:
+        slot = tracker.register_thread()
+        for _ in range(n):
+            slot.end_surely(slot.begin(REQUEST, "test"), Outcome.COMPLETED)
+        slot.end_surely(slot.begin(TASK, "test"), Outcome.FAILED)
+        if unregister:
+            tracker.unregister_thread(slot)
+
+    threads = [threading.Thread(target=run, args=(100, i % 2 == 0)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    tracker.record(TASK, Outcome.FAILED, 2)  # from another thread: under the tracker's lock
+    assert tracker.count(REQUEST, Outcome.COMPLETED) == 600
+    assert tracker.count(TASK, Outcome.FAILED) == 8
+    # A new thread whose ident was a gone thread's takes its place; what that one counted stays.
+    for _ in range(3):
+        t = threading.Thread(target=run, args=(10, False))
+        t.start()
+        t.join(WAIT)
+    assert tracker.count(REQUEST, Outcome.COMPLETED) == 630
