@@ -151,15 +151,15 @@ class Successes:
     """What the success lines say: each success at DEBUG, and one INFO line per ``interval`` seconds.
 
     Celery logs every success at INFO; at thousands of tasks per second that line,
-    at gunicorn's default level, costs more than the tasks (issue 24: 22% of a
-    server's throughput). So each success is a DEBUG line (``task NAME succeeded in
+    at gunicorn's default level, costs more than the tasks (measured: 22% of a
+    server's throughput at 6 workers on 16 cores). So each success is a DEBUG line (``task NAME succeeded in
     0.020s, id=...``), and the INFO line is one summary per interval that had any:
     ``N tasks succeeded in the last 60.0s (p50 ..., p99 ..., max ...: NAME, id=...)``,
     the slowest named. ``interval`` 0 logs every success at INFO instead, and no summary.
 
     The pool calls ``add`` with its own lock held (it holds it to count the task
     out), so nothing here locks; ``add`` and ``take`` return a due summary, which
-    the caller logs with ``log`` after releasing that lock. Percentiles come from a
+    the caller logs with ``log_summary`` after releasing that lock. Percentiles come from a
     histogram of durations whose buckets are 2**(1/4) apart: each is the upper bound
     of its bucket (at most 19% above the true value, never above the max).
     """
