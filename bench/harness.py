@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 REPO = Path(__file__).resolve().parent.parent
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -40,6 +40,13 @@ APP = "bench.apps.flask_app:app"
 SERVER_MAX_AGE = 60.0
 
 _procs: List[subprocess.Popen[bytes]] = []
+
+#: The wrk binary: ``$WRK`` if set (a binary carried to a machine where nothing can be
+#: installed), else ``wrk`` on PATH.
+WRK = os.environ.get("WRK") or "wrk"
+
+#: A core, or a taskset list of cores ("0-5"): what every process of a server is pinned to.
+Cpus = Union[int, str]
 
 
 class BenchError(RuntimeError):
@@ -110,15 +117,15 @@ def machine() -> Dict[str, str]:
         "python": "%s (%s)" % (sys.version.split()[0], sys.executable),
         "gunicorn": importlib.metadata.version("gunicorn"),
         "flask": importlib.metadata.version("flask"),
-        "wrk": run(["wrk", "--version"]).split(" [")[0],
+        "wrk": run([WRK, "--version"]).split(" [")[0],
         "commit": run(["git", "-C", str(REPO), "log", "-1", "--format=%h %s"]),
         "load average (1/5/15 min)": load,
     }
 
 
 def ensure_wrk() -> str:
-    """The path of ``wrk``, installed with apt-get if it is missing."""
-    path = shutil.which("wrk")
+    """The path of ``wrk`` (``$WRK``, else on PATH), installed with apt-get if it is missing."""
+    path = shutil.which(WRK)
     if path:
         return path
     print("wrk is missing: installing it with apt-get", flush=True)
@@ -135,7 +142,7 @@ def ensure_wrk() -> str:
     return path
 
 
-def pin(pid: int, cpu: int) -> None:
+def pin(pid: int, cpu: Cpus) -> None:
     """Pin every thread of ``pid`` to ``cpu`` (``taskset -a -p -c``)."""
     subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(pid)], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -169,12 +176,13 @@ class Server:
     with ``taskset -a -p`` once the workers are up (workers forked later, by a
     recycle, inherit the master's affinity). ``env`` sets EDGESYNC_* overrides;
     any EDGESYNC_* of the caller's environment is dropped, and the working
-    directory is a fresh one, so no stray edgesync.toml is read.
+    directory is a fresh one, so no stray edgesync.toml is read. ``root`` is the
+    tree the app and edgesync are imported from (another checkout: a "before" server).
     """
 
     def __init__(self, name: str, worker_class: str, logdir: Path, *, threads: int = 4, workers: int = 1,
-                 env: Optional[Dict[str, str]] = None, args: Sequence[str] = (), cpu: Optional[int] = 0,
-                 app: str = APP):
+                 env: Optional[Dict[str, str]] = None, args: Sequence[str] = (), cpu: Optional[Cpus] = 0,
+                 app: str = APP, root: Path = REPO):
         self.name = name
         self.worker_class = worker_class
         self.threads = threads
@@ -183,6 +191,7 @@ class Server:
         self.args = list(args)
         self.cpu = cpu
         self.app = app
+        self.root = root
         self.workdir = logdir / name
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / "gunicorn.log"
@@ -195,7 +204,7 @@ class Server:
         env.update({"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"})
         env.update(self.env)
         cmd = [sys.executable, "-m", "gunicorn", "-k", self.worker_class, "-w", str(self.workers),
-               "-b", "127.0.0.1:0", "--pythonpath", str(REPO), "--chdir", str(self.workdir),
+               "-b", "127.0.0.1:0", "--pythonpath", str(self.root), "--chdir", str(self.workdir),
                "--log-level", "info", "--graceful-timeout", "5", "--timeout", "30",
                "--no-control-socket"]
         if self.worker_class != "sync":
@@ -383,8 +392,9 @@ class Load:
     path: str
 
 
-def start_wrk(load: Load, seconds: float, connections: int, cpu: Optional[int]) -> subprocess.Popen[bytes]:
-    cmd = ["wrk", "-t1", "-c%d" % connections, "-d%ds" % max(1, round(seconds)), "--latency",
+def start_wrk(load: Load, seconds: float, connections: int, cpu: Optional[Cpus],
+              threads: int = 1) -> subprocess.Popen[bytes]:
+    cmd = [WRK, "-t%d" % threads, "-c%d" % connections, "-d%ds" % max(1, round(seconds)), "--latency",
            "--timeout", "5s", "http://127.0.0.1:%d%s" % (load.server.port, load.path)]
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu)] + cmd
@@ -407,14 +417,14 @@ def finish_wrk(proc: subprocess.Popen[bytes], timeout: float) -> WrkResult:
     return parse_wrk(text)
 
 
-def side_by_side(loads: Sequence[Load], seconds: float, connections: int, cpu: Optional[int],
-                 first: int = 0) -> List[WrkResult]:
+def side_by_side(loads: Sequence[Load], seconds: float, connections: int, cpu: Optional[Cpus],
+                 first: int = 0, wrk_threads: int = 1) -> List[WrkResult]:
     """Load every server at once, each with its own wrk; ``loads[first]`` starts first.
 
     Returns the results in the order of ``loads``.
     """
     order = list(range(first, len(loads))) + list(range(first))
-    procs = {i: start_wrk(loads[i], seconds, connections, cpu) for i in order}
+    procs = {i: start_wrk(loads[i], seconds, connections, cpu, wrk_threads) for i in order}
     return [finish_wrk(procs[i], seconds + 30) for i in range(len(loads))]
 
 
@@ -432,9 +442,9 @@ class PairRound:
         return float(getattr(self.a, metric) / getattr(self.b, metric))
 
 
-def compare(a: Load, b: Load, *, rounds: int, seconds: float, connections: int, client_cpu: Optional[int],
+def compare(a: Load, b: Load, *, rounds: int, seconds: float, connections: int, client_cpu: Optional[Cpus],
             warmup: float = 1.0, log: Callable[[str], None] = print,
-            on_restart: Optional[Callable[[Server], None]] = None) -> List[PairRound]:
+            on_restart: Optional[Callable[[Server], None]] = None, wrk_threads: int = 1) -> List[PairRound]:
     """``rounds`` side-by-side rounds of A against B, alternating which starts first.
 
     Servers older than ``SERVER_MAX_AGE`` are restarted before a round. A worker
@@ -453,11 +463,11 @@ def compare(a: Load, b: Load, *, rounds: int, seconds: float, connections: int, 
                     on_restart(load.server)
                 warm = True
         if warm and warmup > 0:
-            side_by_side([a, b], warmup, connections, client_cpu)
+            side_by_side([a, b], warmup, connections, client_cpu, wrk_threads=wrk_threads)
             warm = False
         pids = (a.server.worker_pids(), b.server.worker_pids())
         first = r % 2
-        ra, rb = side_by_side([a, b], seconds, connections, client_cpu, first=first)
+        ra, rb = side_by_side([a, b], seconds, connections, client_cpu, first=first, wrk_threads=wrk_threads)
         note = ""
         if (a.server.worker_pids(), b.server.worker_pids()) != pids:
             note = "a worker was replaced during this round"

@@ -189,6 +189,20 @@ def s2_wait_until(o: Options) -> Outcome:
                                       "GET /task_tpe (the same task to a ThreadPoolExecutor of 8 threads)", r)
     finally:
         _stop(a, b)
+    # What wait_until costs against the thread pool an app would otherwise use: a trivial
+    # task (return n), 2 workers per server, gunicorn's default log level (info).
+    a = _server(o, "s2-bg", ES, workers=2)
+    b = _server(o, "s2-bg-tpe", ES, workers=2)
+    try:
+        _start(a, b)
+        r = _compare(o, Load("/bg", a, "/bg"), Load("/bg_tpe", b, "/bg_tpe"))
+        out.rows += _pair_rows("2", "2 workers, view + wait_until / view + ThreadPoolExecutor(8), trivial task", r,
+                               rps=">= 0.95x", checks={"rps": lambda v: at_least(v, 0.95)})
+        out.details += _round_details("2. wait_until against a plain executor, 2 workers",
+                                      "GET /bg (wait_until of return n)",
+                                      "GET /bg_tpe (the same task to a ThreadPoolExecutor of 8 threads)", r)
+    finally:
+        _stop(a, b)
     return out
 
 

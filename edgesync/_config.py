@@ -161,6 +161,11 @@ class Settings:
         1000, doc="Queued plus running wait_until tasks before wait_until raises QueueFull.",
         minimum=1, maximum=10_000_000,
     )
+    task_log_interval_ms: int = _setting(
+        60000, doc="Time between two INFO lines 'N tasks succeeded in the last ...s (p50, p99, max)' of the "
+        "edgesync.tasks logger; each success is a DEBUG line. 0: one INFO line per success instead.",
+        maximum=_MAX_MS, open_ended=True,
+    )
     exit_drain_timeout_ms: int = _setting(
         30000, doc="Outside gunicorn (flask run, a script): how long the exit drain waits for tasks. "
         "Under gunicorn, graceful_timeout bounds every drain. 0: abandon them at once (logged).",

@@ -41,7 +41,7 @@ import sys
 import threading
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from ._pool import run_awaitable
+from ._pool import NOT_AWAITABLE, run_awaitable
 
 # flask/globals.py (2.3 - 3.1): the app context, then the request context.
 _FLASK_GLOBALS = "flask.globals"
@@ -108,7 +108,7 @@ class _Isolated:
             return self.fn(*args, **kwargs)
         with app.app_context():
             result = self.fn(*args, **kwargs)
-            if inspect.isawaitable(result):
+            if result is not None and type(result) not in NOT_AWAITABLE and inspect.isawaitable(result):
                 # An ``async def`` task: run its body here, inside the app context,
                 # not after the context has been popped.
                 result = run_awaitable(result)

@@ -12,8 +12,11 @@ the invocation it was meant for. The thread clears any cancellation not yet
 delivered when the invocation ends (``Slot.end_surely``).
 
 Rule: every outcome of an invocation (completed, failed, cancelled by a limit,
-answered from outside, cancelled by its caller, abandoned) is counted by
-``Tracker.record`` and nowhere else; metrics and statsd read those counts.
+answered from outside, cancelled by its caller, abandoned) is counted once, by
+``Tracker.record`` (under the tracker's lock), or, by the thread that ran the
+invocation, in its own slot (``Slot.counts``: only that thread writes it, so no
+lock, as for ``Slot.requests``); ``Tracker.count`` sums both, and metrics and
+statsd read that.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ class Outcome(_Named):
 
 REQUEST = Kind.REQUEST
 TASK = Kind.TASK
+
+#: The place of each (kind, outcome) in a slot's ``counts``.
+INDEX: Dict[Tuple[Kind, Outcome], int] = {(k, o): i for i, (k, o) in enumerate(
+    (k, o) for k in Kind for o in Outcome)}
 
 _set_async_exc_c = ctypes.pythonapi.PyThreadState_SetAsyncExc
 _set_async_exc_c.restype = ctypes.c_int
@@ -122,7 +129,7 @@ class Slot:
     """The invocation state of one thread; created on that thread."""
 
     __slots__ = ("ident", "clock_id", "lock", "current", "thread_name", "requests", "tracker",
-                 "handling")
+                 "handling", "counts")
 
     def __init__(self, tracker: Tracker) -> None:
         self.tracker = tracker
@@ -135,6 +142,8 @@ class Slot:
         self.current: Optional[Invocation] = None
         # Requests begun, counted by this thread alone, so no lock is needed.
         self.requests = 0
+        # Outcomes of this thread's own invocations, by INDEX: this thread alone writes them.
+        self.counts = [0] * len(INDEX)
         # A request thread holds a connection: its response may still be written after
         # the app returned (and the invocation ended).
         self.handling = False
@@ -163,7 +172,7 @@ class Slot:
             except InvocationCancelled:
                 continue
         if outcome is not None and not inv.answered:  # an outside answer was counted then
-            self.tracker.record(inv.kind, outcome)
+            self.counts[INDEX[inv.kind, outcome]] += 1  # on this slot's own thread
 
     def cpu_seconds(self, inv: Invocation) -> Optional[float]:
         """CPU time ``inv`` has used so far, read from another thread; None if the thread is gone.
@@ -237,13 +246,18 @@ class Tracker:
                 self._outcomes[key] = self._outcomes.get(key, 0) + n
 
     def count(self, kind: Kind, outcome: Outcome) -> int:
-        return self._outcomes.get((kind, outcome), 0)
+        """Invocations of ``kind`` that ended with ``outcome``, over every thread."""
+        with self._lock:
+            return self._count(kind, outcome)
+
+    def _count(self, kind: Kind, outcome: Outcome) -> int:
+        i = INDEX[kind, outcome]
+        return self._outcomes.get((kind, outcome), 0) + sum(s.counts[i] for s in list(self._slots.values()))
 
     def cancelled(self) -> int:
         """Invocations (requests and tasks) that a limit cancelled, answered either way."""
         with self._lock:
-            return sum(n for (_, o), n in self._outcomes.items()
-                       if o in (Outcome.CANCELLED, Outcome.ANSWERED_OUTSIDE))
+            return sum(self._count(k, o) for k in Kind for o in (Outcome.CANCELLED, Outcome.ANSWERED_OUTSIDE))
 
     def requests(self) -> int:
         """Request invocations begun, over every thread."""
@@ -252,7 +266,11 @@ class Tracker:
     def register_thread(self) -> Slot:
         """Create the calling thread's slot (call once, on that thread)."""
         slot = Slot(self)
-        self._slots[slot.ident] = slot
+        with self._lock:
+            gone = self._slots.get(slot.ident)
+            if gone is not None:  # a thread that ended without unregistering: its ident is reused
+                self._fold(gone)
+            self._slots[slot.ident] = slot
         self._local.slot = slot
         return slot
 
@@ -260,7 +278,14 @@ class Tracker:
         with self._lock:
             if self._slots.get(slot.ident) is slot:
                 del self._slots[slot.ident]
-                self._gone_requests += slot.requests
+                self._fold(slot)
+
+    def _fold(self, slot: Slot) -> None:
+        """Keep what ``slot`` counted once it is gone (the caller holds the lock)."""
+        self._gone_requests += slot.requests
+        for key, i in INDEX.items():
+            if slot.counts[i]:
+                self._outcomes[key] = self._outcomes.get(key, 0) + slot.counts[i]
 
     def slot(self) -> Slot:
         """The calling thread's slot, created on first use."""

@@ -139,6 +139,7 @@ class Monitor:
                           rt.pid, TERMINATE_FALLBACK)
                 logging.shutdown()
                 os._exit(EXIT_TERMINATED)
+        rt.pool.log_successes(now)  # a summary due is not held back by a pause in the work
         if rt.stats is not None and now - self._stats_at >= STATS_INTERVAL:
             self._stats_at = now
             rt.flush_stats()

@@ -1,13 +1,20 @@
 """The bounded background thread pool that runs ``wait_until`` work.
 
 design: at most ``max_pending`` tasks are accepted (queued + running + tracked
-futures); past that ``submit`` raises ``QueueFull`` at once, it never blocks and
-never drops. Threads start lazily, up to ``max_threads``, as daemon threads: the
-pool is drained by its owner with a deadline and a heartbeat (``wait_idle``),
-never by the interpreter's exit-time joins. Shutdown is a flag set under the lock
-plus one ``None`` sentinel that each exiting thread passes on (as in CPython's
-``concurrent.futures.thread``). Threads hold no strong reference to the pool's
-owner, only to the pool.
+futures, the set ``_tasks``); past that ``submit`` raises ``QueueFull`` at once,
+it never blocks and never drops. An accepted task goes on one unbounded
+``SimpleQueue`` (the bound is the set's); threads start lazily, one per task
+that could run now, up to ``max_threads``, as daemon threads: the pool is
+drained by its owner, which polls ``pending`` with a deadline and a heartbeat
+(``_lifecycle.drain``; tests use ``wait_idle``), never by the interpreter's
+exit-time joins. A thread runs each task as an invocation of its ``Slot`` (so
+the limits monitor sees its CPU), settles its future, reports a failure through
+``on_failure`` and counts the task out under the pool's lock, which also
+accounts its success for the summary line (``_identity.Successes``). Shutdown
+is a flag set under the lock plus one ``None`` sentinel that each exiting
+thread passes on (as in CPython's ``concurrent.futures.thread``). Threads hold
+the pool, its queue and its tracker, never the pool's owner: ``on_failure`` is
+a plain function, so a dropped runtime is collected while its threads idle.
 """
 
 from __future__ import annotations
@@ -23,10 +30,16 @@ from contextvars import Context
 from typing import Any, Callable, Dict, List, Optional, Set, Union
 
 from ._events import TaskInfo
-from ._identity import format_id, log_success, mark, next_seq, task_log, task_name
-from ._invocation import TASK, Invocation, InvocationCancelled, Outcome, Slot, Tracker
+from ._identity import Successes, format_id, log_success, log_summary, mark, next_seq, task_log, task_name
+from ._invocation import INDEX, TASK, Invocation, InvocationCancelled, Outcome, Slot, Tracker
 
 log = logging.getLogger("edgesync")
+
+_monotonic = time.monotonic
+_isawaitable = inspect.isawaitable
+#: Results that are surely not awaitable: one set lookup spares ``inspect.isawaitable``
+#: (an ABC check) for what tasks return most.
+NOT_AWAITABLE: Set[type] = {int, str, bool, float, bytes, dict, list, tuple}
 
 
 class QueueFull(RuntimeError):
@@ -37,7 +50,7 @@ class Task:
     """One unit of background work and its bookkeeping."""
 
     __slots__ = ("future", "fn", "args", "kwargs", "context", "_name", "_named", "accepted", "started",
-                 "thread", "tracked", "seq")
+                 "tracked", "seq")
 
     def __init__(self, future: Future[Any], fn: Optional[Callable[..., Any]], args: Any,
                  kwargs: Any, context: Optional[Context], named: Any, tracked: bool = False,
@@ -50,9 +63,8 @@ class Task:
         # The name is formatted only when something reports the task (most never are).
         self._named = named
         self._name: Optional[str] = None
-        self.accepted = time.monotonic()
+        self.accepted = _monotonic()
         self.started: Optional[float] = None
-        self.thread: Optional[str] = None
         self.tracked = tracked
         # See _identity: a number, formatted only when reported; a durable task's own id as is.
         seq: Union[int, str] = next_seq() if task_id is None else task_id
@@ -98,11 +110,14 @@ class Pool:
     """A bounded pool; see the module docstring for its rules.
 
     ``on_failure(task, exc)`` is called on the task's thread when a task raises
-    (the runtime turns it into an ``unhandledrejection`` event).
+    (the runtime turns it into an ``unhandledrejection`` event); the threads keep
+    it, so it must not hold the pool's owner. ``success_interval``: seconds
+    between two success summaries (``_identity.Successes``; 0: a line per task).
     """
 
     def __init__(self, max_threads: int, max_pending: int, tracker: Tracker,
-                 on_failure: Callable[[Task, BaseException], None], name: str = "edgesync-task"):
+                 on_failure: Callable[[Task, BaseException], None], name: str = "edgesync-task",
+                 success_interval: float = 60.0):
         self.max_threads = max_threads
         self.max_pending = max_pending
         self._tracker = tracker
@@ -116,6 +131,10 @@ class Pool:
         self._tasks: Set[Task] = set()
         self._closed: Optional[str] = None  # why submit is refused, once closed
         self._tracked = 0  # tracked futures among self._tasks
+        self._successes = Successes(success_interval)  # guarded by self._lock
+        self._summarise = success_interval > 0
+        # Each success's own line: DEBUG under a summary, else INFO (Celery's habit).
+        self._each_level = logging.DEBUG if self._summarise else logging.INFO
 
     # -- accepting work ------------------------------------------------------
 
@@ -190,17 +209,16 @@ class Pool:
     def _run(self, task: Task, slot: Slot) -> None:
         future = task.future
         if not future.set_running_or_notify_cancel():
-            self._finish(task, None)  # its caller cancelled it before it started
+            self._finish(task, None, slot=slot)  # its caller cancelled it before it started
             return
-        task.started = time.monotonic()
-        task.thread = slot.thread_name
         inv = slot.current = Invocation(slot, TASK, task, None, task)
+        task.started = started = inv.started
         error: Optional[BaseException] = None
         result: Any = None
         try:
             try:
                 result = task.context.run(task.fn, *task.args, **task.kwargs)  # type: ignore[union-attr, arg-type]
-                if result is not None and inspect.isawaitable(result):
+                if result is not None and type(result) not in NOT_AWAITABLE and _isawaitable(result):
                     result = task.context.run(run_awaitable, result)  # type: ignore[union-attr]
             # why BaseException: whatever the task raises belongs to its future and its
             # unhandledrejection event; it must not end this thread or reach other tasks.
@@ -214,10 +232,11 @@ class Pool:
             slot.end_surely(inv)
         task.fn = task.args = task.kwargs = task.context = None  # drop references early
         if error is None:
-            if task_log.isEnabledFor(logging.INFO):  # one cached lookup when INFO is off
-                log_success(task.name, task.seq, task.started)
+            ended = _monotonic()
+            if task_log.isEnabledFor(self._each_level):  # a cached lookup when the level is off
+                log_success(self._each_level, task.name, task.seq, ended - started)
             future.set_result(result)
-            self._finish(task, True)
+            self._finish(task, True, ended=ended, slot=slot)
             task._named = None  # after _finish: a snapshot taken meanwhile still names it
             return
         if isinstance(error, InvocationCancelled) and inv.verdict is not None:
@@ -229,21 +248,47 @@ class Pool:
         try:
             self._on_failure(task, error)
         finally:
-            self._finish(task, False, cancelled=inv.verdict is not None)
+            self._finish(task, False, cancelled=inv.verdict is not None, slot=slot)
         del error
 
-    def _finish(self, task: Task, ok: Optional[bool], cancelled: bool = False) -> None:
-        """Count ``task`` out: ``ok`` True completed, False failed (``cancelled``: by a
-        limit), None cancelled by its caller."""
+    def _finish(self, task: Task, ok: Optional[bool], cancelled: bool = False,
+                ended: Optional[float] = None, slot: Optional[Slot] = None) -> None:
+        """Count ``task`` out: ``ok`` True completed (at ``ended``, if it ran here), False
+        failed (``cancelled``: by a limit), None cancelled by its caller. ``slot``: the
+        calling thread's own, which counts the outcome (see ``_invocation``)."""
+        summary = None
         with self._lock:
-            if task not in self._tasks:
+            try:
+                self._tasks.remove(task)
+            except KeyError:
                 return  # abandoned at shutdown and counted there
-            self._tasks.discard(task)
-            self._tracked -= task.tracked
+            if task.tracked:
+                self._tracked -= 1
             if self._waiters and not self._tasks:
                 self._idle.notify_all()
-        self._tracker.record(TASK, Outcome.COMPLETED if ok else Outcome.CALLER_CANCELLED
-                             if ok is None else Outcome.CANCELLED if cancelled else Outcome.FAILED)
+            if ended is not None and self._summarise:
+                summary = self._successes.add(ended - task.started, task, ended)  # type: ignore[operator]
+        outcome = (Outcome.COMPLETED if ok else Outcome.CALLER_CANCELLED if ok is None
+                   else Outcome.CANCELLED if cancelled else Outcome.FAILED)
+        if slot is not None:
+            slot.counts[INDEX[TASK, outcome]] += 1
+        else:
+            self._tracker.record(TASK, outcome)
+        if summary is not None:
+            log_summary(summary)
+
+    def log_successes(self, now: Optional[float] = None) -> None:
+        """Log the success summary now if its interval is over; with no ``now``, whatever it holds.
+
+        The monitor calls it at each sample, so that a summary is not held back by
+        a pause in the work; the runtime calls it when it unloads.
+        """
+        if not self._summarise or (now is not None and now < self._successes.due):
+            return  # (read without the lock: a summary one sample late is fine)
+        with self._lock:
+            summary = self._successes.take(_monotonic())
+        if summary is not None:
+            log_summary(summary)
 
     # -- draining and shutdown -----------------------------------------------
 
@@ -272,27 +317,22 @@ class Pool:
                 "cancelled": count(TASK, Outcome.CANCELLED),
                 "abandoned": count(TASK, Outcome.ABANDONED), "threads": len(self._threads)}
 
-    def wait_idle(self, deadline: float, tick: Optional[Callable[[], None]] = None,
-                  interval: float = 0.1) -> bool:
+    def wait_idle(self, deadline: float) -> bool:
         """Wait until no task is pending or ``time.monotonic()`` passes ``deadline``.
 
-        ``tick`` is called at least every ``interval`` seconds (the worker's
-        heartbeat). Returns True when the pool became idle.
+        Returns True when the pool became idle (``edgesync.testing`` waits with it).
         """
-        while True:
-            with self._lock:
-                if not self._tasks:
-                    return True
+        with self._lock:
+            while self._tasks:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
                 self._waiters += 1
                 try:
-                    self._idle.wait(min(remaining, interval))
+                    self._idle.wait(remaining)
                 finally:
                     self._waiters -= 1
-            if tick is not None:
-                tick()
+            return True
 
     def close(self, reason: str) -> None:
         """Refuse new work from now on with ``RuntimeError(reason)``."""

@@ -132,8 +132,10 @@ class Runtime:
         self._on_change = on_change
         self.lifecycle = Lifecycle(self._changed)
         self.tracker = Tracker()
+        # The pool's threads keep what they are given: a module function, not a
+        # bound method, so that they never hold this runtime.
         self.pool = Pool(settings.background_threads, settings.max_pending_tasks, self.tracker,
-                         self._task_failed)
+                         report_rejection, success_interval=settings.task_log_interval_ms / 1000.0)
         self.rss_baseline: Optional[int] = None
         self.boot_cpu: Optional[float] = None  # CPU seconds before ready() (see there)
         self.unload_done: Optional[threading.Event] = None  # the unload event's listeners returned
@@ -205,13 +207,6 @@ class Runtime:
         """A layer's task: ``fn()`` on the pool as any task is (context, framework setup, limits),
         reported under ``named`` and ``task_id``. Raises what ``wait_until`` raises."""
         return self._submit(fn, (), {}, named, task_id)
-
-    def _task_failed(self, task: Task, exc: BaseException) -> None:
-        event = UnhandledRejectionEvent(exc, task.future, task.name)
-        _events.dispatch(event)
-        if not event.default_prevented:
-            log.error("%s: background task %s raised %s, id=%s", self.who, task.name,
-                      type(exc).__name__, task.id, exc_info=exc)
 
     # -- events ----------------------------------------------------------------
 
@@ -350,6 +345,7 @@ class Runtime:
             log.warning("%s: abandoned %s (running, ran %.2fs), reason=%s", self.who,
                         inv.describe(), now - inv.started, why)
         self.tracker.record(Kind.REQUEST, Outcome.ABANDONED, len(requests))
+        self.pool.log_successes()  # the last summary, before the line that ends the instance
         log.info("%s: unloaded (%s; %d requests served, %d tasks abandoned)", self.who,
                  why, self.tracker.requests(), len(abandoned))
         self.flush_stats()
@@ -481,6 +477,15 @@ class _RssReader:
             return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
         rss: int = self._process.memory_info().rss
         return rss
+
+
+def report_rejection(task: Task, exc: BaseException) -> None:
+    """A task raised: dispatch ``unhandledrejection``, and log it unless a listener prevented that."""
+    event = UnhandledRejectionEvent(exc, task.future, task.name)
+    _events.dispatch(event)
+    if not event.default_prevented:
+        log.error("%s: background task %s raised %s, id=%s", _identity.who(), task.name,
+                  type(exc).__name__, task.id, exc_info=exc)
 
 
 def _no_arguments(obj: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:

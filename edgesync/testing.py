@@ -58,7 +58,8 @@ class TestRuntime:
             # Every task runs inline in wait_until, which returns a done future.
             rt = self.runtime
             rt.pool = EagerPool(self.settings.background_threads, self.settings.max_pending_tasks,
-                                rt.tracker, rt._task_failed)
+                                rt.tracker, _runtime.report_rejection,
+                                success_interval=self.settings.task_log_interval_ms / 1000.0)
         self._previous = _runtime.peek()
         self._recorders: List[Any] = []
         _runtime.install(self.runtime)

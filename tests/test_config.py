@@ -26,6 +26,7 @@ DESIGN_DEFAULTS = {
     "beforeunload_memory_ratio": 90,
     "background_threads": 8,
     "max_pending_tasks": 1000,
+    "task_log_interval_ms": 60000,  # issue 24: one INFO summary of successes per minute
     "exit_drain_timeout_ms": 30000,
     # Durable tasks and hand-off (README "Durable tasks"): added after section 5, off by default.
     "durable_journal": "",
@@ -83,6 +84,7 @@ def test_full_valid_file(tmp_path: Path) -> None:
         "beforeunload_memory_ratio": 75,
         "background_threads": 1,
         "max_pending_tasks": 10_000_000,
+        "task_log_interval_ms": 0,
         "exit_drain_timeout_ms": 5000,
         "durable_journal": "journal.db",
         "durable_max_attempts": 1000,

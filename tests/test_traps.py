@@ -61,7 +61,8 @@ def test_preload_with_an_app_that_lets_the_refusal_raise_stops_at_boot(tmp_path:
 
 
 def test_without_preload_work_scheduled_at_import_runs_in_each_worker(server_factory: Callable[..., Server]) -> None:
-    server = server_factory(app=APP, env={"SCHEDULE_AT_IMPORT": "1"})
+    # task_log_interval_ms = 0: a success line per task at INFO, as before the summaries.
+    server = server_factory(app=APP, env={"SCHEDULE_AT_IMPORT": "1", "EDGESYNC_TASK_LOG_INTERVAL_MS": "0"})
     [done] = server.wait_for_events("task_done", where=lambda e: e["id"] == "at-import")
     assert done["pid"] == int(server.get("/pid")[1])
     assert not server.events("refused")

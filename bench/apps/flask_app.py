@@ -6,6 +6,12 @@ Routes (each is one behaviour a scenario measures):
 - ``/plain`` and ``/task``: the same small view; ``/task`` also hands a light task
   to ``edgesync.wait_until`` (scenario 2); ``/task_tpe`` hands it to a plain
   ``ThreadPoolExecutor`` with as many threads (8) instead, for reference.
+- ``/bg`` and ``/bg_tpe``: a view that hands a trivial task (``return n``) to
+  ``edgesync.wait_until``, and the same view handing it to that
+  ``ThreadPoolExecutor`` (scenario 2 at 2 workers, ``bench/manycore.sh``): what
+  ``wait_until`` costs against the thread pool an app would otherwise use.
+  ``/bg_tpe_app`` runs that task inside ``app.app_context()``, as Flask-Executor
+  does and as ``wait_until`` does for a task scheduled in a Flask request.
 - ``/fill?to=N[&probe=1]``: schedules background tasks that block until
   ``/release`` until N are pending in the instance (scenario 5). Answers JSON
   with the number pending and, with probe=1, whether one more was refused with
@@ -99,6 +105,33 @@ def task_tpe() -> Any:
     # The plain-Python way to do what /task does, for reference.
     _executor.submit(_light_task, 50)
     return jsonify(_payload())
+
+
+def _trivial(n: int) -> int:
+    return n
+
+
+@app.get("/bg")
+def bg() -> str:
+    edgesync.wait_until(_trivial, 1)
+    return "queued"
+
+
+@app.get("/bg_tpe")
+def bg_tpe() -> str:
+    _executor.submit(_trivial, 1)
+    return "queued"
+
+
+def _in_app_context(n: int) -> int:
+    with app.app_context():  # what Flask-Executor wraps each task in
+        return _trivial(n)
+
+
+@app.get("/bg_tpe_app")
+def bg_tpe_app() -> str:
+    _executor.submit(_in_app_context, 1)
+    return "queued"
 
 
 def _blocked(gate: threading.Event) -> None:
