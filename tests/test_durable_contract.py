@@ -50,7 +50,7 @@ def closed_port_url() -> str:
 
 def test_the_durable_id_is_the_task_id_the_row_and_every_line(tmp_path: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="edgesync")
+    caplog.set_level(logging.DEBUG, logger="edgesync")  # each success is a DEBUG line (task logging)
     path = tmp_path / "j.db"
     with runtime(durable_journal=str(path)) as rt:
         fut = edgesync.wait_until(durable_tasks.gated, "g")
@@ -60,8 +60,11 @@ def test_the_durable_id_is_the_task_id_the_row_and_every_line(tmp_path: Path,
         durable_tasks.gate.set()
         fut.result(5)
         rt.wait(5)
-    [line] = [r.getMessage() for r in caplog.records if "succeeded" in r.getMessage()]
+    [line] = [r.getMessage() for r in caplog.records if "succeeded in 0" in r.getMessage()]
     assert line.endswith("id=%s" % task_id), line
+    # The summary line names the slowest task by the same id.
+    [summary] = [r.getMessage() for r in caplog.records if "succeeded in the last" in r.getMessage()]
+    assert summary.endswith("id=%s)" % task_id), summary
 
 
 def test_task_id_of_a_task_handed_off_at_once_is_its_id(tmp_path: Path) -> None:

@@ -96,7 +96,7 @@ def test_each_success_is_a_debug_line_with_name_duration_and_id(caplog: pytest.L
     quiet_summary.wait(WAIT)
     [record] = successes(caplog)
     assert record.levelno == logging.DEBUG
-    assert re.fullmatch(r"worker %d: task send-welcome succeeded in \d+\.\d{3}s, id=%s"
+    assert re.fullmatch(r"process %d: task send-welcome succeeded in \d+\.\d{3}s, id=%s"
                         % (os.getpid(), edgesync.task_id(fut)), record.getMessage()), record.getMessage()
 
 
@@ -116,7 +116,7 @@ def test_at_info_successes_are_one_summary_line_per_interval(caplog: pytest.LogC
         elapsed = time.monotonic() - first
     [record] = successes(caplog)
     assert record.levelno == logging.INFO
-    m = re.fullmatch(r"worker %d: 51 tasks succeeded in the last (\d+\.\d)s \(p50 (\d+\.\d{3})s, "
+    m = re.fullmatch(r"process %d: 51 tasks succeeded in the last (\d+\.\d)s \(p50 (\d+\.\d{3})s, "
                      r"p99 (\d+\.\d{3})s, max (\d+\.\d{3})s: slow-one, id=%d-\d+\)" % (os.getpid(), os.getpid()),
                      record.getMessage())
     assert m, record.getMessage()
