@@ -159,3 +159,14 @@ def rq_workers(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Calla
     if failed is not None and failed.failed:
         for worker in started:
             sys.stdout.write("\n----- rq worker log -----\n%s\n" % worker.log_path.read_text(errors="replace"))
+
+
+@pytest.fixture
+def fresh_durable_tasks() -> Iterator[None]:
+    """tests/apps/durable_tasks with its record of runs empty and its gate closed; the gate opens at teardown."""
+    from .apps import durable_tasks
+
+    durable_tasks.ran.clear()
+    durable_tasks.gate.clear()
+    yield
+    durable_tasks.gate.set()

@@ -26,6 +26,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -547,3 +548,15 @@ def limits(**values: int) -> Dict[str, str]:
     env = dict(NO_LIMITS)
     env.update({"EDGESYNC_" + k.upper(): str(v) for k, v in values.items()})
     return env
+
+
+# -- the durable journal --------------------------------------------------------------------------------
+
+def journal_rows(path: Path, columns: str = "id, fn, args, attempt, max_attempts, owner_pid",
+                 order: str = "accepted") -> List[Tuple[Any, ...]]:
+    """The rows of the durable journal at ``path`` (its ``columns``, in ``order``), read on a connection of the test."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT %s FROM edgesync_tasks ORDER BY %s" % (columns, order)).fetchall()
+    finally:
+        conn.close()

@@ -18,7 +18,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import pytest
 
@@ -29,23 +29,16 @@ from edgesync._journal import Journal, process_start
 from edgesync.testing import TestRuntime, runtime
 
 from .apps import durable_tasks
-from .support import REPO, free_port, wait_for
+from .support import REPO, free_port, journal_rows, wait_for
 
 
 @pytest.fixture(autouse=True)
-def fresh_tasks() -> Iterator[None]:
-    durable_tasks.ran.clear()
-    durable_tasks.gate.clear()
-    yield
-    durable_tasks.gate.set()
+def fresh_tasks(fresh_durable_tasks: None) -> None:
+    """Every test here starts with tests/apps/durable_tasks fresh."""
 
 
 def rows(path: Path) -> List[Any]:
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute("SELECT id, fn, args, attempt, max_attempts, owner_pid FROM edgesync_tasks").fetchall()
-    finally:
-        conn.close()
+    return journal_rows(path, "id, fn, args, attempt, max_attempts, owner_pid")
 
 
 # -- the API --------------------------------------------------------------------------------------

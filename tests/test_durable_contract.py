@@ -12,7 +12,7 @@ import os
 import socket
 import sqlite3
 from pathlib import Path
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import pytest
 
@@ -20,22 +20,16 @@ import edgesync
 from edgesync.testing import runtime
 
 from .apps import durable_tasks
+from .support import journal_rows
 
 
 @pytest.fixture(autouse=True)
-def fresh_tasks() -> Iterator[None]:
-    durable_tasks.ran.clear()
-    durable_tasks.gate.clear()
-    yield
-    durable_tasks.gate.set()
+def fresh_tasks(fresh_durable_tasks: None) -> None:
+    """Every test here starts with tests/apps/durable_tasks fresh."""
 
 
 def rows(path: Path) -> List[Any]:
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute("SELECT id, fn, args, attempt, owner_pid FROM edgesync_tasks").fetchall()
-    finally:
-        conn.close()
+    return journal_rows(path, "id, fn, args, attempt, owner_pid")
 
 
 def closed_port_url() -> str:

@@ -24,12 +24,14 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import pytest
 
 from .fault_suite import all_done, durable_tally, plant, runs_at_once, stop_cleanly
-from .support import REPO, Server, wait_for
+from .support import REPO, Server, journal_rows, wait_for
+
+COLUMNS = "id, fn, attempt, given_up IS NOT NULL, last_error"
 
 APP = "tests.apps.durable_seams:app"
 
@@ -48,15 +50,6 @@ def start(server_factory: Callable[..., Server], env: Dict[str, str], *args: str
 def cli(*args: str, cwd: Optional[Path] = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "edgesync", "durable", *args], capture_output=True, text=True,
                           timeout=30, cwd=cwd or REPO)
-
-
-def journal_rows(path: Path) -> List[Tuple[Any, ...]]:
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute("SELECT id, fn, attempt, given_up IS NOT NULL, last_error FROM edgesync_tasks "
-                            "ORDER BY accepted").fetchall()
-    finally:
-        conn.close()
 
 
 def check_log(server: Server) -> None:
@@ -93,7 +86,7 @@ def test_tasks_queued_behind_a_task_that_kills_its_worker_still_run(server_facto
     assert set(innocent) <= set(tally.done) and tally.at_once == set()
     starts = [e for e in server.events("durable_start") if e["id"] in innocent]
     assert sorted(e["attempt"] for e in starts) == [1, 1, 1, 1], "each innocent task ran once: its first run"
-    (row,) = journal_rows(journal)
+    (row,) = journal_rows(journal, COLUMNS)
     assert row[1:4] == ("tests.apps.durable_seam_tasks:poison", 2, 1)
 
 
@@ -110,7 +103,7 @@ def test_tasks_queued_across_two_restarts_are_not_given_up(server_factory: Calla
         if restart == 0:
             server = start(server_factory, env, workers=1)
     # The first task was running both times: its 2 runs; the nine behind it never started: no run.
-    assert sorted(r[2] for r in journal_rows(journal)) == [0] * 9 + [2]
+    assert sorted(r[2] for r in journal_rows(journal, COLUMNS)) == [0] * 9 + [2]
     final = start(server_factory, {**env, "EDGESYNC_BACKGROUND_THREADS": "16"})
     final.wait_for_log(r"gave up durable task \w+ \(tests\.apps\.durable_tasks:work\) after 2 run\(s\)")
     wait_for(all_done(final, also=lambda t: {planted[0]}), 30, "the nine other tasks to complete")
@@ -121,7 +114,7 @@ def test_tasks_queued_across_two_restarts_are_not_given_up(server_factory: Calla
     tally.show("10 tasks queued across two restarts (max_attempts = 2)")
     assert final.log.count("gave up durable task") == 1
     assert tally.lost == set() and tally.at_once == set() and set(planted[1:]) <= set(tally.done)
-    assert [r[2:4] for r in journal_rows(journal)] == [(2, 1)]
+    assert [r[2:4] for r in journal_rows(journal, COLUMNS)] == [(2, 1)]
 
 
 def test_a_given_up_task_is_kept_listed_requeued_and_purged(server_factory: Callable[..., Server],
@@ -156,20 +149,20 @@ def test_a_given_up_task_is_kept_listed_requeued_and_purged(server_factory: Call
         requeued = cli("requeue", durable_id, "--journal", str(journal))
         assert requeued.returncode == 0 and requeued.stdout.startswith("re-queued %s\n" % durable_id), requeued
         server.wait_for_events("durable_done", where=lambda e: e["id"] == poison)
-        wait_for(lambda: journal_rows(journal) == [], 10, "the re-queued task's row to go")
+        wait_for(lambda: journal_rows(journal, COLUMNS) == [], 10, "the re-queued task's row to go")
         assert cli("list", "--journal", str(journal)).stdout.endswith("0 given-up task(s) in %s (app %s)\n"
                                                                       % (journal, APP))
 
         # Given up again, then purged for good.
         flag.touch()
         plant(server, server.worker_pids()[0], "fn=poison&delay=0.2")
-        wait_for(lambda: [r for r in journal_rows(journal) if r[3]], 30, "the second task to be given up")
+        wait_for(lambda: [r for r in journal_rows(journal, COLUMNS) if r[3]], 30, "the second task to be given up")
         assert cli("requeue", "--journal", str(journal)).returncode == 2  # ids or --all
         wrong = cli("purge", "no-such-id", "--journal", str(journal))
         assert wrong.returncode == 1 and "no given-up task no-such-id" in wrong.stderr
         purged = cli("purge", "--all", "--journal", str(journal))
         assert purged.returncode == 0 and purged.stdout.endswith("1 task(s) purged\n"), purged
-        assert journal_rows(journal) == []
+        assert journal_rows(journal, COLUMNS) == []
         stop_cleanly(server)
     finally:
         statsd.close()
@@ -245,7 +238,7 @@ def test_a_journal_of_another_app_refuses_to_serve(server_factory: Callable[...,
     assert ("Error: durable_journal %s belongs to the app %r, not 'tests.apps.durable:app': one journal serves "
             "one app" % (journal, APP)) in out, out
     assert "python -m edgesync durable adopt tests.apps.durable:app --journal %s" % journal in out
-    assert [r[2:] for r in journal_rows(journal)] == [(1, 0, None)] * 3, "the other app touched nothing"
+    assert [r[2:] for r in journal_rows(journal, COLUMNS)] == [(1, 0, None)] * 3, "the other app touched nothing"
     # The app itself, started again, re-runs them.
     again = start(server_factory, env)
     wait_for(all_done(again), 30, "the three tasks to be re-run")
@@ -367,4 +360,4 @@ def test_a_task_a_deploy_no_longer_declares_durable_is_given_up_and_the_rest_run
     tally.kept = set(dropped)
     tally.show("a deploy removed @durable from one of 3 tasks")
     assert set(planted) <= tally.reruns and tally.lost == set() and tally.at_once == set()
-    assert [r[1:4] for r in journal_rows(journal)] == [("tests.apps.durable_seam_tasks:dropped", 1, 1)]
+    assert [r[1:4] for r in journal_rows(journal, COLUMNS)] == [("tests.apps.durable_seam_tasks:dropped", 1, 1)]
