@@ -34,6 +34,8 @@ def start(server_factory: Callable[..., Server], journal: bool = True, workers: 
           env: Optional[Dict[str, str]] = None, redis: Optional[Redis] = None, handoff_on: str = "deadline") -> Server:
     require_wrk()
     settings = {"EDGESYNC_DURABLE_JOURNAL": "journal.db"} if journal else {}
+    # A success line per task at INFO (not one summary a minute): the tests follow each id.
+    settings["EDGESYNC_TASK_LOG_INTERVAL_MS"] = "0"
     if redis is not None:
         settings.update({"EDGESYNC_HANDOFF": "rq", "EDGESYNC_HANDOFF_ON": handoff_on,
                          "EDGESYNC_HANDOFF_REDIS_URL": redis.url, "EDGESYNC_HANDOFF_QUEUE": QUEUE})
