@@ -37,6 +37,7 @@ RANGES = {
     "beforeunload_memory_ratio": (0, 100),
     "background_threads": (1, 1024),
     "max_pending_tasks": (1, 10_000_000),
+    "task_log_interval_ms": (0, 2**31 - 1),
     "exit_drain_timeout_ms": (0, 2**31 - 1),
     "durable_max_attempts": (1, 1000),
     "durable_lease_ms": (3000, 2**31 - 1),
