@@ -449,6 +449,11 @@ def verdict(message: str = "CPU time limit reached (test)") -> Verdict:
     return Verdict("cpu", 546, message)
 
 
+# CPython 3.13.0 lets an asynchronous exception (PyThreadState_SetAsyncExc) raised in a loop's condition
+# escape the `except` clause around the loop: 72 of 100 in a 20-line script without edgesync, 0 of 100
+# on 3.11.7 and 3.12.1 (docs/pythons-and-frameworks.md). Nothing edgesync can do about it there.
+@pytest.mark.skipif(sys.version_info[:3] == (3, 13, 0),
+                    reason="CPython 3.13.0 lets an asynchronous exception escape its except clause")
 def test_cancel_raises_inside_a_busy_loop_promptly() -> None:
     tracker = Tracker()
     spinner = Spinner(tracker)
