@@ -540,6 +540,10 @@ def test_server_hooks_see_a_retire_as_gunicorn_documents(server_factory: Callabl
     retiree, other = server.worker_pids()
     retire(server, retiree)
     wait_for(lambda: handed_off(server, retiree), SETTLE, "the retiree to hand off")
+    # Gone, not only handed off: a retiree still draining would count as one of the 3 serving workers
+    # below, and the stop would then reach the TTIN worker while it boots.
+    assert server.proc is not None
+    wait_for(lambda: retiree not in workers_of(server.proc.pid), SETTLE, "the retiree to exit")
     server.signal(signal.SIGTTIN)
     settled(server, 3)
     server.signal(signal.SIGTTOU)
