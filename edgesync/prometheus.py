@@ -58,6 +58,7 @@ from prometheus_client.mmap_dict import MmapedDict as _MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector as _MultiProcessCollector
 
 from . import _events, _runtime
+from ._journal import process_start  # the one reading of a process's start time (and zombies)
 
 __all__ = ["ENV", "compact", "install", "installed", "make_wsgi_app", "process_identifier"]
 
@@ -87,18 +88,6 @@ MultiProcessCollector: Any = _MultiProcessCollector
 _identifier: Optional[str] = None
 
 
-def _start_ticks(pid: int) -> Optional[Tuple[int, str]]:
-    """(start time in clock ticks since boot, state letter) of ``pid``, None if it does not exist."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = stat[stat.rindex(b")") + 2:].split()
-    return int(fields[19]), fields[0].decode()
-
-
 def process_identifier() -> str:
     """This process's identifier for its value files: ``<pid>-<start ticks>`` (unique while it lives)."""
     ident = _identifier
@@ -110,8 +99,8 @@ def process_identifier() -> str:
 def _set_identifier() -> str:
     global _identifier
     pid = os.getpid()
-    found = _start_ticks(pid)
-    _identifier = "%d-%d" % (pid, found[0] if found is not None else time.monotonic_ns())
+    started = process_start(pid)
+    _identifier = "%d-%d" % (pid, started if started is not None else time.monotonic_ns())
     return _identifier
 
 
@@ -120,8 +109,7 @@ def _alive(ident: str) -> bool:
     pid, _, ticks = ident.partition("-")
     if not pid.isdigit() or not ticks.isdigit():
         return True  # not one of ours (another identifier scheme): never touched
-    found = _start_ticks(int(pid))
-    return found is not None and found[0] == int(ticks) and found[1] not in ("Z", "X")
+    return process_start(int(pid)) == int(ticks)  # None for a zombie: it has stopped writing
 
 
 # -- compaction ----------------------------------------------------------------------------
