@@ -20,7 +20,7 @@ import pytest
 
 from edgesync._events import EVENT_TYPES, listeners
 
-from .support import COMPONENTS, Redis, RQWorker, Server
+from .support import COMPONENTS, Redis, RQWorker, Server, stop_and_show_logs
 
 # Re-exported: test modules import these from support.py, some older ones from here.
 from .support import REPO as REPO
@@ -153,12 +153,7 @@ def rq_workers(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Calla
         started.append(worker)
         return worker
     yield make
-    for worker in started:
-        worker.stop()
-    failed = getattr(request.node, "rep_call", None)
-    if failed is not None and failed.failed:
-        for worker in started:
-            sys.stdout.write("\n----- rq worker log -----\n%s\n" % worker.log_path.read_text(errors="replace"))
+    stop_and_show_logs(request, started)
 
 
 @pytest.fixture

@@ -560,3 +560,15 @@ def journal_rows(path: Path, columns: str = "id, fn, args, attempt, max_attempts
         return conn.execute("SELECT %s FROM edgesync_tasks ORDER BY %s" % (columns, order)).fetchall()
     finally:
         conn.close()
+
+
+def stop_and_show_logs(request: pytest.FixtureRequest, started: List[Any]) -> None:
+    """At a fixture's teardown: stop each process it ``started`` (each has ``stop()`` and ``log_path``), and
+    print their logs when the test failed."""
+    for process in started:
+        process.stop()
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        for process in started:
+            sys.stdout.write("\n----- %s -----\n%s\n" % (process.log_path.name,
+                                                         process.log_path.read_text(errors="replace")))

@@ -28,7 +28,7 @@ import pytest
 from edgesync._config import ConfigError, Settings, load_settings, settings_reference_markdown
 
 from .fault_suite import all_done, durable_tally, plant, stop_cleanly
-from .support import REPO, Redis, Server, require_wrk, wait_for
+from .support import REPO, Redis, Server, require_wrk, stop_and_show_logs, wait_for
 
 APP = "tests.apps.flaskdurable:app"
 QUEUE = "edgesync-test"
@@ -131,13 +131,7 @@ def celery_workers(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[C
         started.append(worker)
         return worker
     yield make
-    for worker in started:
-        worker.stop()
-    failed = getattr(request.node, "rep_call", None)
-    if failed is not None and failed.failed:
-        for worker in started:
-            sys.stdout.write("\n----- %s -----\n%s\n" % (worker.log_path.name,
-                                                         worker.log_path.read_text(errors="replace")))
+    stop_and_show_logs(request, started)
 
 
 def start(server_factory: Callable[..., Server], redis: Redis, handoff_on: str, journal: bool = False,
