@@ -1,6 +1,6 @@
 """Instructions per background task, counted by valgrind: ``wait_until`` against ``ThreadPoolExecutor``.
 
-    python bench/taskcost.py [--tasks 2000] [--flask] [--log-level info]
+    python bench/taskcost.py [--tasks 2000] [--flask] [--log-level info] [--durable]
 
 On a loaded machine time-based figures swing by 10-30%; an instruction count does not.
 Each side runs in a fresh interpreter under ``valgrind --tool=callgrind`` (every thread
@@ -11,7 +11,10 @@ completion, on every thread. ``--flask`` submits from inside a Flask request con
 (edgesync then isolates the task from it, as in a view); ``--log-level`` sets the root
 logger's level (``info`` is gunicorn's default: edgesync's per-task logging shows up).
 
-``python bench/taskcost.py --child es|tpe N`` is the measured program itself.
+``--durable`` counts a durable task (``@edgesync.durable``, with a journal) against a
+plain ``wait_until`` instead: what the journal and its spool cost per task.
+
+``python bench/taskcost.py --child es|tpe|durable N`` is the measured program itself.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ import re
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Callable, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -45,8 +48,16 @@ def child(side: str, tasks: int, flask: bool, level: str) -> None:
         from flask import Flask
 
         ctx = Flask(__name__).test_request_context("/")
-    with testing.runtime(background_threads=8, max_pending_tasks=10**7), ThreadPoolExecutor(8) as ex, ctx:
-        submit = (lambda: edgesync.wait_until(trivial, 1)) if side == "es" else (lambda: ex.submit(trivial, 1))
+    settings: Dict[str, Any] = {"background_threads": 8, "max_pending_tasks": 10**7}
+    if side == "durable":
+        settings["durable_journal"] = os.path.join(tempfile.mkdtemp(), "journal.db")
+    from bench.apps import durable_tasks
+
+    with testing.runtime(**settings), ThreadPoolExecutor(8) as ex, ctx:
+        calls: Dict[str, Callable[[], Future[Any]]] = {
+            "es": lambda: edgesync.wait_until(trivial, 1), "tpe": lambda: ex.submit(trivial, 1),
+            "durable": lambda: edgesync.wait_until(durable_tasks.send_email, "a@b.c", 1)}
+        submit = calls[side]
         wait([submit() for _ in range(200)])  # warm-up: threads started, caches filled
         batch: List[Any] = []
         for _ in range(tasks):
@@ -73,6 +84,9 @@ def main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", type=int, default=2000)
     p.add_argument("--flask", action="store_true", help="submit from inside a Flask request context")
+    p.add_argument("--durable", action="store_true",
+                   help="a durable task (with a journal) against a plain wait_until, instead of wait_until "
+                        "against ThreadPoolExecutor")
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning"))
     p.add_argument("--child", nargs=2, metavar=("SIDE", "N"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -80,11 +94,17 @@ def main(argv: List[str]) -> int:
         child(a.child[0], int(a.child[1]), a.flask, a.log_level)
         return 0
     per = {}
-    for side in ("es", "tpe"):
+    sides = ("durable", "es") if a.durable else ("es", "tpe")
+    for side in sides:
         per[side] = (count(side, a.tasks, a.flask, a.log_level) - count(side, 0, a.flask, a.log_level)) / a.tasks
-    print("instructions per task (%d tasks%s, log level %s): wait_until %.0f, ThreadPoolExecutor %.0f, "
-          "ratio %.3fx" % (a.tasks, ", in a Flask request" if a.flask else "", a.log_level, per["es"], per["tpe"],
-                           per["es"] / per["tpe"]))
+    where = ", in a Flask request" if a.flask else ""
+    if a.durable:
+        print("instructions per task (%d tasks%s, log level %s): durable wait_until (journal) %.0f, wait_until "
+              "%.0f, ratio %.3fx" % (a.tasks, where, a.log_level, per["durable"], per["es"],
+                                     per["durable"] / per["es"]))
+    else:
+        print("instructions per task (%d tasks%s, log level %s): wait_until %.0f, ThreadPoolExecutor %.0f, "
+              "ratio %.3fx" % (a.tasks, where, a.log_level, per["es"], per["tpe"], per["es"] / per["tpe"]))
     return 0
 
 

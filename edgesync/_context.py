@@ -184,4 +184,6 @@ def _flask_app_active() -> bool:
 
 
 def _finish(result: Any) -> Any:
+    if result is None:  # most tasks return nothing: no need to look further
+        return None
     return run_awaitable(result) if inspect.isawaitable(result) else result

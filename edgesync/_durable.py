@@ -19,7 +19,6 @@ that runs a durable task.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import copy
 import functools
@@ -33,7 +32,6 @@ from typing import (
     Callable,
     Dict,
     Generic,
-    Iterator,
     Optional,
     ParamSpec,
     Sequence,
@@ -48,6 +46,13 @@ from ._context import run_in_app
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+#: Types whose values come back from JSON unchanged (a float that JSON refuses, NaN or infinity,
+#: is refused by ``json.dumps(allow_nan=False)`` before it is compared).
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+#: One encoder for every record (``json.dumps`` with options builds a new one per call).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 _attempt: contextvars.ContextVar[int] = contextvars.ContextVar("edgesync_attempt", default=0)
 
@@ -67,19 +72,37 @@ def current_attempt() -> int:
     return _attempt.get()
 
 
-@contextlib.contextmanager
-def attempt_scope(attempt: int, payload: Optional[str] = None, name: str = "") -> Iterator[None]:
-    """Around each run: the attempt number, and (``payload``: the task's record) its trace."""
-    token = _attempt.set(attempt)
-    try:
-        carrier = json.loads(payload)[2:] if tracing is not None and payload else None
-        if carrier:
-            with tracing.run(carrier[0], attempt, name):
-                yield
-        else:
-            yield
-    finally:
-        _attempt.reset(token)
+class attempt_scope:
+    """Around each run: the attempt number, and (``payload``: the task's record) its trace.
+
+    A class rather than a generator-based context manager: it is entered once per run.
+    """
+
+    __slots__ = ("attempt", "payload", "name", "token", "traced")
+
+    def __init__(self, attempt: int, payload: Optional[str] = None, name: str = ""):
+        self.attempt, self.payload, self.name = attempt, payload, name
+        self.traced: Any = None
+
+    def __enter__(self) -> None:
+        self.token = _attempt.set(self.attempt)
+        if tracing is not None and self.payload:
+            carrier = json.loads(self.payload)[2:]
+            if carrier:
+                try:
+                    self.traced = tracing.run(carrier[0], self.attempt, self.name)
+                    self.traced.__enter__()
+                except BaseException:  # why: the attempt is reset whatever failed; the error goes on
+                    _attempt.reset(self.token)
+                    raise
+
+    def __exit__(self, *exc: Any) -> Optional[bool]:
+        try:
+            if self.traced is not None:
+                return bool(self.traced.__exit__(*exc))
+            return None
+        finally:
+            _attempt.reset(self.token)
 
 
 class DurableFunction(Generic[P, T]):
@@ -162,7 +185,7 @@ class DurableFunction(Generic[P, T]):
         # A third element: the caller's trace context (edgesync.otel), when there is one.
         extra = [tracing.carrier()] if tracing is not None else []
         try:
-            text = json.dumps([args, kwargs] + [e for e in extra if e], separators=(",", ":"), allow_nan=False)
+            text = _ENCODER.encode([args, kwargs] + [e for e in extra if e])
         except (TypeError, ValueError):
             raise TypeError(
                 "wait_until(%s, ...): a durable task's arguments must be JSON values (str, int, float, bool, "
@@ -170,7 +193,9 @@ class DurableFunction(Generic[P, T]):
                 "read back by another process; %s. Pass an id and load the object in the task."
                 % (self.path, _what_json_refuses(args, kwargs))) from None
         # Tuples become lists and int keys become strings: the task would get other values on a re-run.
-        if json.loads(text)[:2] != [list(args), kwargs]:
+        # Scalars (the common case: ids, names, numbers) always come back unchanged: no need to look.
+        if not (_SCALARS.issuperset(map(type, args)) and _SCALARS.issuperset(map(type, kwargs.values()))) \
+                and json.loads(text)[:2] != [list(args), kwargs]:
             raise TypeError(
                 "wait_until(%s, ...): a durable task's arguments must come back from JSON unchanged, so that "
                 "a re-run gets what the first run got; %s. Use lists instead of tuples and str dict keys."

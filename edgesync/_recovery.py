@@ -32,6 +32,7 @@ processes run it at once.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -40,14 +41,14 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Deque, Dict, Optional, Tuple
 
 from . import _runtime
 from ._config import Settings
 from ._context import load_app, process_app_path
 from ._durable import DurableFunction, resolve, unwrap
 from ._handoff import Handed, Target, target_for
-from ._journal import Entry, Journal, check
+from ._journal import SPOOL_DELAY_S, Entry, Journal, check
 from ._lifecycle import State
 from ._pool import QueueFull
 from ._runtime import Runtime
@@ -65,8 +66,29 @@ _COUNTERS = ("recorded", "completed", "rerun", "given_up", "handed_off", "left_p
 _STATSD = ("rerun", "given_up", "handed_off", "left_pending", "retried")
 
 
+_ids: Deque[str] = collections.deque()
+_ids_lock = threading.Lock()
+
+
+def new_id() -> str:
+    """A new durable task id: 9 random bytes in hex, read from ``os.urandom`` 256 ids at a time.
+
+    A system call per id released the GIL in every durable ``wait_until`` (another thread
+    then ran before the view went on); the bytes are as random either way. A forked child
+    starts with none (see ``_after_fork_in_child``): parent and child never share one.
+    """
+    while True:
+        try:
+            return _ids.popleft()  # atomic: two threads never get the same id
+        except IndexError:
+            with _ids_lock:
+                if not _ids:
+                    raw = os.urandom(9 * 256).hex()
+                    _ids.extend(raw[i:i + 18] for i in range(0, len(raw), 18))
+
+
 class _Held:
-    __slots__ = ("fn", "args", "runs", "max_attempts", "started", "app", "given_up")
+    __slots__ = ("fn", "args", "runs", "max_attempts", "started", "app", "given_up", "marked")
 
     def __init__(self, fn: str, args: str, runs: int, max_attempts: int, app: Optional[str]):
         self.fn = fn
@@ -76,6 +98,7 @@ class _Held:
         self.app = app  # the import path of the app it runs in (see _context)
         self.started = False  # whether it started in this process
         self.given_up = False
+        self.marked = False  # its run is counted by its mark in the journal's spool (see _journal)
 
 
 class _Run:
@@ -165,7 +188,7 @@ class _Keeper:
     def submit(self, rt: Runtime, fn: DurableFunction[Any, Any], args: Any, kwargs: Any) -> Future[Any]:
         payload = fn.encode(args, kwargs)
         max_attempts = fn.attempts_allowed(self.max_attempts)
-        task_id = os.urandom(9).hex()
+        task_id = new_id()
         app = process_app_path()
         if self.always and self._target_up():
             assert self.target is not None
@@ -261,7 +284,10 @@ class _Keeper:
         held.runs = failed + 1
         if self.journal is not None:
             try:
-                self.journal.start(task_id)
+                if held.marked:
+                    self.journal.set_attempt(task_id, failed)  # the runs that ended; the mark counts this one
+                else:
+                    self.journal.start(task_id)
             except Exception:  # the journal failed: the retry runs anyway (at least once), uncounted
                 log.exception("%s: could not count the retry of durable task %s in the journal, id=%s",
                               self.who, fn, task_id)
@@ -271,7 +297,9 @@ class _Keeper:
         runs: Optional[int] = held.runs + 1
         if self.journal is not None:
             try:
-                runs = self.journal.start(task_id)
+                held.marked = self.journal.mark(task_id)
+                if not held.marked:  # not markable now: counted in SQLite, which checks the row is still ours
+                    runs = self.journal.start(task_id)
             except Exception:  # the journal failed: run it anyway (at least once), uncounted; logged once here
                 log.exception("%s: could not count the start of durable task %s in the journal, id=%s",
                               self.who, held.fn, task_id)
@@ -310,7 +338,9 @@ class _Keeper:
             self.give_up(task_id, held.fn, held.runs, "its retries were spent")
             return
         if self.journal is not None:
-            self.journal.delete(task_id)
+            self.journal.end(task_id)
+            if self._stop.is_set():
+                self.journal.flush()  # unloaded: the journal's thread writes no more
         with self._lock:
             self.counts["completed"] += 1
 
@@ -406,7 +436,8 @@ class _Keeper:
         # After the new file is open: a task recorded into the old one was held before (see submit).
         held = list(self.held.items())
         for task_id, h in held:
-            self.journal.record(task_id, h.fn, h.args, h.max_attempts, h.runs)
+            # A marked run is counted by its mark (which is still there), not in the row.
+            self.journal.record(task_id, h.fn, h.args, h.max_attempts, h.runs - h.marked)
         log.error("%s: the durable journal %s was %s while this process was writing it: it opened the "
                   "file at that path (creating it if needed) and recorded its %d pending durable task(s) there "
                   "again. Tasks that only the old file held (of processes that died before they could record "
@@ -424,6 +455,8 @@ class _Keeper:
         if self._stop.is_set():
             return {}  # unloaded already (an instance unloads once; a test runtime may be closed after)
         self._stop.set()
+        if self.journal is not None:
+            self.journal.dirty.set()  # wakes the journal's thread, which sees the stop and ends
         placed: Dict[str, str] = {}
         handed = kept = 0
         for task_id, h in list(self.held.items()):
@@ -448,6 +481,11 @@ class _Keeper:
                 self.journal.delete(task_id)
             placed[task_id] = self.target.where(task_id)
             handed += 1
+        if self.journal is not None:
+            try:
+                self.journal.close()  # the spool is written to SQLite (and goes when nothing is left in it)
+            except Exception:  # their rows stay: the tasks run again after this process (at least once)
+                log.exception("%s: could not write the spool of durable tasks to the journal", self.who)
         with self._lock:
             self.counts["handed_off"] += handed
             self.counts["left_pending"] += kept
@@ -459,6 +497,10 @@ class _Keeper:
                      else "lost: set durable_journal or handoff to keep them")
             log.warning("%s: %d durable task(s) not done, %s (reason=%s)", self.who, kept, where, why)
         return placed
+
+    def settle(self) -> None:
+        if self.journal is not None:
+            self.journal.flush()
 
     def metrics(self) -> Dict[str, Any]:
         with self._lock:
@@ -490,12 +532,23 @@ def _decode(args: str) -> Any:
 
 
 def _claim_loop(keeper: _Keeper) -> None:
+    journal = keeper.journal
+    assert journal is not None
+    next_tick = 0.0
     while not keeper._stop.is_set():
-        try:
-            keeper.tick()
-        except Exception:  # a locked or broken journal must not end claiming: logged, retried next tick
-            log.exception("%s: claiming durable tasks from the journal failed", keeper.who)
-        keeper._stop.wait(CLAIM_INTERVAL)
+        if time.monotonic() >= next_tick:
+            next_tick = time.monotonic() + CLAIM_INTERVAL
+            try:
+                keeper.tick()
+            except Exception:  # a locked or broken journal must not end claiming: logged, retried next tick
+                log.exception("%s: claiming durable tasks from the journal failed", keeper.who)
+        # Woken when the spool holds something for SQLite (or by unload), which then collects SPOOL_DELAY_S.
+        if journal.dirty.wait(max(0.0, next_tick - time.monotonic())) and not keeper._stop.wait(SPOOL_DELAY_S):
+            try:
+                journal.flush()
+            except Exception:  # the rows stay (their tasks would run again): logged, retried next time
+                log.exception("%s: writing the spool of durable tasks to the journal failed", keeper.who)
+                keeper._stop.wait(SPOOL_DELAY_S)
 
 
 # -- the layer's registration ------------------------------------------------------------------------
@@ -545,9 +598,11 @@ def _after_fork_in_child() -> None:
     # The parent's journals (their locks may be held by threads that did not survive the fork, their
     # connections belong to the parent) are not this process's. (A runtime, and its keeper, is
     # created after fork: see _runtime.)
-    global _journals_lock, _journals
+    global _journals_lock, _journals, _ids_lock
     _journals = {}
     _journals_lock = threading.Lock()
+    _ids.clear()  # the parent's: the child draws its own
+    _ids_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -80,6 +80,9 @@ class Layer(Protocol):
         outside the pool and loses, it logs as abandoned itself.
         """
 
+    def settle(self) -> None:
+        """Write down now what the layer batches for its ended tasks (the journal's deletes)."""
+
     def metrics(self) -> Dict[str, Any]:
         """Its part of ``runtime_metrics()``, as plain data."""
 
@@ -310,6 +313,11 @@ class Runtime:
             self._increment("terminations.%s" % lc.terminate_reason)
         if self._on_change is not None:
             self._on_change(trigger)
+
+    def settle(self) -> None:
+        """What the layers batch for ended tasks is written now (see ``Layer.settle``)."""
+        for layer in list(self.layers.values()):
+            layer.settle()
 
     def unload(self, why: str) -> List[TaskInfo]:
         """-> UNLOADED: refuse new work; abandon what is pending and log each task.

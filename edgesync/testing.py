@@ -65,13 +65,15 @@ class TestRuntime:
         _runtime.install(self.runtime)
 
     def wait(self, timeout: float = 5.0) -> None:
-        """Block until every task scheduled so far (and any they schedule) is done.
+        """Block until every task scheduled so far (and any they schedule) is done, and its bookkeeping written.
 
-        Raises ``TaskTimeout`` naming the tasks still pending after ``timeout`` s.
+        A durable task's row is deleted from the journal by then (a worker batches those
+        deletes). Raises ``TaskTimeout`` naming the tasks still pending after ``timeout`` s.
         """
         if not self.runtime.pool.wait_idle(time.monotonic() + timeout):
             pending = ", ".join("%s (%s)" % (t.name, t.state) for t in self.runtime.pool.snapshot())
             raise TaskTimeout("edgesync: tasks still pending after %.1fs: %s" % (timeout, pending))
+        self.runtime.settle()
 
     def record(self, type: str) -> List[Any]:
         """A list that receives every ``type`` event from now until the test ends."""

@@ -466,7 +466,17 @@ class StatsdListener:
             raise AssertionError("%s\nreceived: %s" % (exc, sorted(set(self.lines)))) from None
 
     def received(self, line: str) -> bool:
-        """``line`` arrived, possibly with a sampling rate appended (gunicorn adds ``|@1.0``)."""
+        """``line`` arrived, possibly with a sampling rate appended (gunicorn adds ``|@1.0``); for a counter
+        (``name:N|c``), the increments received for ``name`` add up to N (a client may send one in parts)."""
+        if line.endswith("|c"):
+            name, _, value = line[:-2].rpartition(":")
+            total = 0.0
+            for got in self.lines:
+                fields = got.split("|")
+                metric, _, count = fields[0].rpartition(":")
+                if len(fields) > 1 and fields[1] == "c" and metric == name:
+                    total += float(count)
+            return total == float(value)
         return any(got == line or got.startswith(line + "|@") for got in self.lines)
 
     def close(self) -> None:
@@ -560,6 +570,45 @@ def journal_rows(path: Path, columns: str = "id, fn, args, attempt, max_attempts
         return conn.execute("SELECT %s FROM edgesync_tasks ORDER BY %s" % (columns, order)).fetchall()
     finally:
         conn.close()
+
+
+def journal_spooled(path: Path) -> List[Tuple[int, Any]]:
+    """What the spools of the journal at ``path`` hold (every process's): (owner pid, ``Spooled``) pairs."""
+    from edgesync._journal import read_spool, spool_dir
+
+    directory = spool_dir(str(path))
+    if not os.path.isdir(directory):
+        return []
+    return [(int(name.rsplit("-", 2)[1]), task) for name in sorted(os.listdir(directory))
+            for task in read_spool(os.path.join(directory, name))[1]]
+
+
+def journal_marked(path: Path) -> Set[str]:
+    """The ids of the tasks whose run started and is marked in a spool of the journal at ``path``."""
+    return {task.id for _, task in journal_spooled(path) if task.started}
+
+
+def journal_tasks(path: Path, columns: str = "id, fn, args, attempt, max_attempts, owner_pid") -> List[Tuple[Any, ...]]:
+    """The pending tasks of the journal at ``path`` as ``journal_rows`` gives them, with those still only in a
+    spool (attempt 0, not given up), in the order they were accepted."""
+    names = [c.strip() for c in columns.split(",")]
+    rows = journal_rows(path, "accepted, id, " + columns)
+    known = {r[1] for r in rows}
+    for pid, t in journal_spooled(path):
+        if t.recorded and t.id not in known:
+            value = {"id": t.id, "fn": t.fn, "args": t.args, "attempt": 0, "max_attempts": t.max_attempts,
+                     "owner_pid": pid, "given_up IS NOT NULL": 0, "given_up": None, "last_error": None}
+            rows.append((t.accepted, t.id) + tuple(value[n] for n in names))
+    return [r[2:] for r in sorted(rows, key=lambda r: r[0])]
+
+
+def journal_runs(path: Path, by: str = "args") -> Dict[str, int]:
+    """Runs started so far of each task of the journal at ``path`` (see ``journal_tasks``), by its ``args``
+    (or ``id``): its row's count, plus one if its run is marked in a spool (a run in progress, or ended and
+    not yet deleted)."""
+    marked = journal_marked(path)
+    return {(task_id if by == "id" else args): attempt + (task_id in marked)
+            for task_id, args, attempt in journal_tasks(path, "id, args, attempt")}
 
 
 def stop_and_show_logs(request: pytest.FixtureRequest, started: List[Any]) -> None:

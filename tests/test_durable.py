@@ -29,7 +29,7 @@ from edgesync._journal import Journal, process_start
 from edgesync.testing import TestRuntime, runtime
 
 from .apps import durable_tasks
-from .support import REPO, free_port, journal_rows, wait_for
+from .support import REPO, free_port, journal_marked, journal_runs, journal_tasks, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +38,7 @@ def fresh_tasks(fresh_durable_tasks: None) -> None:
 
 
 def rows(path: Path) -> List[Any]:
-    return journal_rows(path, "id, fn, args, attempt, max_attempts, owner_pid")
+    return journal_tasks(path)
 
 
 # -- the API --------------------------------------------------------------------------------------
@@ -115,15 +115,17 @@ def test_recorded_before_wait_until_returns_and_deleted_when_done(tmp_path: Path
         fut = edgesync.wait_until(durable_tasks.gated, "g1")
         (row,) = rows(path)
         assert row[1:3] + row[4:] == ("tests.apps.durable_tasks:gated", '[["g1"],{}]', 2, os.getpid())
-        # Its run is counted when it starts (0 until then).
-        wait_for(lambda: rows(path)[0][3] == 1, 5, "the task's run to be counted")
+        # Its run is counted when it starts, by its mark (outside SQLite): the row's count stays 0.
+        wait_for(lambda: row[0] in journal_marked(path), 5, "the task's run to be marked")
+        assert rows(path)[0][3] == 0
         metrics = edgesync.runtime_metrics()["durable"]
         assert metrics["pending"] == 1 and metrics["journal_pending"] == 1 and metrics["recorded"] == 1
         durable_tasks.gate.set()
         fut.result(5)
         rt.wait(5)
-        assert rows(path) == []
+        assert rows(path) == []  # wait() writes the batched deletes
         assert rt.metrics()["durable"]["completed"] == 1
+    assert journal_marked(path) == set()  # ended, deleted: its mark is cleared
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     conn.close()
@@ -184,10 +186,10 @@ DEAD_WORKER = textwrap.dedent("""
     import sqlite3, time
     for i in range({n}):
         edgesync.wait_until(durable_tasks.{fn}, "dead-%d" % i)
-    # One thread: the first task starts (its run is counted in its row), the others wait behind it.
-    conn = sqlite3.connect({path!r})
+    # One thread: the first task starts (its run is marked), the others wait behind it.
+    from tests.support import journal_runs
     deadline = time.monotonic() + 10
-    while conn.execute("SELECT SUM(attempt) FROM edgesync_tasks").fetchone()[0] != 1:
+    while sum(journal_runs({path!r}).values()) != 1:
         assert time.monotonic() < deadline, "the first task did not start"
         time.sleep(0.01)
     print("recorded", flush=True)
@@ -205,8 +207,8 @@ def die_with_tasks(path: Path, n: int, fn: str = "gated") -> int:
 def test_a_live_process_reruns_the_tasks_of_a_dead_one(tmp_path: Path) -> None:
     path = tmp_path / "j.db"
     die_with_tasks(path, 5)
-    # An attempt is a run: the one task that started counts 1, the four queued behind it 0.
-    assert {r[2]: r[3] for r in rows(path)} == {'[["dead-%d"],{}]' % i: int(i == 0) for i in range(5)}
+    # An attempt is a run: the one task that started counts 1 (its mark), the four queued behind it 0.
+    assert journal_runs(path) == {'[["dead-%d"],{}]' % i: int(i == 0) for i in range(5)}
     durable_tasks.gate.set()
     with runtime(durable_journal=str(path)) as rt:
         _recovery.boot(rt.runtime)  # what the gunicorn worker does when it is ready
@@ -230,13 +232,13 @@ def test_gives_up_after_max_runs_and_keeps_the_task(tmp_path: Path, caplog: pyte
         from edgesync.testing import TestRuntime
         rt = TestRuntime(durable_journal={path!r})
         assert _recovery._keeper(rt.runtime).claim_once() == 2
-        conn = sqlite3.connect({path!r})
-        while conn.execute("SELECT SUM(attempt) FROM edgesync_tasks").fetchone()[0] != 3:
+        from tests.support import journal_runs
+        while sum(journal_runs({path!r}).values()) != 3:
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGKILL)
     """).format(repo=str(REPO), path=str(path))
     assert subprocess.run([sys.executable, "-c", claimer], timeout=30).returncode == -signal.SIGKILL
-    assert sorted((r[2], r[3]) for r in rows(path)) == [('[["dead-0"],{}]', 2), ('[["dead-1"],{}]', 1)]
+    assert journal_runs(path) == {'[["dead-0"],{}]': 2, '[["dead-1"],{}]': 1}
     durable_tasks.gate.set()
     with runtime(durable_journal=str(path)) as rt:
         assert _recovery._keeper(rt.runtime).claim_once() == 2

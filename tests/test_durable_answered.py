@@ -14,13 +14,16 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import sqlite3
 import threading
 import time
+from pathlib import Path
 from typing import Callable, List, Set
 
 import pytest
 
-from .support import Server, wait_for
+from .fault_suite import plant
+from .support import Server, journal_rows, journal_spooled, journal_tasks, wait_for
 
 APP = "tests.apps.durable:app"
 
@@ -87,3 +90,31 @@ def test_every_answered_request_has_its_task_run_through_repeated_sigkills(
     assert lost == set(), "answered but never run: %s" % sorted(lost)[:10]
     assert reruns, "some kills landed while accepted tasks were pending (they were re-run by a live worker)"
     assert failures == []
+
+
+def test_an_answered_task_outlives_its_worker_while_sqlite_is_locked(server_factory: Callable[..., Server],
+                                                                     tmp_path: Path) -> None:
+    # Another process holds the journal's write lock (a long transaction, an operator's command):
+    # the worker records the task in its spool, answers, and dies before the spool reaches SQLite.
+    journal = tmp_path / "journal.db"
+    server = server_factory("--workers", "2", "--threads", "4", app=APP, workers_ready=2,
+                            env={"EDGESYNC_DURABLE_JOURNAL": str(journal)})
+    victim = server.worker_pids()[0]
+    blocker = sqlite3.connect(journal, timeout=10, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # the write lock, held
+    try:
+        planted = plant(server, victim, "first=30&rerun=0.05&n=2")
+        # (A task's arguments hold the id the app gave it.)
+        spooled = [t.args for _, t in journal_spooled(journal) if t.recorded]
+        assert all(any('"%s"' % i in args for args in spooled) for i in planted), "recorded in the spool"
+        os.kill(victim, signal.SIGKILL)
+        assert journal_rows(journal, "id") == [], "nothing written to SQLite"
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    # The survivor (or the replacement) reads the dead worker's spool and runs the tasks again.
+    wait_for(lambda: set(planted) <= {e["id"] for e in server.events("durable_done")}, 30,
+             "the answered tasks of the killed worker to run to their end")
+    reruns = {e["id"]: e["attempt"] for e in server.events("durable_start") if e["attempt"] >= 2}
+    assert set(reruns) == set(planted), "each started before the kill: its re-run is its second attempt"
+    wait_for(lambda: journal_tasks(journal, "id") == [], 10, "the journal to be empty")

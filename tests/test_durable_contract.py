@@ -20,7 +20,7 @@ import edgesync
 from edgesync.testing import runtime
 
 from .apps import durable_tasks
-from .support import journal_rows
+from .support import journal_tasks
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +29,7 @@ def fresh_tasks(fresh_durable_tasks: None) -> None:
 
 
 def rows(path: Path) -> List[Any]:
-    return journal_rows(path, "id, fn, args, attempt, owner_pid")
+    return journal_tasks(path, "id, fn, args, attempt, owner_pid")
 
 
 def closed_port_url() -> str:
