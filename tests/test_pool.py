@@ -608,3 +608,37 @@ def test_pool_task_cancelled_by_a_verdict(make_pool: Callable[..., Harness]) -> 
     assert (counts["failed"], counts["cancelled"], counts["completed"]) == (1, 1, 1)
     [(task, reported, _)] = h.failures
     assert reported is exc and task.future is fut
+
+
+def test_a_cancellation_delivered_as_the_task_ends_its_invocation_is_taken_back(
+        make_pool: Callable[..., Harness]) -> None:
+    # The monitor may cancel a task in the instant it returns: the exception is then
+    # delivered at the first point where its thread checks for one, which may be the
+    # entry of Slot.end_surely, before the retry inside it. A trace hook on the pool's
+    # thread cancels the task there (Slot.cancel, as the monitor does); the exception
+    # that the cancellation raises in that hook reaches end_surely's entry, as a
+    # delivery there would.
+    h = make_pool(max_threads=1)
+    armed: List[bool] = []
+
+    def hook(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is Slot.end_surely.__code__ and armed:
+            armed.clear()
+            slot = h.tracker.slot()  # (the pool thread's own)
+            assert slot.current is not None
+            assert slot.cancel(slot.current, verdict("cancelled as it returned"))
+
+    def answer() -> int:
+        armed.append(True)  # the next end_surely on this thread is this task's
+        return 42
+
+    threading.settrace(hook)  # the pool's thread starts with it: the first submit starts it
+    try:
+        fut = h.submit(answer)
+        assert fut.result(WAIT) == 42, "the task returned before the cancellation"
+    finally:
+        threading.settrace(None)  # type: ignore[arg-type]
+    h.idle()
+    assert h.pool.counts()["completed"] == 1
+    assert h.tracker.live() == [], "the task's invocation ended"
+    assert h.submit(lambda: "next").result(WAIT) == "next", "the thread survives, with no cancellation pending"
