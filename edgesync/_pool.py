@@ -260,7 +260,15 @@ class Pool:
             # when it lands inside the handler above instead of inside the task.
             error = exc
         finally:
-            slot.end_surely(task)
+            # end_surely retries when a cancellation lands inside it; one that the monitor
+            # sent in the instant the task returned may also be delivered as end_surely is
+            # entered, before that retry: it is caught here, or the task stays pending for good.
+            while True:
+                try:
+                    slot.end_surely(task)
+                    break
+                except InvocationCancelled:
+                    continue
         if error is None:
             # (The task and what it holds are dropped when this returns, as a thread
             # pool's work item is: nothing to clear first.)

@@ -637,7 +637,7 @@ def test_a_cancellation_delivered_as_the_task_ends_its_invocation_is_taken_back(
         fut = h.submit(answer)
         assert fut.result(WAIT) == 42, "the task returned before the cancellation"
     finally:
-        threading.settrace(None)  # type: ignore[arg-type]
+        threading.settrace(None)
     h.idle()
     assert h.pool.counts()["completed"] == 1
     assert h.tracker.live() == [], "the task's invocation ended"
@@ -674,7 +674,7 @@ def test_a_cancellation_taken_back_leaves_no_pending_flag_behind(make_pool: Call
         probe = threading.Thread(target=ran.set, name="profiled-probe", daemon=True)
         probe.start()
     finally:
-        threading.setprofile(None)  # type: ignore[arg-type]
+        threading.setprofile(None)
     ok = ran.wait(WAIT)
     if not ok:  # it spins: a delivered exception clears the flag and ends it
         _set_async_exc(probe.ident or 0, SystemExit)
