@@ -74,7 +74,8 @@ def isolate(fn: Callable[..., Any], context: contextvars.Context
     flask_globals = sys.modules.get(_FLASK_GLOBALS)
     if flask_globals is None:
         return fn, context
-    flask_vars = _flask_vars(flask_globals)
+    found = _found  # (the cache _flask_vars keeps, read here without a call)
+    flask_vars = found[1] if found[0] is flask_globals else _flask_vars(flask_globals)
     for var in flask_vars:
         if var in context:
             return _Isolated(fn, flask_vars), context

@@ -203,14 +203,13 @@ class Successes:
     of its bucket (at most 19% above the true value, never above the max).
     """
 
-    __slots__ = ("interval", "due", "_since", "_buckets", "_count", "_max", "_max_seq", "_max_name")
+    __slots__ = ("interval", "due", "_since", "_buckets", "_max", "_max_seq", "_max_name")
 
     def __init__(self, interval: float):
         self.interval = interval
         self._since = time.monotonic()
         self.due = self._since + interval  # when the next summary is due
-        self._buckets = [0] * (len(_BOUNDS) + 1)
-        self._count = 0
+        self._buckets = [0] * (len(_BOUNDS) + 1)  # (their sum is the count: summed once per summary)
         self._max = -1.0
         self._max_seq: Union[int, str] = 0
         self._max_name = ""
@@ -220,7 +219,6 @@ class Successes:
 
         Returns the summary if one is due.
         """
-        self._count += 1
         self._buckets[bisect_left(_BOUNDS, took)] += 1
         if took > self._max:  # rare after the first few: the name is formatted only then
             self._max, self._max_seq, self._max_name = took, task.seq, task.name
@@ -229,11 +227,10 @@ class Successes:
     def take(self, now: float) -> Optional[Summary]:
         """The summary of the successes since the last one (None if there were none); starts a new one."""
         summary = None
-        if self._count:
-            summary = (now - self._since, self._count, self._buckets, self._max, self._max_seq,
-                       self._max_name)
+        count = sum(self._buckets)
+        if count:
+            summary = (now - self._since, count, self._buckets, self._max, self._max_seq, self._max_name)
             self._buckets = [0] * (len(_BOUNDS) + 1)
-            self._count = 0
             self._max = -1.0
         self._since, self.due = now, now + self.interval
         return summary

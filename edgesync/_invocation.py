@@ -6,10 +6,15 @@ end of each invocation; the limits monitor reads slots from its own thread, read
 each thread's CPU clock, and may cancel an invocation by raising
 ``InvocationCancelled`` inside that thread.
 
-Rule: ``slot.lock`` is held whenever ``slot.current`` is cleared and whenever an
-asynchronous exception is sent to the thread, so a cancellation can only ever hit
-the invocation it was meant for. The thread clears any cancellation not yet
-delivered when the invocation ends (``Slot.end_surely``).
+Rule: a cancellation can only ever hit the invocation it was meant for. ``cancel``
+(under ``slot.lock``, held until the exception is sent) checks that the invocation
+is current and sets its ``verdict`` in one step; the thread ends an invocation by
+clearing ``slot.current`` and then reading ``verdict`` in one step, and if it finds
+one, takes the lock and takes back any cancellation not yet delivered
+(``Slot.end_surely``). A step is a run of bytecode with no call and no backward jump
+in it: CPython hands the GIL to another thread only at those, so no other Python
+thread runs inside a step. Either ``cancel`` sees the invocation ended and sends
+nothing, or the thread sees the verdict and waits on the lock for the send.
 
 Rule: every outcome of an invocation (completed, failed, cancelled by a limit,
 answered from outside, cancelled by its caller, abandoned) is counted once, by
@@ -65,6 +70,32 @@ def _set_async_exc(ident: int, exc: Optional[type]) -> None:
     _set_async_exc_c(ctypes.c_ulong(ident), ctypes.py_object(exc) if exc is not None else None)
 
 
+class _TakenBack(BaseException):
+    """What a thread sends itself to take back a cancellation (see ``_take_back``)."""
+
+
+def _take_back(ident: int) -> None:
+    """Drop the cancellation sent to the calling thread (``ident``) and not yet delivered.
+
+    Not by clearing it with NULL: CPython 3.11 and 3.12 keep one interpreter-wide
+    "asynchronous exception pending" flag, which ``PyThreadState_SetAsyncExc`` sets
+    even for NULL and only a delivery clears. Left set, every call and loop of the
+    process takes the eval loop's slow path (1.3-1.45x per call, measured), and a
+    thread started under a trace or profile function (coverage, a debugger) spins at
+    its first call. So a marker replaces the pending cancellation and is delivered
+    here at once: the eval loop checks for it when the call that sent it returns.
+    """
+    try:
+        _set_async_exc(ident, _TakenBack)
+        _delivered()
+    except _TakenBack:
+        pass
+
+
+def _delivered() -> None:
+    """A Python call: if the marker was not delivered when ``_set_async_exc`` returned, it is here."""
+
+
 class InvocationCancelled(BaseException):
     """Raised inside an invocation that edgesync cancelled (a hard limit was reached).
 
@@ -92,16 +123,19 @@ Answer = Callable[["Invocation", int, str], bool]
 
 
 class Invocation:
-    """One run of a request handler or a background task (mutable, owned by its slot)."""
+    """One run of a request handler or a background task (mutable, owned by its slot).
+
+    A background task is its own invocation: ``_pool.Task`` derives from this class,
+    with the fields that only a request changes as class constants, so that running
+    a task creates no object of its own.
+    """
 
     __slots__ = ("kind", "label", "started", "cpu_start", "response_started", "answered",
-                 "verdict", "answer", "task", "retire_sent", "warned", "slot", "start_response")
+                 "verdict", "answer", "retire_sent", "warned", "start_response")
 
-    def __init__(self, slot: Slot, kind: Kind, label: Any, answer: Optional[Answer] = None,
-                 task: Any = None):
-        self.slot = slot
+    def __init__(self, kind: Kind, label: Any, answer: Optional[Answer] = None):
         self.kind = kind
-        self.label = label  # a request's WSGI environ, a task, or a name
+        self.label = label  # a request's WSGI environ, or a name
         self.started = time.monotonic()
         # Set by the first CPU reading (see Slot.cpu_seconds): reading the clock here,
         # on the request's own thread, costs a system call on every request.
@@ -110,16 +144,18 @@ class Invocation:
         self.answered = False  # a response was written for it from outside its thread
         self.verdict: Optional[Verdict] = None
         self.answer = answer
-        self.task = task
         self.retire_sent = False  # the soft CPU limit already asked for a retire
         self.warned = False  # the cpu beforeunload ratio was already reported
         self.start_response: Any = None  # a request's, as the server passed it
 
+    @property
+    def task(self) -> Any:
+        """The pool's ``Task`` when this invocation is a background task (``_pool.Task``), else None."""
+        return None
+
     def describe(self) -> str:
         """``request GET /path`` or ``task module.fn``, for log lines (never argument values)."""
         label = self.label
-        if isinstance(getattr(label, "name", None), str):  # a pool Task
-            return "%s %s" % (self.kind, label.name)
         if isinstance(label, dict):  # a WSGI environ
             return "request %s %s" % (label.get("REQUEST_METHOD"), label.get("PATH_INFO"))
         return "%s %s" % (self.kind, label)
@@ -149,7 +185,7 @@ class Slot:
         self.handling = False
 
     def begin(self, kind: Kind, label: Any, answer: Optional[Answer] = None) -> Invocation:
-        inv = Invocation(self, kind, label, answer)
+        inv = Invocation(kind, label, answer)
         self.current = inv
         return inv
 
@@ -159,15 +195,18 @@ class Slot:
         Retried if a late cancellation is delivered while it runs.
 
         A cancellation sent but not yet delivered would hit the next invocation on
-        this thread: it is taken back here, under the lock that ``cancel`` holds.
+        this thread: it is taken back here, under the lock that ``cancel`` holds. The
+        lock is taken only then (see the module's rule): ending an invocation that no
+        limit cancelled, nearly every one, takes no lock.
         """
         while True:
             try:
-                with self.lock:
-                    if self.current is inv:
-                        self.current = None
-                    if inv.verdict is not None:
-                        _set_async_exc(self.ident, None)
+                # One step (the module's rule): no call between these lines.
+                if self.current is inv:
+                    self.current = None
+                if inv.verdict is not None:
+                    with self.lock:  # held by cancel until its exception is sent
+                        _take_back(self.ident)
                 break
             except InvocationCancelled:
                 continue
@@ -194,6 +233,7 @@ class Slot:
     def cancel(self, inv: Invocation, verdict: Verdict) -> bool:
         """Raise ``InvocationCancelled`` in this thread if ``inv`` still runs there."""
         with self.lock:
+            # One step (the module's rule): no call between the check and the verdict.
             if self.current is not inv or inv.verdict is not None:
                 return False
             inv.verdict = verdict
@@ -208,6 +248,7 @@ class Slot:
         so no second response reaches the client. Counted as ``ANSWERED_OUTSIDE``.
         """
         with self.lock:
+            # One step, as in cancel: once its thread has ended inv, it is never answered here.
             if (self.current is not inv or inv.response_started or inv.answered
                     or inv.answer is None):
                 return False

@@ -42,15 +42,29 @@ _isawaitable = inspect.isawaitable
 NOT_AWAITABLE: Set[type] = {int, str, bool, float, bytes, dict, list, tuple}
 
 
+#: Where a task's own thread counts a completed task (``Slot.counts``).
+_COMPLETED = INDEX[TASK, Outcome.COMPLETED]
+
+
 class QueueFull(RuntimeError):
     """``wait_until`` was offered more work than ``max_pending_tasks`` allows."""
 
 
-class Task:
-    """One unit of background work and its bookkeeping."""
+class Task(Invocation):
+    """One unit of background work and its bookkeeping; while a thread runs it, that thread's invocation.
 
-    __slots__ = ("future", "fn", "args", "kwargs", "context", "_name", "_named", "accepted", "started",
-                 "tracked", "seq")
+    The limits monitor sees a running task in its thread's ``slot.current`` as it
+    sees a request; a task is that invocation itself rather than a second object
+    made per run. The fields only a request changes are constants here.
+    """
+
+    __slots__ = ("future", "fn", "args", "kwargs", "context", "_name", "_named", "accepted", "tracked", "seq")
+
+    kind = TASK
+    answer = None  # nobody waits on a task's connection: it is never answered from outside
+    response_started = False
+    answered = False
+    start_response = None
 
     def __init__(self, future: Future[Any], fn: Optional[Callable[..., Any]], args: Any,
                  kwargs: Any, context: Optional[Context], named: Any, tracked: bool = False,
@@ -64,8 +78,12 @@ class Task:
         self._named = named
         self._name: Optional[str] = None
         self.accepted = _monotonic()
-        self.started: Optional[float] = None
+        self.started: Optional[float] = None  # type: ignore[assignment]  # set when a thread runs it
         self.tracked = tracked
+        # What the limits monitor writes while the task runs (see Invocation).
+        self.cpu_start = None
+        self.verdict = None
+        self.retire_sent = self.warned = False
         # See _identity: a number, formatted only when reported; a durable task's own id as is.
         seq: Union[int, str] = next_seq() if task_id is None else task_id
         self.seq = seq
@@ -73,6 +91,17 @@ class Task:
             mark(future, seq)  # the caller's own Future: any subclass
         else:
             future._edgesync_task_seq = seq  # type: ignore[attr-defined]  # _identity.FUTURE_ATTR
+
+    @property
+    def task(self) -> Task:
+        return self
+
+    @property
+    def label(self) -> Task:  # (read-only: a task is its own label)
+        return self
+
+    def describe(self) -> str:
+        return "task %s" % self.name
 
     @property
     def id(self) -> str:
@@ -211,13 +240,15 @@ class Pool:
         if not future.set_running_or_notify_cancel():
             self._finish(task, None, slot=slot)  # its caller cancelled it before it started
             return
-        inv = slot.current = Invocation(slot, TASK, task, None, task)
-        task.started = started = inv.started
+        task.started = started = _monotonic()
+        slot.current = task  # the limits monitor watches it from here (Slot.end_surely ends that)
         error: Optional[BaseException] = None
-        result: Any = None
         try:
             try:
-                result = task.context.run(task.fn, *task.args, **task.kwargs)  # type: ignore[union-attr, arg-type]
+                if task.kwargs:
+                    result = task.context.run(task.fn, *task.args, **task.kwargs)  # type: ignore[union-attr, arg-type]
+                else:  # (no empty dict to copy: most tasks take no keyword)
+                    result = task.context.run(task.fn, *task.args)  # type: ignore[union-attr, arg-type]
                 if result is not None and type(result) not in NOT_AWAITABLE and _isawaitable(result):
                     result = task.context.run(run_awaitable, result)  # type: ignore[union-attr]
             # why BaseException: whatever the task raises belongs to its future and its
@@ -229,18 +260,27 @@ class Pool:
             # when it lands inside the handler above instead of inside the task.
             error = exc
         finally:
-            slot.end_surely(inv)
-        task.fn = task.args = task.kwargs = task.context = None  # drop references early
+            # end_surely retries when a cancellation lands inside it; one that the monitor
+            # sent in the instant the task returned may also be delivered as end_surely is
+            # entered, before that retry: it is caught here, or the task stays pending for good.
+            while True:
+                try:
+                    slot.end_surely(task)
+                    break
+                except InvocationCancelled:
+                    continue
         if error is None:
+            # (The task and what it holds are dropped when this returns, as a thread
+            # pool's work item is: nothing to clear first.)
             ended = _monotonic()
             if task_log.isEnabledFor(self._each_level):  # a cached lookup when the level is off
                 log_success(self._each_level, task.name, task.seq, ended - started)
             future.set_result(result)
-            self._finish(task, True, ended=ended, slot=slot)
-            task._named = None  # after _finish: a snapshot taken meanwhile still names it
+            self._completed(task, ended, slot)
             return
-        if isinstance(error, InvocationCancelled) and inv.verdict is not None:
-            error = InvocationCancelled(inv.verdict.message)
+        task.fn = task.args = task.kwargs = task.context = None  # not held while the listeners run
+        if isinstance(error, InvocationCancelled) and task.verdict is not None:
+            error = InvocationCancelled(task.verdict.message)
         task.name  # noqa: B018  (format the name before what it names is dropped)
         future.set_exception(error)
         # Report before counting the task finished: whoever waits for the pool
@@ -248,8 +288,30 @@ class Pool:
         try:
             self._on_failure(task, error)
         finally:
-            self._finish(task, False, cancelled=inv.verdict is not None, slot=slot)
+            self._finish(task, False, cancelled=task.verdict is not None, slot=slot)
         del error
+
+    def _completed(self, task: Task, ended: float, slot: Slot) -> None:
+        """``_finish`` of a task that returned, on a pool thread at ``ended``: the common case, unbranched."""
+        # acquire and release, not ``with`` (which costs twice as much): nothing is raised
+        # between the acquire and the try. This thread's invocation has ended
+        # (Slot.end_surely), so no cancellation can reach it, and signals go to the main
+        # thread, never a pool's (EagerPool, on its caller's thread, does not come here).
+        lock = self._lock
+        lock.acquire()
+        try:
+            try:
+                self._tasks.remove(task)
+            except KeyError:
+                return  # abandoned at shutdown and counted there
+            if self._waiters and not self._tasks:
+                self._idle.notify_all()
+            summary = self._successes.add(ended - task.started, task, ended) if self._summarise else None  # type: ignore[operator]
+        finally:
+            lock.release()
+        slot.counts[_COMPLETED] += 1
+        if summary is not None:
+            log_summary(summary)
 
     def _finish(self, task: Task, ok: Optional[bool], cancelled: bool = False,
                 ended: Optional[float] = None, slot: Optional[Slot] = None) -> None:
@@ -388,6 +450,11 @@ class EagerPool(Pool):
         finally:
             slot.current = outer
         return task.future
+
+    def _completed(self, task: Task, ended: float, slot: Slot) -> None:
+        # On the caller's thread, which may be the main one, where a Ctrl-C raises
+        # anywhere: the general path, whose lock is released whatever is raised.
+        self._finish(task, True, ended=ended, slot=slot)
 
 
 def _work(pool: Pool, work_queue: queue.SimpleQueue[Optional[Task]], tracker: Tracker) -> None:

@@ -167,11 +167,20 @@ class Runtime:
 
     # -- background work -----------------------------------------------------
 
-    def wait_until(self, obj: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Future[Any]:
-        """See ``edgesync.wait_until``."""
-        # A callable first: the common case (a Future is not callable).
+    def wait_until(self, obj: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], named: Any = None,
+                   task_id: Optional[str] = None) -> Future[Any]:
+        """See ``edgesync.wait_until``. ``named``: what reports name a callable's task after
+        (by default the callable); ``task_id``: a layer's own id for it, else a new one."""
+        # A callable first: the common case (a Future is not callable), here rather than
+        # in a function of its own, which would cost every task a Python call.
         if callable(obj):
-            return self._submit(obj, args, kwargs, obj, None)
+            fn, context = obj, copy_context()
+            if _FLASK_GLOBALS in _modules:  # (checked here: one dict lookup on every submit)
+                fn, context = isolate(fn, context)  # no framework request state (edgesync._context)
+            if _task_hooks:
+                for hook in _task_hooks:
+                    fn, context = hook(fn, context)
+            return self.pool.submit(fn, args, kwargs, context, obj if named is None else named, task_id)
         if isinstance(obj, Future):
             _no_arguments(obj, args, kwargs)
             self.pool.track(obj, "future %s" % task_name(obj))
@@ -184,7 +193,7 @@ class Runtime:
                 return future
             try:
                 _no_arguments(obj, args, kwargs)
-                return self._submit(run_awaitable, (obj,), {}, obj, None)
+                return self.wait_until(run_awaitable, (obj,), {}, obj)
             except BaseException:
                 # The awaitable will never run: close it, or Python warns that a
                 # coroutine was never awaited, far from the real cause.
@@ -195,21 +204,10 @@ class Runtime:
             "concurrent.futures.Future or an awaitable such as a coroutine; got %r (%s)"
             % (obj, type(obj).__name__))
 
-    def _submit(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any],
-                named: Any, task_id: Optional[str]) -> Future[Any]:
-        # named: what reports name the task after; task_id: a layer's own id, else None (a new one).
-        context = copy_context()
-        if _FLASK_GLOBALS in _modules:  # (checked here: one dict lookup on every submit)
-            fn, context = isolate(fn, context)  # no framework request state (edgesync._context)
-        if _task_hooks:
-            for hook in _task_hooks:
-                fn, context = hook(fn, context)
-        return self.pool.submit(fn, args, kwargs, context, named, task_id)
-
     def run_task(self, fn: Callable[..., Any], named: Any, task_id: str) -> Future[Any]:
         """A layer's task: ``fn()`` on the pool as any task is (context, framework setup, limits),
         reported under ``named`` and ``task_id``. Raises what ``wait_until`` raises."""
-        return self._submit(fn, (), {}, named, task_id)
+        return self.wait_until(fn, (), {}, named, task_id)
 
     # -- events ----------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 import pytest
 
 from edgesync import InvocationCancelled, QueueFull, TaskInfo
-from edgesync._invocation import TASK, Invocation, Slot, Tracker, Verdict
+from edgesync._invocation import TASK, Invocation, Slot, Tracker, Verdict, _set_async_exc
 from edgesync._pool import Pool, Task, task_name
 
 from .support import wait_for
@@ -608,3 +608,75 @@ def test_pool_task_cancelled_by_a_verdict(make_pool: Callable[..., Harness]) -> 
     assert (counts["failed"], counts["cancelled"], counts["completed"]) == (1, 1, 1)
     [(task, reported, _)] = h.failures
     assert reported is exc and task.future is fut
+
+
+def test_a_cancellation_delivered_as_the_task_ends_its_invocation_is_taken_back(
+        make_pool: Callable[..., Harness]) -> None:
+    # The monitor may cancel a task in the instant it returns: the exception is then
+    # delivered at the first point where its thread checks for one, which may be the
+    # entry of Slot.end_surely, before the retry inside it. A trace hook on the pool's
+    # thread cancels the task there (Slot.cancel, as the monitor does); the exception
+    # that the cancellation raises in that hook reaches end_surely's entry, as a
+    # delivery there would.
+    h = make_pool(max_threads=1)
+    armed: List[bool] = []
+
+    def hook(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is Slot.end_surely.__code__ and armed:
+            armed.clear()
+            slot = h.tracker.slot()  # (the pool thread's own)
+            assert slot.current is not None
+            assert slot.cancel(slot.current, verdict("cancelled as it returned"))
+
+    def answer() -> int:
+        armed.append(True)  # the next end_surely on this thread is this task's
+        return 42
+
+    threading.settrace(hook)  # the pool's thread starts with it: the first submit starts it
+    try:
+        fut = h.submit(answer)
+        assert fut.result(WAIT) == 42, "the task returned before the cancellation"
+    finally:
+        threading.settrace(None)
+    h.idle()
+    assert h.pool.counts()["completed"] == 1
+    assert h.tracker.live() == [], "the task's invocation ended"
+    assert h.submit(lambda: "next").result(WAIT) == "next", "the thread survives, with no cancellation pending"
+
+
+def test_a_cancellation_taken_back_leaves_no_pending_flag_behind(make_pool: Callable[..., Harness]) -> None:
+    # CPython 3.11 and 3.12 keep one interpreter-wide "asynchronous exception pending"
+    # flag: sending an exception sets it, delivering one clears it, and clearing a
+    # thread's pending exception with NULL sets it again. Left set, every call and loop
+    # of the process takes the eval loop's slow path, and a thread started under a
+    # profile or trace function (coverage, a debugger) spins at its first call. After a
+    # task is cancelled (its thread takes back whatever was not delivered), a thread
+    # started under a profile function must run.
+    h = make_pool(max_threads=1)
+    started = threading.Event()
+
+    def hog() -> None:
+        started.set()
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            pass
+
+    fut = h.submit(hog)
+    assert started.wait(WAIT)
+    [(slot, inv)] = wait_for(h.tracker.live, WAIT, "the task's invocation")
+    assert slot.cancel(inv, verdict("hog used 2000 ms of CPU (cpu_hard_limit_ms)"))
+    assert isinstance(fut.exception(WAIT), InvocationCancelled)
+    h.idle()
+
+    ran = threading.Event()
+    threading.setprofile(lambda frame, event, arg: None)
+    try:
+        probe = threading.Thread(target=ran.set, name="profiled-probe", daemon=True)
+        probe.start()
+    finally:
+        threading.setprofile(None)
+    ok = ran.wait(WAIT)
+    if not ok:  # it spins: a delivered exception clears the flag and ends it
+        _set_async_exc(probe.ident or 0, SystemExit)
+        probe.join(WAIT)
+    assert ok, "a thread started under a profile function spins after a cancellation was taken back"
