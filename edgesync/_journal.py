@@ -499,8 +499,14 @@ class Journal:
         return self._spool
 
     def record(self, task_id: str, fn: str, args: str, max_attempts: int, runs: int = 0) -> None:
-        """Record a task this process holds, which has started ``runs`` runs so far (0: a new task)."""
-        spool = self._my_spool() if runs == 0 else None
+        """Record a task this process holds, which has started ``runs`` runs so far (0: a new task).
+
+        A task already in the spool is recorded again (a journal found deleted) into SQLite,
+        unless its record is still waiting there for the next write.
+        """
+        if task_id in self._unwritten:
+            return
+        spool = self._my_spool() if runs == 0 and task_id not in self._slots else None
         if spool is not None:
             accepted = time.time()
             slot = spool.put(task_id, fn, args, max_attempts, accepted, recorded=True)
