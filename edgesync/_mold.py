@@ -52,6 +52,7 @@ log = logging.getLogger("edgesync")
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
+PR_GET_NAME = 16
 PR_SET_CHILD_SUBREAPER = 36
 #: Longest the master waits for a mold's import (blocking its loop, as a --preload reload does).
 READY_TIMEOUT = 60.0
@@ -76,9 +77,14 @@ def _prctl(option: int, arg: int, probe: bool = False) -> bool:
     return probe or bool(_libc.prctl(option, arg, 0, 0, 0) == 0)
 
 
-def _name(name: bytes) -> None:
-    if _prctl(PR_SET_NAME, 0, probe=True):
-        _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+def _name(name: bytes) -> bytes:
+    """Set this process's name (``/proc/self/comm``); returns the one it had."""
+    if not _prctl(PR_SET_NAME, 0, probe=True):
+        return b""
+    before = ctypes.create_string_buffer(16)
+    _libc.prctl(PR_GET_NAME, before, 0, 0, 0)
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+    return before.value
 
 
 def unavailable(arbiter: Any, enabled: bool) -> Optional[str]:
@@ -102,6 +108,7 @@ class Mold:
         self.cfg = cfg
         self.pid = pid
         self.sock = sock
+        self.loaded = ""  # what its import and the app's warm-up took, for the log
 
     @classmethod
     def start(cls, arbiter: Any) -> tuple[Optional[Mold], str, str]:
@@ -122,7 +129,9 @@ class Mold:
         theirs.close()
         mold = cls(arbiter, arbiter.cfg, pid, ours)
         reply = mold._receive(READY_TIMEOUT)
-        if reply == b"ready":
+        if reply is not None and reply.startswith(b"ready:"):
+            imported, _, warmed = reply[6:].decode().partition(":")
+            mold.loaded = "imported in %.2fs, warmed up in %.2fs" % (float(imported), float(warmed))
             return mold, "", ""
         mold.stop()
         if reply is None:
@@ -193,12 +202,20 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
     from gunicorn import util
 
     util._setproctitle("mold [%s]" % arbiter.proc_name)  # with setproctitle installed
-    _name(b"edgesync-mold")  # what ps -o comm and psutil's name() show, whatever is installed
-    from . import _process
+    # What ps -o comm and psutil's name() show, whatever is installed; its workers take the master's back.
+    master_name = _name(b"edgesync-mold")
+    from . import _births, _process
 
     _process.set_mold(True)  # a wait_until at import is refused here, as in the master
     try:
+        started = time.monotonic()
         arbiter.app.wsgi()  # the app's import (done already in the master with --preload)
+        imported = time.monotonic()
+        _births.warm()  # the app's warm-up functions (the master ran them already with --preload)
+        timing = b"ready:%.3f:%.3f" % (imported - started, time.monotonic() - imported)
+    except _process.MoldRefusal as exc:
+        _send(sock, b"wait_until:" + _caller(exc).encode())
+        os._exit(0)
     except BaseException:
         _send(sock, b"error:" + traceback.format_exc().encode())
         os._exit(1)
@@ -211,10 +228,10 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
     # What the import made lives as long as the generation: out of every worker's
     # collections, and on pages the workers share and never write.
     files = _app_files()
-    imported = _signature(files)
+    imported_code = _signature(files)
     gc.collect()
     gc.freeze()
-    _send(sock, b"ready")
+    _send(sock, timing)
     while True:
         try:
             msg, fds, _flags, _addr = socket.recv_fds(sock, 64, 1)
@@ -227,13 +244,16 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
         age, slot, max_requests, check, skip = _REQUEST.unpack(msg)
         if check:
             now = _signature(files)
-            if now not in (imported, skip):
+            if now not in (imported_code, skip):
+                now = _settled(files, now)
+            if now not in (imported_code, skip):
                 for fd in fds:
                     os.close(fd)
                 _send(sock, b"stale:%d" % now)
                 continue
         pid = os.fork()
         if pid == 0:  # the intermediate: forks the worker and exits, so that it becomes the master's child
+            _name(master_name)  # before the worker exists: the master never has a worker with the mold's name
             worker_pid = os.fork()
             if worker_pid == 0:
                 sock.close()
@@ -247,6 +267,13 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
         for fd in fds:
             os.close(fd)
         os.waitpid(pid, 0)
+
+
+def _caller(exc: BaseException) -> str:
+    """Where, outside edgesync, the traceback of ``exc`` left the app's code: ``file:line``."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not os.path.abspath(f.filename).startswith(here)]
+    return "%s:%s" % (frames[-1].filename, frames[-1].lineno) if frames else "?"
 
 
 def _app_files() -> List[str]:
@@ -270,6 +297,19 @@ def _signature(files: List[str]) -> int:
         except OSError:
             stamps.append((0, 0, 0))
     return hash(tuple(stamps)) & (2**62 - 1)
+
+
+def _settled(files: List[str], now: int) -> int:
+    """The signature of ``files`` once it holds for 50 ms (at most 1 s): a save may truncate, then write,
+    and a signature taken in between would be refused or imported apart from the one after it."""
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        again = _signature(files)
+        if again == now:
+            break
+        now = again
+    return now
 
 
 def _worker_main(arbiter: Any, master: int, age: int, slot: Optional[int], max_requests: int,
@@ -387,18 +427,17 @@ class Molds:
         cur = self.current
         if (cur is not None and cur.cfg is cfg) or cfg is self.refused_cfg:
             return cur
-        started = time.monotonic()
         new, kind, detail = Mold.start(self.arbiter)
         if new is not None:
-            self.glog.info("edgesync: mold %d ready for %s (imported in %.2fs)%s", new.pid,
+            self.glog.info("edgesync: mold %d ready for %s (%s)%s", new.pid,
                            "a new generation" if cur is not None else "the first generation",
-                           time.monotonic() - started, "; the previous one ends" if cur is not None else "")
+                           new.loaded, "; the previous one ends" if cur is not None else "")
             if cur is not None:
                 cur.stop()
             self.current = new
             return new
-        if kind == "threads":
-            self._give_up(detail)
+        if kind in ("threads", "wait_until"):
+            self._give_up(kind, detail)
             return None
         self.refused_cfg = cfg
         if cur is None:
@@ -429,29 +468,38 @@ class Molds:
 
     def _renew(self, old: Mold, code: int) -> Optional[Mold]:
         """The app's source changed on disk (oneshot): a new generation from it, or ``old`` if its import fails."""
-        started = time.monotonic()
         new, kind, detail = Mold.start(self.arbiter)
         if new is not None:
-            self.glog.info("edgesync: the app's source changed: mold %d ready for a new generation (imported in "
-                           "%.2fs); the previous one ends", new.pid, time.monotonic() - started)
+            self.glog.info("edgesync: the app's source changed: mold %d ready for a new generation (%s); the "
+                           "previous one ends", new.pid, new.loaded)
             old.stop()
             self.current = new
             return new
-        if kind == "threads":
-            self._give_up(detail)
+        if kind in ("threads", "wait_until"):
+            self._give_up(kind, detail)
             return None
         self.refused_code = code
         self.glog.error("edgesync: the changed source's mold could not import the app (%s); the previous code "
                         "keeps serving until the next change or HUP:\n%s", kind, detail)
         return old
 
-    def _give_up(self, threads: str) -> None:
-        self.disabled = "the app's import started threads"
-        self.glog.warning(
-            "edgesync: the app's import started threads: %s. A process with threads cannot fork safely, "
-            "so workers are forked by the master as gunicorn does and each one imports the app. To fix: "
-            "start them in the worker instead (gunicorn's post_worker_init hook, or lazily on the "
-            "first request), or set mold = false to silence this.", threads)
+    def _give_up(self, kind: str, detail: str) -> None:
+        """The app's import does what a mold must not (start threads, schedule background work): for good."""
+        if kind == "threads":
+            self.disabled = "the app's import started threads"
+            self.glog.warning(
+                "edgesync: the app's import started threads: %s. A process with threads cannot fork safely, "
+                "so workers are forked by the master as gunicorn does and each one imports the app. To fix: "
+                "start them in the worker instead (a function decorated with @edgesync.after_fork, gunicorn's "
+                "post_worker_init hook, or lazily on the first request), or set mold = false to silence this.",
+                detail)
+        else:
+            self.disabled = "the app's import calls edgesync.wait_until"
+            self.glog.warning(
+                "edgesync: the app's import calls edgesync.wait_until (%s), which the mold refuses: it runs no "
+                "background work. Workers are forked by the master as gunicorn does and each one imports the "
+                "app. To fix: schedule it from a function decorated with @edgesync.after_fork, or set "
+                "mold = false to silence this.", detail)
         self.stop()
 
     def lost(self, mold: Mold) -> None:

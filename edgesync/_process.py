@@ -52,10 +52,14 @@ MASTER_REFUSAL = (
 
 
 MOLD_REFUSAL = (
-    "edgesync.wait_until() was called while edgesync's mold imported the app (mold = true). The mold is not "
-    "an instance: it forks the workers, serves no request and must run no thread, so it runs no background "
-    "work. Schedule the work from a request or at worker start (gunicorn's post_worker_init hook); until "
-    "then the workers import the app themselves.")
+    "edgesync.wait_until() was called while edgesync's mold imported the app (mold = true, the default). The "
+    "mold is not an instance: it forks the workers, serves no request and must run no thread, so it runs no "
+    "background work. Schedule the work from a request or at worker start (a function decorated with "
+    "@edgesync.after_fork); until then the workers import the app themselves.")
+
+
+class MoldRefusal(RuntimeError):
+    """``wait_until`` in edgesync's mold (``MOLD_REFUSAL``): the mold gives up, and each worker imports the app."""
 
 _in_mold = False
 
@@ -128,7 +132,7 @@ def first_runtime() -> Runtime:
     if role == "master":
         raise RuntimeError(MASTER_REFUSAL)
     if role == "mold":
-        raise RuntimeError(MOLD_REFUSAL)
+        raise MoldRefusal(MOLD_REFUSAL)
     if role == "worker" and not _warned:
         from ._worker import Worker
 

@@ -158,10 +158,19 @@ class _Master:
         arbiter.worker_age += 1
         worker = arbiter.worker_class(arbiter.worker_age, arbiter.pid, arbiter.LISTENERS, arbiter.app,
                                       arbiter.timeout / 2.0, arbiter.cfg, arbiter.log)
-        arbiter.cfg.pre_fork(arbiter, worker)
-        pid = self.molds.fork(worker, slot)
-        if pid is None:
-            pid = self._fork_here(worker, slot)
+        # pre_fork sees every worker of the arbiter, the retirees manage_workers hides included
+        # (as in spawn_worker; a worker forked here closes their heartbeat files too).
+        workers = arbiter.WORKERS
+        workers.update(self.hidden)
+        try:
+            arbiter.cfg.pre_fork(arbiter, worker)
+            pid = self.molds.fork(worker, slot)
+            if pid is None:
+                pid = self._fork_here(worker, slot)
+        finally:
+            if self.in_master():
+                for hidden in self.hidden:
+                    workers.pop(hidden, None)
         worker.pid = pid
         arbiter.WORKERS[pid] = worker
         stats = getattr(arbiter, "_stats", None)
@@ -182,7 +191,7 @@ class _Master:
         if pid:
             return pid
         _own = slot
-        for sibling in list(self.arbiter.WORKERS.values()) + list(self.hidden.values()):
+        for sibling in self.arbiter.WORKERS.values():
             sibling.tmp.close()
         _mold.run_worker(self.arbiter, worker)
 

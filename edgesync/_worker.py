@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Dict, List, Optional
 from gunicorn.http.body import LengthReader
 from gunicorn.workers import gthread
 
-from . import _context, _exit, _identity, _logging, _recycle, _runtime
+from . import _births, _context, _exit, _identity, _logging, _recycle, _runtime
 from ._config import ConfigError, Settings, describe_source, load_settings
 from ._invocation import REQUEST, InvocationCancelled, Tracker
 from ._journal import JournalError
@@ -171,6 +171,12 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         # births, reaping and counting (a retiree announces itself there only with
         # replace_before_retire on).
         _recycle.install(log, mold=cls._settings.mold, code_generations=cls._settings.policy == Policy.ONESHOT)
+        if cfg.preload_app:  # the master imported the app: it warms it before its forks
+            try:
+                _births.warm()
+            except Exception:
+                log.exception("edgesync: the app's warm-up raised in the master (--preload)")
+                raise
         _check_journal(cfg, cls._settings, log)
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -255,6 +261,10 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
+        # The app's warm-up (if this worker imported the app itself), then its after-fork
+        # functions: before post_worker_init, as the freeze below.
+        _births.warm()
+        _births.forked()
         # A durable task records the app's import path, so that every run, here, in another
         # worker or on an RQ worker, runs in this app (see _context).
         _context.set_process_app(getattr(self.app, "app_uri", None), self.wsgi)
