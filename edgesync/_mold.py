@@ -213,12 +213,15 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
         imported = time.monotonic()
         _births.warm()  # the app's warm-up functions (the master ran them already with --preload)
         timing = b"ready:%.3f:%.3f" % (imported - started, time.monotonic() - imported)
-    except _process.MoldRefusal as exc:
-        _send(sock, b"wait_until:" + _caller(exc).encode())
-        os._exit(0)
     except BaseException:
-        _send(sock, b"error:" + traceback.format_exc().encode())
-        os._exit(1)
+        # why BaseException: whatever the import raised, the mold reports it and ends; the master decides.
+        if _process.mold_refusal() is None:
+            _send(sock, b"error:" + traceback.format_exc().encode())
+            os._exit(1)
+    refused = _process.mold_refusal()
+    if refused is not None:  # raised, or caught by the app: either way its workers must schedule it
+        _send(sock, b"wait_until:" + refused.encode())
+        os._exit(0)
     others = [t for t in threading.enumerate() if t is not threading.main_thread()]
     if others:
         names = ", ".join("%s (target %s)" % (t.name, getattr(getattr(t, "_target", None), "__qualname__", "?"))
@@ -267,13 +270,6 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
         for fd in fds:
             os.close(fd)
         os.waitpid(pid, 0)
-
-
-def _caller(exc: BaseException) -> str:
-    """Where, outside edgesync, the traceback of ``exc`` left the app's code: ``file:line``."""
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not os.path.abspath(f.filename).startswith(here)]
-    return "%s:%s" % (frames[-1].filename, frames[-1].lineno) if frames else "?"
 
 
 def _app_files() -> List[str]:
