@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, List, NoReturn, Optional, Union
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Union
 
 log = logging.getLogger("edgesync")
 
@@ -65,6 +65,10 @@ REPARENT_TIMEOUT = 5.0
 _REQUEST = struct.Struct("=qqqqq")
 
 _libc: Any = None
+#: In a mold and its workers: which loggers were disabled just before the app's import and just after
+#: it (a Django LOGGING with disable_existing_loggers disables gunicorn's own).
+_loggers_before: Dict[str, bool] = {}
+_loggers_after: Dict[str, bool] = {}
 
 
 def _prctl(option: int, arg: int, probe: bool = False) -> bool:
@@ -207,6 +211,8 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
     from . import _births, _process
 
     _process.set_mold(True)  # a wait_until at import is refused here, as in the master
+    global _loggers_before, _loggers_after
+    _loggers_before = _logger_flags()
     try:
         started = time.monotonic()
         arbiter.app.wsgi()  # the app's import (done already in the master with --preload)
@@ -230,6 +236,7 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
         os._exit(0)
     # What the import made lives as long as the generation: out of every worker's
     # collections, and on pages the workers share and never write.
+    _loggers_after = _logger_flags()
     files = _app_files()
     imported_code = _signature(files)
     gc.collect()
@@ -295,6 +302,27 @@ def _signature(files: List[str]) -> int:
     return hash(tuple(stamps)) & (2**62 - 1)
 
 
+def _logger_flags() -> Dict[str, bool]:
+    return {name: lg.disabled for name, lg in logging.root.manager.loggerDict.items()
+            if isinstance(lg, logging.Logger)}
+
+
+def _set_logger_flags(flags: Dict[str, bool]) -> None:
+    for name, disabled in flags.items():
+        lg = logging.root.manager.loggerDict.get(name)
+        if isinstance(lg, logging.Logger):
+            lg.disabled = disabled
+
+
+def app_loaded() -> None:
+    """In a worker a mold forked, once gunicorn's ``load_wsgi`` has run: the loggers as the app's import left them.
+
+    Until then (``_worker_main``) they are as before the import, as in a worker that imports
+    the app itself: gunicorn's "Booting worker" and the ``post_fork`` hook come before it.
+    """
+    _set_logger_flags(_loggers_after)
+
+
 def _settled(files: List[str], now: int) -> int:
     """The signature of ``files`` once it holds for 50 ms (at most 1 s): a save may truncate, then write,
     and a signature taken in between would be refused or imported apart from the one after it."""
@@ -313,6 +341,7 @@ def _worker_main(arbiter: Any, master: int, age: int, slot: Optional[int], max_r
     from . import _process, _recycle
 
     _process.set_mold(False)
+    _set_logger_flags(_loggers_before)
     deadline = time.monotonic() + REPARENT_TIMEOUT
     while os.getppid() != master:  # until the intermediate has exited
         if time.monotonic() >= deadline:
@@ -388,8 +417,12 @@ def become_subreaper() -> bool:
 class Molds:
     """In the master: the current generation's mold, started, replaced and given up as the rules say."""
 
-    def __init__(self, arbiter: Any, enabled: bool, glog: Any, code_generations: bool = False):
+    def __init__(self, arbiter: Any, enabled: bool, glog: Any, code_generations: bool = False,
+                 before_start: Optional[Callable[[], object]] = None):
         self.arbiter = arbiter
+        # What the master does before a new generation's mold forks from it (the worker class reads
+        # its settings again after a HUP, so that the mold's workers start from them).
+        self.before_start = before_start
         self.enabled = enabled
         # oneshot without --preload: a change to the app's source files starts a new generation.
         self.code_generations = code_generations
@@ -423,6 +456,8 @@ class Molds:
         cur = self.current
         if (cur is not None and cur.cfg is cfg) or cfg is self.refused_cfg:
             return cur
+        if self.before_start is not None:
+            self.before_start()
         new, kind, detail = Mold.start(self.arbiter)
         if new is not None:
             self.glog.info("edgesync: mold %d ready for %s (%s)%s", new.pid,

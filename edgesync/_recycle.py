@@ -85,9 +85,10 @@ class _Record(ctypes.Structure):
 class _Master:
     """The arbiter's side: which record each worker has, and the patched methods."""
 
-    def __init__(self, arbiter: Any, glog: Any, mold: bool = False, code_generations: bool = False):
+    def __init__(self, arbiter: Any, glog: Any, mold: bool = False, code_generations: bool = False,
+                 before_mold: Optional[Callable[[], object]] = None):
         self.arbiter = arbiter
-        self.molds = _mold.Molds(arbiter, mold, glog, code_generations)
+        self.molds = _mold.Molds(arbiter, mold, glog, code_generations, before_mold)
         self.glog = glog
         self.pid = os.getpid()
         # MAP_SHARED | MAP_ANONYMOUS: the same pages in the master and every worker forked later.
@@ -346,7 +347,8 @@ _master: Optional[_Master] = None
 _own: Optional[int] = None
 
 
-def install(glog: Any, mold: bool = False, code_generations: bool = False) -> bool:
+def install(glog: Any, mold: bool = False, code_generations: bool = False,
+            before_mold: Optional[Callable[[], object]] = None) -> bool:
     """In gunicorn's master, before the first fork: share the table and patch the arbiter.
 
     Returns False (and changes nothing) outside a running gunicorn arbiter, e.g.
@@ -360,7 +362,7 @@ def install(glog: Any, mold: bool = False, code_generations: bool = False) -> bo
         glog.debug("edgesync: no running gunicorn arbiter in this process; workers retire without a "
                    "replacement serving first")
         return False
-    _master = _Master(arbiter, glog, mold, code_generations)
+    _master = _Master(arbiter, glog, mold, code_generations, before_mold)
     return True
 
 
