@@ -4,6 +4,7 @@
     python bench/births.py boot [--births 20] [--workers 2]
     python bench/births.py recycling [--rounds 5] [--seconds 10] [--workers 2] [--preload-only]
     python bench/births.py memory [--rounds 3] [--requests 1000]
+    python bench/births.py warmup [--rounds 5] [--seconds 5] [--workers 2] [--connections 8] [--no-pin]
 
 ``oneshot``: four servers of the bench Flask app, loaded at once by their own wrk
 (each round starts a different one first): edgesync ``policy = "oneshot"`` with the
@@ -18,10 +19,17 @@ line, ``runtime_metrics()["boot_cpu_s"]``): the worker imports the app, the mast
 (``--preload``), a mold did, a mold forked from a preloading master; over ``--births``
 births each (oneshot servers, one request per birth). Medians.
 
-``recycling``: three servers at once, 2 workers each: steady (wall clock off),
-recycling (``wall_clock_limit_ms = 4000``) with births as gunicorn's, and recycling
-with the mold; the medians of recycling / steady req/s and p99; then the same three with
+``recycling``: four servers at once, 2 workers each: steady (wall clock off),
+recycling (``wall_clock_limit_ms = 4000``) with births as gunicorn's, recycling
+with the mold, and the same with the bench app's warm-up (``BENCH_WARM_UP=1``);
+the medians of recycling / steady req/s and p99; then the same four with
 ``--preload``.
+
+``warmup``: three servers loaded at once: oneshot with the mold, the same with the bench
+app's ``edgesync.warm_up`` function (``BENCH_WARM_UP=1``: ``/hello`` and ``/pid`` passed
+through the app in the mold), and ``per_worker``; the medians of warm / plain and of each
+oneshot / per_worker req/s, and each oneshot server's CPU per birth (its master, the
+workers it reaped, its mold and the mold's children, over the births of the rounds).
 
 The servers are pinned to core 0 and wrk to core 1 (``--no-pin``: no pinning, e.g. on
 a many-core machine). On a loaded machine, quote medians of several rounds.
@@ -95,6 +103,63 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
             s.stop()
 
 
+def _server_cpu_s(server: Server) -> float:
+    """CPU of a server so far: its master, the workers it reaped, and its live molds with their reaped children."""
+    import psutil
+
+    assert server.proc is not None
+    total = 0.0
+    master = psutil.Process(server.proc.pid)
+    for p in [master] + [c for c in master.children() if c.name() == "edgesync-mold"]:
+        t = p.cpu_times()
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def warmup(a: argparse.Namespace, logdir: Path) -> int:
+    cpu: Optional[int] = None if a.no_pin else 0
+    client: Optional[int] = None if a.no_pin else 1
+    one = {**QUIET, "EDGESYNC_POLICY": "oneshot", "EDGESYNC_MOLD": "true"}
+    servers = [Server("oneshot-mold", ES, logdir, workers=a.workers, env=one, cpu=cpu),
+               Server("oneshot-mold-warm-up", ES, logdir, workers=a.workers, env={**one, "BENCH_WARM_UP": "1"},
+                      cpu=cpu),
+               Server("per_worker", ES, logdir, workers=a.workers, env=QUIET, cpu=cpu)]
+    try:
+        for s in servers:
+            s.start()
+        loads = [Load(s.name, s, "/hello") for s in servers]
+        side_by_side(loads, 1, a.connections, client)  # warm-up of the servers, not the feature
+        ratios: List[List[float]] = [[], [], []]
+        births = [0, 0]
+        cpu_s = [0.0, 0.0]
+        failed = [0] * len(servers)
+        for r in range(a.rounds):
+            before = [_births(s) for s in servers[:2]]
+            cpu_before = [_server_cpu_s(s) for s in servers[:2]]
+            res = side_by_side(loads, a.seconds, a.connections, client, first=r % len(loads))
+            for i in (0, 1):
+                births[i] += _births(servers[i]) - before[i]
+                cpu_s[i] += _server_cpu_s(servers[i]) - cpu_before[i]
+            for i, x in enumerate(res):
+                failed[i] += x.failed
+            ratios[0].append(res[1].rps / res[0].rps if res[0].rps else float("inf"))
+            ratios[1].append(res[0].rps / res[2].rps)
+            ratios[2].append(res[1].rps / res[2].rps)
+            print("round %d: %s" % (r + 1, " | ".join("%s: %s" % (s.name, x.brief())
+                                                      for s, x in zip(servers, res, strict=True))))
+        print("median oneshot with warm-up / without req/s: %.2fx (rounds %s)" % (median(ratios[0]), _fmt(ratios[0])))
+        print("median oneshot / per_worker req/s: without warm-up %.4fx (%s), with %.4fx (%s)"
+              % (median(ratios[1]), _fmt(ratios[1]), median(ratios[2]), _fmt(ratios[2])))
+        for i in (0, 1):
+            print("%s: %d births, %.1f ms of server CPU per birth (master, workers, mold)"
+                  % (servers[i].name, births[i], 1000 * cpu_s[i] / max(1, births[i])))
+        print("failed requests: %s" % ", ".join("%s %d" % (s.name, f) for s, f in zip(servers, failed, strict=True)))
+        return 0
+    finally:
+        for s in servers:
+            s.stop()
+
+
 def boot(a: argparse.Namespace, logdir: Path) -> int:
     cpu: Optional[int] = None if a.no_pin else 0
     one = {**QUIET, "EDGESYNC_POLICY": "oneshot"}
@@ -118,7 +183,7 @@ def boot(a: argparse.Namespace, logdir: Path) -> int:
 
 
 def recycling(a: argparse.Namespace, logdir: Path) -> int:
-    """Recycling (wall clock 4 s) / steady, without and with the mold, at once; then the same with --preload."""
+    """Recycling (wall clock 4 s) / steady, without and with the mold (and its warm-up); then with --preload."""
     cpu: Optional[int] = None if a.no_pin else 0
     client: Optional[int] = None if a.no_pin else 1
     wall = {**QUIET, "EDGESYNC_WALL_CLOCK_LIMIT_MS": "4000"}
@@ -130,25 +195,27 @@ def recycling(a: argparse.Namespace, logdir: Path) -> int:
                    Server("recycling" + tag.replace(" ", ""), ES, logdir, workers=a.workers, cpu=cpu, args=preload,
                           env={**wall, "EDGESYNC_MOLD": "false"}),
                    Server("recycling-mold" + tag.replace(" ", ""), ES, logdir, workers=a.workers, cpu=cpu,
-                          args=preload, env={**wall, "EDGESYNC_MOLD": "true"})]
+                          args=preload, env={**wall, "EDGESYNC_MOLD": "true"}),
+                   Server("recycling-mold-warm-up" + tag.replace(" ", ""), ES, logdir, workers=a.workers, cpu=cpu,
+                          args=preload, env={**wall, "EDGESYNC_MOLD": "true", "BENCH_WARM_UP": "1"})]
         try:
             for s in servers:
                 s.start()
             loads = [Load(s.name, s, "/hello") for s in servers]
             side_by_side(loads, 1, a.connections, client)  # warm-up
-            rps: List[List[float]] = [[], []]
-            p99: List[List[float]] = [[], []]
-            failed = [0, 0, 0]
+            rps: List[List[float]] = [[], [], []]
+            p99: List[List[float]] = [[], [], []]
+            failed = [0] * len(servers)
             for r in range(a.rounds):
                 res = side_by_side(loads, a.seconds, a.connections, client, first=r % len(loads))
                 for i, x in enumerate(res):
                     failed[i] += x.failed
-                for i in (0, 1):
+                for i in (0, 1, 2):
                     rps[i].append(res[i + 1].rps / res[0].rps)
                     p99[i].append(res[i + 1].p99 / res[0].p99)
                 print("round %d%s: %s" % (r + 1, tag, " | ".join("%s: %s" % (s.name, x.brief())
                                                                 for s, x in zip(servers, res, strict=True))))
-            for i, name in enumerate(("recycling (no mold)", "recycling (mold)")):
+            for i, name in enumerate(("recycling (no mold)", "recycling (mold)", "recycling (mold + warm_up)")):
                 print("median %s / steady%s: req/s %.3fx (%s), p99 %.2fx (%s)"
                       % (name, tag, median(rps[i]), _fmt(rps[i]), median(p99[i]), _fmt(p99[i])))
             print("failed requests%s: %s" % (tag, ", ".join("%s %d" % (s.name, f)
@@ -193,7 +260,7 @@ def _fmt(values: List[float]) -> str:
 def main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="python bench/births.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("oneshot", "boot", "recycling", "memory"))
+    p.add_argument("what", choices=("oneshot", "boot", "recycling", "memory", "warmup"))
     p.add_argument("--requests", type=int, default=1000, help="memory: requests before the reading")
     p.add_argument("--preload-only", action="store_true", help="recycling: only the --preload servers")
     p.add_argument("--rounds", type=int, default=5)
@@ -206,7 +273,8 @@ def main(argv: List[str]) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="edgesync-births-") as tmp:
         try:
-            rc = {"oneshot": oneshot, "boot": boot, "recycling": recycling, "memory": memory}[a.what](a, Path(tmp))
+            rc = {"oneshot": oneshot, "boot": boot, "recycling": recycling, "memory": memory,
+                  "warmup": warmup}[a.what](a, Path(tmp))
         finally:
             cleanup()
     print("(%s took %.0fs)" % (a.what, time.monotonic() - started))

@@ -22,6 +22,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, Optional, ParamSpec, TypeVar, Union, overload
 
 from . import _recovery, _recycle, _runtime  # noqa: F401  (_recovery registers the durable layer)
+from ._births import after_fork, warm_up
 from ._config import ConfigError, Settings, load_settings
 from ._durable import DurableFunction, current_attempt, durable
 from ._events import (
@@ -56,6 +57,7 @@ __all__ = [
     "UnloadEvent",
     "Worker",
     "add_event_listener",
+    "after_fork",
     "current_attempt",
     "durable",
     "load_settings",
@@ -65,6 +67,7 @@ __all__ = [
     "server_metrics",
     "task_id",
     "wait_until",
+    "warm_up",
 ]
 
 __version__ = "0.1.0"

@@ -222,10 +222,11 @@ class Settings:
         "replaces it once it has exited.",
     )
     mold: bool = _setting(
-        False, doc="true: workers are forked by a mold, a process that imports the app once per code "
+        True, doc="true: workers are forked by a mold, a process that imports the app once per code "
         "generation (a HUP starts a new one) and forks each worker already loaded (Linux; not with "
-        "--reload); a worker's birth then costs a fork, not an import. false: each worker imports the app "
-        "itself (or is forked by the master with --preload), as gunicorn does. Read once, at start.",
+        "--reload; given up, with one warning, for an app whose import starts threads or calls wait_until); "
+        "a worker's birth then costs a fork, not an import. false: each worker imports the app itself (or is "
+        "forked by the master with --preload), as gunicorn does. Read once, at start.",
     )
 
     def __post_init__(self) -> None:

@@ -46,12 +46,13 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, List, NoReturn, Optional, Union
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Union
 
 log = logging.getLogger("edgesync")
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
+PR_GET_NAME = 16
 PR_SET_CHILD_SUBREAPER = 36
 #: Longest the master waits for a mold's import (blocking its loop, as a --preload reload does).
 READY_TIMEOUT = 60.0
@@ -64,6 +65,10 @@ REPARENT_TIMEOUT = 5.0
 _REQUEST = struct.Struct("=qqqqq")
 
 _libc: Any = None
+#: In a mold and its workers: which loggers were disabled just before the app's import and just after
+#: it (a Django LOGGING with disable_existing_loggers disables gunicorn's own).
+_loggers_before: Dict[str, bool] = {}
+_loggers_after: Dict[str, bool] = {}
 
 
 def _prctl(option: int, arg: int, probe: bool = False) -> bool:
@@ -76,9 +81,14 @@ def _prctl(option: int, arg: int, probe: bool = False) -> bool:
     return probe or bool(_libc.prctl(option, arg, 0, 0, 0) == 0)
 
 
-def _name(name: bytes) -> None:
-    if _prctl(PR_SET_NAME, 0, probe=True):
-        _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+def _name(name: bytes) -> bytes:
+    """Set this process's name (``/proc/self/comm``); returns the one it had."""
+    if not _prctl(PR_SET_NAME, 0, probe=True):
+        return b""
+    before = ctypes.create_string_buffer(16)
+    _libc.prctl(PR_GET_NAME, before, 0, 0, 0)
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+    return before.value
 
 
 def unavailable(arbiter: Any, enabled: bool) -> Optional[str]:
@@ -102,6 +112,7 @@ class Mold:
         self.cfg = cfg
         self.pid = pid
         self.sock = sock
+        self.loaded = ""  # what its import and the app's warm-up took, for the log
 
     @classmethod
     def start(cls, arbiter: Any) -> tuple[Optional[Mold], str, str]:
@@ -122,7 +133,9 @@ class Mold:
         theirs.close()
         mold = cls(arbiter, arbiter.cfg, pid, ours)
         reply = mold._receive(READY_TIMEOUT)
-        if reply == b"ready":
+        if reply is not None and reply.startswith(b"ready:"):
+            imported, _, warmed = reply[6:].decode().partition(":")
+            mold.loaded = "imported in %.2fs, warmed up in %.2fs" % (float(imported), float(warmed))
             return mold, "", ""
         mold.stop()
         if reply is None:
@@ -193,15 +206,28 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
     from gunicorn import util
 
     util._setproctitle("mold [%s]" % arbiter.proc_name)  # with setproctitle installed
-    _name(b"edgesync-mold")  # what ps -o comm and psutil's name() show, whatever is installed
-    from . import _process
+    # What ps -o comm and psutil's name() show, whatever is installed; its workers take the master's back.
+    master_name = _name(b"edgesync-mold")
+    from . import _births, _process
 
     _process.set_mold(True)  # a wait_until at import is refused here, as in the master
+    global _loggers_before, _loggers_after
+    _loggers_before = _logger_flags()
     try:
+        started = time.monotonic()
         arbiter.app.wsgi()  # the app's import (done already in the master with --preload)
+        imported = time.monotonic()
+        _births.warm()  # the app's warm-up functions (the master ran them already with --preload)
+        timing = b"ready:%.3f:%.3f" % (imported - started, time.monotonic() - imported)
     except BaseException:
-        _send(sock, b"error:" + traceback.format_exc().encode())
-        os._exit(1)
+        # why BaseException: whatever the import raised, the mold reports it and ends; the master decides.
+        if _process.mold_refusal() is None:
+            _send(sock, b"error:" + traceback.format_exc().encode())
+            os._exit(1)
+    refused = _process.mold_refusal()
+    if refused is not None:  # raised, or caught by the app: either way its workers must schedule it
+        _send(sock, b"wait_until:" + refused.encode())
+        os._exit(0)
     others = [t for t in threading.enumerate() if t is not threading.main_thread()]
     if others:
         names = ", ".join("%s (target %s)" % (t.name, getattr(getattr(t, "_target", None), "__qualname__", "?"))
@@ -210,11 +236,12 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
         os._exit(0)
     # What the import made lives as long as the generation: out of every worker's
     # collections, and on pages the workers share and never write.
+    _loggers_after = _logger_flags()
     files = _app_files()
-    imported = _signature(files)
+    imported_code = _signature(files)
     gc.collect()
     gc.freeze()
-    _send(sock, b"ready")
+    _send(sock, timing)
     while True:
         try:
             msg, fds, _flags, _addr = socket.recv_fds(sock, 64, 1)
@@ -227,13 +254,16 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
         age, slot, max_requests, check, skip = _REQUEST.unpack(msg)
         if check:
             now = _signature(files)
-            if now not in (imported, skip):
+            if now not in (imported_code, skip):
+                now = _settled(files, now)
+            if now not in (imported_code, skip):
                 for fd in fds:
                     os.close(fd)
                 _send(sock, b"stale:%d" % now)
                 continue
         pid = os.fork()
         if pid == 0:  # the intermediate: forks the worker and exits, so that it becomes the master's child
+            _name(master_name)  # before the worker exists: the master never has a worker with the mold's name
             worker_pid = os.fork()
             if worker_pid == 0:
                 sock.close()
@@ -272,11 +302,46 @@ def _signature(files: List[str]) -> int:
     return hash(tuple(stamps)) & (2**62 - 1)
 
 
+def _logger_flags() -> Dict[str, bool]:
+    return {name: lg.disabled for name, lg in logging.root.manager.loggerDict.items()
+            if isinstance(lg, logging.Logger)}
+
+
+def _set_logger_flags(flags: Dict[str, bool]) -> None:
+    for name, disabled in flags.items():
+        lg = logging.root.manager.loggerDict.get(name)
+        if isinstance(lg, logging.Logger):
+            lg.disabled = disabled
+
+
+def app_loaded() -> None:
+    """In a worker a mold forked, once gunicorn's ``load_wsgi`` has run: the loggers as the app's import left them.
+
+    Until then (``_worker_main``) they are as before the import, as in a worker that imports
+    the app itself: gunicorn's "Booting worker" and the ``post_fork`` hook come before it.
+    """
+    _set_logger_flags(_loggers_after)
+
+
+def _settled(files: List[str], now: int) -> int:
+    """The signature of ``files`` once it holds for 50 ms (at most 1 s): a save may truncate, then write,
+    and a signature taken in between would be refused or imported apart from the one after it."""
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        again = _signature(files)
+        if again == now:
+            break
+        now = again
+    return now
+
+
 def _worker_main(arbiter: Any, master: int, age: int, slot: Optional[int], max_requests: int,
                  heartbeat_fd: int) -> NoReturn:
     from . import _process, _recycle
 
     _process.set_mold(False)
+    _set_logger_flags(_loggers_before)
     deadline = time.monotonic() + REPARENT_TIMEOUT
     while os.getppid() != master:  # until the intermediate has exited
         if time.monotonic() >= deadline:
@@ -352,8 +417,12 @@ def become_subreaper() -> bool:
 class Molds:
     """In the master: the current generation's mold, started, replaced and given up as the rules say."""
 
-    def __init__(self, arbiter: Any, enabled: bool, glog: Any, code_generations: bool = False):
+    def __init__(self, arbiter: Any, enabled: bool, glog: Any, code_generations: bool = False,
+                 before_start: Optional[Callable[[], object]] = None):
         self.arbiter = arbiter
+        # What the master does before a new generation's mold forks from it (the worker class reads
+        # its settings again after a HUP, so that the mold's workers start from them).
+        self.before_start = before_start
         self.enabled = enabled
         # oneshot without --preload: a change to the app's source files starts a new generation.
         self.code_generations = code_generations
@@ -387,18 +456,19 @@ class Molds:
         cur = self.current
         if (cur is not None and cur.cfg is cfg) or cfg is self.refused_cfg:
             return cur
-        started = time.monotonic()
+        if self.before_start is not None:
+            self.before_start()
         new, kind, detail = Mold.start(self.arbiter)
         if new is not None:
-            self.glog.info("edgesync: mold %d ready for %s (imported in %.2fs)%s", new.pid,
+            self.glog.info("edgesync: mold %d ready for %s (%s)%s", new.pid,
                            "a new generation" if cur is not None else "the first generation",
-                           time.monotonic() - started, "; the previous one ends" if cur is not None else "")
+                           new.loaded, "; the previous one ends" if cur is not None else "")
             if cur is not None:
                 cur.stop()
             self.current = new
             return new
-        if kind == "threads":
-            self._give_up(detail)
+        if kind in ("threads", "wait_until"):
+            self._give_up(kind, detail)
             return None
         self.refused_cfg = cfg
         if cur is None:
@@ -429,29 +499,38 @@ class Molds:
 
     def _renew(self, old: Mold, code: int) -> Optional[Mold]:
         """The app's source changed on disk (oneshot): a new generation from it, or ``old`` if its import fails."""
-        started = time.monotonic()
         new, kind, detail = Mold.start(self.arbiter)
         if new is not None:
-            self.glog.info("edgesync: the app's source changed: mold %d ready for a new generation (imported in "
-                           "%.2fs); the previous one ends", new.pid, time.monotonic() - started)
+            self.glog.info("edgesync: the app's source changed: mold %d ready for a new generation (%s); the "
+                           "previous one ends", new.pid, new.loaded)
             old.stop()
             self.current = new
             return new
-        if kind == "threads":
-            self._give_up(detail)
+        if kind in ("threads", "wait_until"):
+            self._give_up(kind, detail)
             return None
         self.refused_code = code
         self.glog.error("edgesync: the changed source's mold could not import the app (%s); the previous code "
                         "keeps serving until the next change or HUP:\n%s", kind, detail)
         return old
 
-    def _give_up(self, threads: str) -> None:
-        self.disabled = "the app's import started threads"
-        self.glog.warning(
-            "edgesync: the app's import started threads: %s. A process with threads cannot fork safely, "
-            "so workers are forked by the master as gunicorn does and each one imports the app. To fix: "
-            "start them in the worker instead (gunicorn's post_worker_init hook, or lazily on the "
-            "first request), or set mold = false to silence this.", threads)
+    def _give_up(self, kind: str, detail: str) -> None:
+        """The app's import does what a mold must not (start threads, schedule background work): for good."""
+        if kind == "threads":
+            self.disabled = "the app's import started threads"
+            self.glog.warning(
+                "edgesync: the app's import started threads: %s. A process with threads cannot fork safely, "
+                "so workers are forked by the master as gunicorn does and each one imports the app. To fix: "
+                "start them in the worker instead (a function decorated with @edgesync.after_fork, gunicorn's "
+                "post_worker_init hook, or lazily on the first request), or set mold = false to silence this.",
+                detail)
+        else:
+            self.disabled = "the app's import calls edgesync.wait_until"
+            self.glog.warning(
+                "edgesync: the app's import calls edgesync.wait_until (%s), which the mold refuses: it runs no "
+                "background work. Workers are forked by the master as gunicorn does and each one imports the "
+                "app. To fix: schedule it from a function decorated with @edgesync.after_fork, or set "
+                "mold = false to silence this.", detail)
         self.stop()
 
     def lost(self, mold: Mold) -> None:

@@ -33,6 +33,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from typing import Any, Optional, Tuple
 
 from . import _runtime
@@ -52,10 +53,29 @@ MASTER_REFUSAL = (
 
 
 MOLD_REFUSAL = (
-    "edgesync.wait_until() was called while edgesync's mold imported the app (mold = true). The mold is not "
-    "an instance: it forks the workers, serves no request and must run no thread, so it runs no background "
-    "work. Schedule the work from a request or at worker start (gunicorn's post_worker_init hook); until "
-    "then the workers import the app themselves.")
+    "edgesync.wait_until() was called while edgesync's mold imported the app (mold = true, the default). The "
+    "mold is not an instance: it forks the workers, serves no request and must run no thread, so it runs no "
+    "background work. Schedule the work from a request or at worker start (a function decorated with "
+    "@edgesync.after_fork); until then the workers import the app themselves.")
+
+
+class MoldRefusal(RuntimeError):
+    """``wait_until`` in edgesync's mold (``MOLD_REFUSAL``): the mold gives up, and each worker imports the app."""
+
+
+#: In the mold: where (``file:line``, outside edgesync) the app first called wait_until, caught or not.
+_mold_refused: Optional[str] = None
+
+
+def mold_refusal() -> Optional[str]:
+    """In the mold: where its import called ``wait_until`` (refused), or None."""
+    return _mold_refused
+
+
+def _app_caller() -> str:
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
+    frames = [f for f in traceback.extract_stack() if not os.path.abspath(f.filename).startswith(here)]
+    return "%s:%s" % (frames[-1].filename, frames[-1].lineno) if frames else "?"
 
 _in_mold = False
 
@@ -128,7 +148,10 @@ def first_runtime() -> Runtime:
     if role == "master":
         raise RuntimeError(MASTER_REFUSAL)
     if role == "mold":
-        raise RuntimeError(MOLD_REFUSAL)
+        global _mold_refused
+        if _mold_refused is None:  # the app may catch the refusal: the mold gives up all the same
+            _mold_refused = _app_caller()
+        raise MoldRefusal(MOLD_REFUSAL)
     if role == "worker" and not _warned:
         from ._worker import Worker
 

@@ -85,9 +85,10 @@ class _Record(ctypes.Structure):
 class _Master:
     """The arbiter's side: which record each worker has, and the patched methods."""
 
-    def __init__(self, arbiter: Any, glog: Any, mold: bool = False, code_generations: bool = False):
+    def __init__(self, arbiter: Any, glog: Any, mold: bool = False, code_generations: bool = False,
+                 before_mold: Optional[Callable[[], object]] = None):
         self.arbiter = arbiter
-        self.molds = _mold.Molds(arbiter, mold, glog, code_generations)
+        self.molds = _mold.Molds(arbiter, mold, glog, code_generations, before_mold)
         self.glog = glog
         self.pid = os.getpid()
         # MAP_SHARED | MAP_ANONYMOUS: the same pages in the master and every worker forked later.
@@ -158,10 +159,19 @@ class _Master:
         arbiter.worker_age += 1
         worker = arbiter.worker_class(arbiter.worker_age, arbiter.pid, arbiter.LISTENERS, arbiter.app,
                                       arbiter.timeout / 2.0, arbiter.cfg, arbiter.log)
-        arbiter.cfg.pre_fork(arbiter, worker)
-        pid = self.molds.fork(worker, slot)
-        if pid is None:
-            pid = self._fork_here(worker, slot)
+        # pre_fork sees every worker of the arbiter, the retirees manage_workers hides included
+        # (as in spawn_worker; a worker forked here closes their heartbeat files too).
+        workers = arbiter.WORKERS
+        workers.update(self.hidden)
+        try:
+            arbiter.cfg.pre_fork(arbiter, worker)
+            pid = self.molds.fork(worker, slot)
+            if pid is None:
+                pid = self._fork_here(worker, slot)
+        finally:
+            if self.in_master():
+                for hidden in self.hidden:
+                    workers.pop(hidden, None)
         worker.pid = pid
         arbiter.WORKERS[pid] = worker
         stats = getattr(arbiter, "_stats", None)
@@ -182,7 +192,7 @@ class _Master:
         if pid:
             return pid
         _own = slot
-        for sibling in list(self.arbiter.WORKERS.values()) + list(self.hidden.values()):
+        for sibling in self.arbiter.WORKERS.values():
             sibling.tmp.close()
         _mold.run_worker(self.arbiter, worker)
 
@@ -337,7 +347,8 @@ _master: Optional[_Master] = None
 _own: Optional[int] = None
 
 
-def install(glog: Any, mold: bool = False, code_generations: bool = False) -> bool:
+def install(glog: Any, mold: bool = False, code_generations: bool = False,
+            before_mold: Optional[Callable[[], object]] = None) -> bool:
     """In gunicorn's master, before the first fork: share the table and patch the arbiter.
 
     Returns False (and changes nothing) outside a running gunicorn arbiter, e.g.
@@ -351,7 +362,7 @@ def install(glog: Any, mold: bool = False, code_generations: bool = False) -> bo
         glog.debug("edgesync: no running gunicorn arbiter in this process; workers retire without a "
                    "replacement serving first")
         return False
-    _master = _Master(arbiter, glog, mold, code_generations)
+    _master = _Master(arbiter, glog, mold, code_generations, before_mold)
     return True
 
 

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Dict, List, Optional
 from gunicorn.http.body import LengthReader
 from gunicorn.workers import gthread
 
-from . import _context, _exit, _identity, _logging, _recycle, _runtime
+from . import _births, _context, _exit, _identity, _logging, _mold, _recycle, _runtime
 from ._config import ConfigError, Settings, describe_source, load_settings
 from ._invocation import REQUEST, InvocationCancelled, Tracker
 from ._journal import JournalError
@@ -170,32 +170,45 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         # Share the workers' table with the workers to come and wrap the arbiter's
         # births, reaping and counting (a retiree announces itself there only with
         # replace_before_retire on).
-        _recycle.install(log, mold=cls._settings.mold, code_generations=cls._settings.policy == Policy.ONESHOT)
+        _recycle.install(log, mold=cls._settings.mold, code_generations=cls._settings.policy == Policy.ONESHOT,
+                         before_mold=lambda: cls.current_settings(log))
+        if cfg.preload_app:  # the master imported the app: it warms it before its forks
+            try:
+                _births.warm()
+            except Exception:
+                log.exception("edgesync: the app's warm-up raised in the master (--preload)")
+                raise
         _check_journal(cfg, cls._settings, log)
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        # Runs in the master, before fork: keep nothing with threads or OS handles.
-        cls = type(self)
+    @classmethod
+    def current_settings(cls, log: Any) -> Settings:
+        """In the master: the settings for the next worker, read again if a reload asked for it.
+
+        Called for each worker built, and before a new mold is forked (``_mold``), so that
+        the mold's workers start from what the master read.
+        """
         if cls._reread or cls._settings is None:
             cls._reread = False
             try:
                 cls._settings = load_settings()
-                self.log.info("edgesync: settings from %s", describe_source())
+                log.info("edgesync: settings from %s", describe_source())
             except ConfigError as exc:
                 if cls._settings is None:
                     raise
-                self.log.error("edgesync: %s; keeping the previous settings", exc)
-        settings = cls._settings
-        assert settings is not None
-        self.settings: Settings = settings
+                log.error("edgesync: %s; keeping the previous settings", exc)
+        return cls._settings
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # Runs in the master, before fork: keep nothing with threads or OS handles.
+        self.settings: Settings = type(self).current_settings(self.log)
         self.runtime: Runtime = None  # type: ignore[assignment]  # set in init_process
         self.monitor: Optional[Monitor] = None
         self._stop_at: Optional[float] = None  # when the first SIGTERM came
         self._signalled: List[Trigger] = []  # what signal handlers asked for (see poll)
         self._in_run = False
         self._stopped_accepting = False
-        self._oneshot = settings.policy == Policy.ONESHOT
+        self._oneshot = self.settings.policy == Policy.ONESHOT
         # The arbiter kills a worker silent for cfg.timeout (= 2 * self.timeout); one
         # notify() per beat is enough, where gthread makes one per loop turn (a system
         # call per finished request: each one wakes the loop).
@@ -255,6 +268,11 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
+        _mold.app_loaded()  # a mold's worker: the loggers as the app's import configured them
+        # The app's warm-up (if this worker imported the app itself), then its after-fork
+        # functions: before post_worker_init, as the freeze below.
+        _births.warm()
+        _births.forked()
         # A durable task records the app's import path, so that every run, here, in another
         # worker or on an RQ worker, runs in this app (see _context).
         _context.set_process_app(getattr(self.app, "app_uri", None), self.wsgi)

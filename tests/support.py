@@ -270,7 +270,7 @@ class Server:
 
 
 def workers_of(master: int) -> List[int]:
-    """The master's live children (its workers), from /proc via psutil."""
+    """The master's live children but its mold (named ``edgesync-mold``): its workers, from /proc via psutil."""
     try:
         kids = psutil.Process(master).children()
     except psutil.NoSuchProcess:
@@ -278,7 +278,7 @@ def workers_of(master: int) -> List[int]:
     out = []
     for kid in kids:
         try:
-            if kid.status() != psutil.STATUS_ZOMBIE:
+            if kid.status() != psutil.STATUS_ZOMBIE and kid.name() != "edgesync-mold":
                 out.append(kid.pid)
         except psutil.NoSuchProcess:
             pass

@@ -9,6 +9,7 @@ server lives and replaces it.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import signal
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import pytest
+
+import edgesync
 
 from .conftest import Server, wait_for
 
@@ -235,6 +238,11 @@ def test_the_workers_are_the_masters_children_and_the_mold_is_not_a_worker(
     assert mold not in server.worker_pids()
     with open("/proc/%d/comm" % mold) as f:
         assert f.read().strip() == "edgesync-mold"  # what ps shows
+    with open("/proc/%d/comm" % server.proc.pid) as f:
+        master_name = f.read().strip()
+    for pid in server.worker_pids():  # a worker takes the master's name back from the mold
+        with open("/proc/%d/comm" % pid) as f:
+            assert f.read().strip() == master_name != "edgesync-mold"
     # Every worker was forked by the mold: none paid the app's import.
     assert all(int(ms) < 50 for ms in re.findall(r"booted in [\d.]+s, (\d+) ms of CPU", server.log)), server.log
     assert server.stop() == 0, server.log
@@ -375,9 +383,14 @@ def test_a_worker_killed_while_the_mold_forks_it_is_replaced(server_factory: Cal
 def test_a_wait_until_at_import_is_refused_in_the_mold_and_the_workers_import_the_app(
         server_factory: Callable[..., Server]) -> None:
     server = server_factory("--workers", "2", app=APP, workers_ready=2, env={**MOLD, "WAIT_UNTIL_AT_IMPORT": "1"})
-    server.wait_for_log(r"the mold could not import the app")
-    assert "while edgesync's mold imported the app" in server.log
+    # One warning naming the call, not an error with a traceback: the app is fine without a mold.
+    server.wait_for_log(r"the app's import calls edgesync.wait_until \(\S*tests/apps/births.py:\d+\), which the "
+                        r"mold refuses.*@edgesync.after_fork")
     assert server.get("/pid")[0] == 200  # gunicorn's births: each worker imported the app, wait_until and all
+    server.signal(signal.SIGTTIN)  # a later birth does not try another mold
+    wait_for(lambda: len(server.worker_pids()) == 3, 20, "the third worker")
+    assert server.log.count("calls edgesync.wait_until") == 1 and "Traceback" not in server.log, server.log
+    assert _mold_pids(server) == []
     assert server.stop() == 0, server.log
 
 
@@ -421,4 +434,79 @@ def test_with_reload_the_workers_import_the_app_themselves(server_factory: Calla
     server.wait_for_log(r"workers are forked by the master, not by a mold \(--reload")
     assert _mold_pids(server) == []
     assert server.get("/pid")[0] == 200
+    assert server.stop() == 0, server.log
+
+
+# -- the app's birth hooks: warm_up and after_fork ------------------------------------
+
+
+def test_the_birth_hooks_run_nothing_outside_gunicorn_and_refuse_what_they_cannot_call() -> None:
+    calls: List[str] = []
+
+    def warm() -> None:
+        calls.append("warm_up")
+
+    def fork() -> None:
+        calls.append("after_fork")
+    assert edgesync.warm_up(warm) is warm and edgesync.after_fork(fork) is fork  # decorators
+    assert calls == []  # no gunicorn here: nothing is forked, nothing runs
+    with pytest.raises(TypeError, match=r"edgesync.warm_up\(\) takes a function called with no argument, got 42"):
+        edgesync.warm_up(42)  # type: ignore[type-var]
+    with pytest.raises(TypeError, match=r"edgesync.after_fork\(\) takes a function .*got 'x'.*@edgesync.after_fork"):
+        edgesync.after_fork("x")  # type: ignore[type-var]
+
+
+def _hooks_of_every_worker(server: Server) -> Dict[int, Dict[str, object]]:
+    seen: Dict[int, Dict[str, object]] = {}
+
+    def both() -> bool:
+        answer = json.loads(server.get("/hooks")[1])
+        seen[answer["pid"]] = answer
+        return set(seen) >= set(server.worker_pids())
+    wait_for(both, 20, "an answer from every worker")
+    return seen
+
+
+@pytest.mark.parametrize(("mold", "preload"), [("true", False), ("true", True), ("false", True), ("false", False)],
+                         ids=["mold", "mold-preload", "preload", "imports-the-app"])
+def test_the_warm_up_runs_once_where_the_app_was_imported_and_after_fork_in_each_worker(
+        server_factory: Callable[..., Server], mold: str, preload: bool) -> None:
+    server = server_factory("--workers", "2", *(["--preload"] if preload else []), app=APP, workers_ready=2,
+                            env={"EDGESYNC_MOLD": mold})
+    assert server.proc is not None
+    molds = _mold_pids(server)
+    assert len(molds) == (1 if mold == "true" else 0)
+    for pid, hooks in _hooks_of_every_worker(server).items():
+        # What the import opened was reopened in the worker by its after-fork function.
+        assert hooks["connection_opened_in"] == pid, hooks
+        # The warm-up ran once, in the process that imported the app, and its request went through the app.
+        warmed_by = server.proc.pid if preload else molds[0] if molds else pid
+        assert hooks["warmed_by"] == warmed_by and hooks["warm_ups"] == 1, (hooks, warmed_by, molds)
+        assert hooks["warm_up_answer"] == str(warmed_by)
+    if molds:
+        assert re.search(r"mold %d ready for the first generation \(imported in [\d.]+s, warmed up in [\d.]+s\)"
+                         % molds[0], server.log)
+    assert server.stop() == 0, server.log
+
+
+@pytest.mark.slow
+def test_a_new_generation_whose_warm_up_raises_is_refused(server_factory: Callable[..., Server],
+                                                          tmp_path: Path) -> None:
+    fail = tmp_path / "fail"
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env={**MOLD, "WARM_UP_FAIL_FILE": str(fail)})
+    [first] = _mold_pids(server)
+    fail.touch()
+    server.signal(signal.SIGHUP)
+    server.wait_for_log(r"the new code's mold could not import the app .*this generation is refused")
+    wait_for(lambda: len(re.findall(r"Booting worker with pid", server.log)) >= 4, 20, "the HUP's workers")
+    # The HUP's workers come from the first generation's mold, warmed by it.
+    assert {h["warmed_by"] for h in _hooks_of_every_worker(server).values()} == {first}
+    assert server.log.count("RuntimeError: the warm-up fails on purpose") == 1, server.log
+    fail.unlink()
+    server.signal(signal.SIGHUP)
+    server.wait_for_log(r"edgesync: mold \d+ ready for a new generation")
+    second = _mold_pids(server)[-1]
+    wait_for(lambda: {h["warmed_by"] for h in _hooks_of_every_worker(server).values()} == {second}, 20,
+             "the second generation to serve")
+    assert server.exited() is None and "Worker failed to boot" not in server.log
     assert server.stop() == 0, server.log

@@ -39,7 +39,7 @@ DESIGN_DEFAULTS = {
     "handoff_visibility_timeout_ms": 3600000,
     "handoff_queue": "default",
     "replace_before_retire": True,  # issue 10: a replacement serves before a retiring worker stops accepting
-    "mold": False,  # issue 23: a mold per code generation forks the workers (opt-in)
+    "mold": True,  # issue 23: a mold per code generation forks the workers
 }
 
 
@@ -96,7 +96,7 @@ def test_full_valid_file(tmp_path: Path) -> None:
         "handoff_visibility_timeout_ms": 7200000,
         "handoff_queue": "edge.tasks",
         "replace_before_retire": False,
-        "mold": True,
+        "mold": False,
     }
     body = "\n".join(f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}".replace("'", '"')
                      for k, v in wanted.items())

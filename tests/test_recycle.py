@@ -202,9 +202,10 @@ def test_the_master_freezes_what_it_holds_for_the_fork_only() -> None:
 # -- for real: replace before retire under load, with signals -----------------------------------------
 #
 # A retiring worker keeps accepting until the arbiter's replacement for it serves. The cases hold the
-# replacements' boot (BOOT_HOLD_FILE: the app's import waits while the file exists) to make the overlap
-# as long as they need, retire chosen workers with a CPU-heavy request (/burn, above a low
-# cpu_soft_limit_ms), and count the master's children to see the worker count come back.
+# replacements' boot (BOOT_HOLD_FILE: each worker's after-fork function waits while the file exists,
+# whether a mold forked it or it imported the app itself) to make the overlap as long as they need,
+# retire chosen workers with a CPU-heavy request (/burn, above a low cpu_soft_limit_ms), and count the
+# master's children (its mold aside) to see the worker count come back.
 
 RETIRE_ENV = {"EDGESYNC_CPU_SOFT_LIMIT_MS": "250", "EDGESYNC_CPU_HARD_LIMIT_MS": "0"}
 LOAD = {"/ok": 9, TASKS: 1}
@@ -274,10 +275,11 @@ def retire_under_load(server_factory: Callable[..., Server],
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mold", ["true", "false"], ids=["mold", "imports-the-app"])
 def test_every_worker_retires_at_once_and_each_gets_its_replacement(server_factory: Callable[..., Server],
-                                                                    tmp_path: Path) -> None:
+                                                                    tmp_path: Path, mold: str) -> None:
     hold = tmp_path / "hold"
-    server = start(server_factory, env={**RETIRE_ENV, "BOOT_HOLD_FILE": str(hold)})
+    server = start(server_factory, env={**RETIRE_ENV, "BOOT_HOLD_FILE": str(hold), "EDGESYNC_MOLD": mold})
     first = server.worker_pids()
     load = Wrk(server, 60, LOAD)
     under_way(load)
@@ -342,13 +344,17 @@ def test_ttin_then_ttou_while_a_worker_retires(server_factory: Callable[..., Ser
 
 
 @pytest.mark.slow
-def test_replacement_whose_app_fails_to_import(server_factory: Callable[..., Server], tmp_path: Path) -> None:
+@pytest.mark.parametrize("mold", ["false", "true"], ids=["its-import-fails", "its-after-fork-fails"])
+def test_a_replacement_that_fails_to_boot_halts_the_server(server_factory: Callable[..., Server],
+                                                           tmp_path: Path, mold: str) -> None:
     broken = tmp_path / "broken"
-    server = start(server_factory, env={**RETIRE_ENV, "BOOT_FAIL_FILE": str(broken)})
+    server = start(server_factory, env={**RETIRE_ENV, "BOOT_FAIL_FILE": str(broken), "EDGESYNC_MOLD": mold})
     retiree, other = server.worker_pids()
     load = Wrk(server, 60, LOAD)
     under_way(load)
-    broken.touch()  # a deploy broke the app: the replacement cannot import it
+    # The replacement cannot boot: without a mold it imports the app, which raises; a mold's worker
+    # imports nothing (the mold did, before the file existed), and its after-fork function raises.
+    broken.touch()
     retire(server, retiree)
     # gunicorn's own boot-error handling, unchanged: the master halts with status 3...
     assert server.proc is not None

@@ -127,6 +127,11 @@ class Sampler:
             except psutil.NoSuchProcess:
                 return
             for child in children:
+                try:
+                    if child.name() == "edgesync-mold":  # the generation's mold: not a worker
+                        continue
+                except psutil.NoSuchProcess:
+                    continue
                 got = sample(child, now)
                 if got is not None:
                     self.workers.append(got)

@@ -60,12 +60,23 @@ def test_preload_with_an_app_that_lets_the_refusal_raise_stops_at_boot(tmp_path:
     assert "Listening at" not in stderr
 
 
-def test_without_preload_work_scheduled_at_import_runs_in_each_worker(server_factory: Callable[..., Server]) -> None:
+@pytest.mark.parametrize("mold", ["false", "true"])
+def test_without_preload_work_scheduled_at_import_runs_in_each_worker(server_factory: Callable[..., Server],
+                                                                      mold: str) -> None:
     # task_log_interval_ms = 0: a success line per task at INFO, as before the summaries.
-    server = server_factory(app=APP, env={"SCHEDULE_AT_IMPORT": "1", "EDGESYNC_TASK_LOG_INTERVAL_MS": "0"})
+    server = server_factory(app=APP, env={"SCHEDULE_AT_IMPORT": "1", "EDGESYNC_TASK_LOG_INTERVAL_MS": "0",
+                                          "EDGESYNC_MOLD": mold})
     [done] = server.wait_for_events("task_done", where=lambda e: e["id"] == "at-import")
     assert done["pid"] == int(server.get("/pid")[1])
-    assert not server.events("refused")
+    if mold == "false":
+        assert not server.events("refused")
+    else:
+        # The mold imported the app first and refused the call, which the app caught; the mold gave up
+        # (one warning), so the worker imported the app itself and its call was accepted.
+        [refused] = server.events("refused")
+        assert refused["pid"] != done["pid"] and "edgesync's mold" in refused["message"]
+        assert server.log.count("the app's import calls edgesync.wait_until (") == 1
+        assert "tests/apps/traps.py:" in server.log
     # The success line, in gunicorn's error log: name, duration, id.
     server.wait_for_log(r"worker %d: task tests\.apps\.traps\.task succeeded in \d+\.\d{3}s, id=%d-\d+$"
                         % (done["pid"], done["pid"]))

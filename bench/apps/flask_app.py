@@ -31,6 +31,11 @@ Routes (each is one behaviour a scenario measures):
 - ``/pid``: the worker's pid.
 - ``/io?ms=N``: waits N ms (default 20) without CPU, as a view waiting on a
   database or an API does, then answers (scenario 6, I/O-bound).
+
+With ``BENCH_WARM_UP=1`` the app registers an ``edgesync.warm_up`` function that passes
+``/hello`` and ``/pid`` through the app with Flask's test client (no socket), so the
+process workers are forked from has done what each worker's first request would do
+(``bench/births.py warmup``).
 """
 
 from __future__ import annotations
@@ -223,3 +228,12 @@ def grow() -> str:
 @app.get("/pid")
 def pid() -> str:
     return str(os.getpid())
+
+
+if os.environ.get("BENCH_WARM_UP") == "1":
+    @edgesync.warm_up
+    def _warm_up() -> None:
+        """What each worker's first request would do: Flask's request path, werkzeug's URL binding (the idna codec)."""
+        client = app.test_client()
+        for path in ("/hello", "/pid"):
+            client.get(path)

@@ -6,6 +6,14 @@ answers it), and ``raise`` makes the import fail (a broken deploy). If
 and metrics exporters do). If ``$WAIT_UNTIL_AT_IMPORT`` is set, the import calls
 ``edgesync.wait_until``.
 
+The app uses both birth hooks. At import it opens a "connection" (a socketpair, as
+a database client would open one) that each worker must own: its after-fork
+function (``edgesync.after_fork``) reopens it in the worker. Its warm-up function
+(``edgesync.warm_up``) passes one ``/pid`` request through the app without a socket
+and notes which process did (``$WARM_UP_FAIL_FILE`` exists: it raises). ``/hooks``
+answers JSON: this worker's pid, the pid its connection was opened in, the process
+that warmed the app up, how often, and what its request answered.
+
 Routes: ``/pid`` answers the worker's pid. ``/exit_later?code=N&delay=S`` answers at
 once and schedules a ``wait_until`` task that, ``S`` seconds later, ends the worker
 with ``os._exit(N)`` (what a library's background thread may do: no Python exit, no
@@ -14,7 +22,9 @@ gunicorn code in between).
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable
@@ -34,6 +44,39 @@ if os.environ.get("IMPORT_THREAD"):
     threading.Thread(target=time.sleep, args=(3600,), name=os.environ["IMPORT_THREAD"], daemon=True).start()
 
 
+class _Connection:
+    """What a database client opens at import: one end of a socketpair, and the pid that opened it."""
+
+    def __init__(self) -> None:
+        self.sock, self._peer = socket.socketpair()
+        self.opened_in = os.getpid()
+
+    def close(self) -> None:
+        self.sock.close()
+        self._peer.close()
+
+
+CONNECTION = _Connection()
+WARMED: Dict[str, Any] = {"by": None, "times": 0, "answer": ""}
+
+
+@edgesync.after_fork
+def _reconnect() -> None:
+    global CONNECTION
+    CONNECTION.close()
+    CONNECTION = _Connection()
+
+
+@edgesync.warm_up
+def _warm() -> None:
+    fail = os.environ.get("WARM_UP_FAIL_FILE")
+    if fail and os.path.exists(fail):
+        raise RuntimeError("the warm-up fails on purpose (%s exists)" % fail)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/pid", "QUERY_STRING": "", "wsgi.input": None}
+    body = b"".join(app(environ, lambda status, headers, exc_info=None: None))
+    WARMED.update(by=os.getpid(), times=WARMED["times"] + 1, answer=body.decode())
+
+
 def _exit_later(code: int, delay: float) -> None:
     time.sleep(delay)
     record(type="exiting", code=code)
@@ -42,6 +85,10 @@ def _exit_later(code: int, delay: float) -> None:
 
 def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     path = environ["PATH_INFO"]
+    if path == "/hooks":
+        return text(start_response, json.dumps({
+            "pid": os.getpid(), "connection_opened_in": CONNECTION.opened_in, "warmed_by": WARMED["by"],
+            "warm_ups": WARMED["times"], "warm_up_answer": WARMED["answer"]}))
     if path == "/exit_later":
         q = query(environ)
         edgesync.wait_until(_exit_later, int(q["code"]), float(q.get("delay", "0.2")))

@@ -27,10 +27,13 @@ adds one that sleeps that long; ``LOG_EVERY_FAILURE=<n>`` lets every n-th failin
 task reach edgesync's default logging (the others call ``prevent_default()``, so a
 storm of thousands does not write thousands of tracebacks).
 
-Files that change how a worker boots (the app is imported in each worker, after
-the fork, unless ``--preload``): while ``$BOOT_HOLD_FILE`` exists, the import
-waits (at most 60 s), writing a ``boot_held`` record first; if ``$BOOT_FAIL_FILE``
-exists, the import raises (gunicorn's boot-error handling then halts the master).
+Files that change how a worker boots, checked in each worker after the app is
+loaded (``edgesync.after_fork``: whether the worker imported the app, or a mold or
+a preloading master did): while ``$BOOT_HOLD_FILE`` exists, the worker's boot waits
+(at most 60 s), writing a ``boot_held`` record first; if ``$BOOT_FAIL_FILE``
+exists, the boot raises (gunicorn's boot-error handling then halts the master).
+The import itself raises too while ``$BOOT_FAIL_FILE`` exists: where a worker
+imports the app, that is where it fails.
 """
 
 from __future__ import annotations
@@ -94,10 +97,15 @@ def on_rejection(event: edgesync.UnhandledRejectionEvent) -> None:
         event.prevent_default()
 
 
-def _boot_switches() -> None:
+def _failing(what: str) -> None:
     fail = os.environ.get("BOOT_FAIL_FILE")
     if fail and os.path.exists(fail):
-        raise RuntimeError("the app fails to import on purpose (%s exists)" % fail)
+        raise RuntimeError("the app fails to %s on purpose (%s exists)" % (what, fail))
+
+
+@edgesync.after_fork
+def _boot_switches() -> None:
+    _failing("boot")
     hold = os.environ.get("BOOT_HOLD_FILE")
     if hold and os.path.exists(hold):
         record(type="boot_held")
@@ -106,7 +114,7 @@ def _boot_switches() -> None:
             time.sleep(0.02)
 
 
-_boot_switches()
+_failing("import")
 edgesync.add_event_listener("beforeunload", on_beforeunload)
 edgesync.add_event_listener("unhandledrejection", on_rejection)
 # When the worker process ends (gunicorn's worker exits through SystemExit, so atexit
