@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterable, Sequence
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, SamplingResult
 
 import edgesync
 import edgesync.otel
@@ -62,7 +63,18 @@ class JsonLinesExporter(SpanExporter):
         pass
 
 
-provider = TracerProvider()
+class DropTaskSpans(Sampler):
+    """Drops every root span named ``edgesync.task ...``, samples the other roots."""
+
+    def should_sample(self, parent_context: Any, trace_id: int, name: str, *args: Any, **kwargs: Any) -> SamplingResult:
+        return SamplingResult(Decision.DROP if name.startswith("edgesync.task ") else Decision.RECORD_AND_SAMPLE)
+
+    def get_description(self) -> str:
+        return "DropTaskSpans"
+
+
+# OTEL_TEST_DROP_TASKS=1: task spans are sampled out; every other span follows its parent.
+provider = TracerProvider(sampler=ParentBased(DropTaskSpans()) if os.environ.get("OTEL_TEST_DROP_TASKS") else None)
 provider.add_span_processor(SimpleSpanProcessor(JsonLinesExporter(os.environ["SPANS_FILE"])))
 trace.set_tracer_provider(provider)
 edgesync.otel.instrument()
