@@ -58,6 +58,7 @@ _propagator = TraceContextTextMapPropagator()
 # Bound once: the task span's path looks each up per task otherwise.
 _attach, _detach = otel_context.attach, otel_context.detach
 _get_current_span, _set_span_in_context = trace.get_current_span, trace.set_span_in_context
+_peek = _runtime.peek
 _lock = threading.Lock()
 _tracer: Optional[Tracer] = None
 _provider: Optional[TracerProvider] = None
@@ -130,8 +131,10 @@ _LINK_ATTRIBUTES = {"edgesync.link": "wait_until"}
 
 def _run_in_span(tracer: Tracer, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     # Runs on the task's thread, inside the task's copy of the caller's context: the
-    # current span there is the one that called wait_until.
-    task, inv = _current_task()
+    # current span there is the one that called wait_until. (_current_task, inlined: per task.)
+    rt = _peek()
+    inv = None if rt is None else rt.tracker.slot().current
+    task = None if inv is None else inv.task
     if task is None:
         # Not a task of an edgesync runtime: a handed-off durable task on an RQ or Celery worker,
         # which runs the task hooks too. Its span is the durable trace's (``_DurableTracing.run``),
