@@ -32,6 +32,7 @@ edgesync's own part per task is ``on`` minus ``off + sdk span in the task``.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -176,7 +177,8 @@ def main_thread_instructions(row: str, n: int) -> int:
         out = Path(tmp) / "cg"
         subprocess.run(["valgrind", "--tool=callgrind", "--separate-threads=yes", "--callgrind-out-file=%s" % out,
                         sys.executable, __file__, "--child", str(ROWS.index(row)), str(n)],
-                       capture_output=True, text=True, check=True)
+                       capture_output=True, text=True, check=True,
+                       env=dict(os.environ, PYTHONHASHSEED="0"))  # the same dict layouts in both runs
         files = sorted(Path(tmp).glob("cg-01")) or sorted(Path(tmp).glob("cg*-01"))
         if not files:
             raise RuntimeError("callgrind wrote no file for the main thread in %s" % tmp)

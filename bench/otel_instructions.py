@@ -50,7 +50,8 @@ def count(mode: str, n: int) -> int:
     with tempfile.TemporaryDirectory(prefix="edgesync-bench-cg-") as tmp:
         out = Path(tmp) / "cg"
         subprocess.run(["valgrind", "--tool=callgrind", "--separate-threads=yes", "--callgrind-out-file=%s" % out,
-                        sys.executable, __file__, "--child", mode, str(n)], capture_output=True, text=True, check=True)
+                        sys.executable, __file__, "--child", mode, str(n)], capture_output=True, text=True, check=True,
+                       env=dict(os.environ, PYTHONHASHSEED="0"))  # the same dict layouts in both runs
         files = sorted(Path(tmp).glob("cg*-01"))
         if not files:
             raise RuntimeError("callgrind wrote no file for the main thread in %s" % tmp)
