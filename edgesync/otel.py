@@ -7,9 +7,12 @@ which has usually ended by then (opentelemetry-python-contrib #4251). With
 span (an explicitly empty parent context) of kind CONSUMER that *links* to the
 span that called ``wait_until``, as OpenTelemetry's messaging conventions have a
 processing span link to the context that created the work. Spans the task makes
-are children of the task span. The wrapper is a task hook (``_runtime.add_task_hook``,
-the framework integrations' extension point): nothing here runs for a task unless
-``instrument()`` was called, and ``opentelemetry`` is imported only by this module.
+are children of the task span. The sampler decides at the start, on the span's name
+and kind; a span it drops is still made current (the task's own spans follow its
+decision) but gets nothing else built: no attributes, link, events or bookkeeping.
+The wrapper is a task hook (``_runtime.add_task_hook``, the framework integrations'
+extension point): nothing here runs for a task unless ``instrument()`` was called,
+and ``opentelemetry`` is imported only by this module.
 
 Events on spans: a limit that cancels a task (``edgesync.cancelled``, with the
 limit); ``beforeunload`` and ``unload`` on every task span still running, and on
