@@ -64,10 +64,13 @@ class JsonLinesExporter(SpanExporter):
 
 
 class DropTaskSpans(Sampler):
-    """Drops every root span named ``edgesync.task ...``, samples the other roots."""
+    """Drops every root span named ``edgesync.task ...`` started without links (the task hook's), samples
+    the other roots (a durable task's own span, started with the link to its origin, would be sampled)."""
 
-    def should_sample(self, parent_context: Any, trace_id: int, name: str, *args: Any, **kwargs: Any) -> SamplingResult:
-        return SamplingResult(Decision.DROP if name.startswith("edgesync.task ") else Decision.RECORD_AND_SAMPLE)
+    def should_sample(self, parent_context: Any, trace_id: int, name: str, kind: Any = None, attributes: Any = None,
+                      links: Any = None, trace_state: Any = None) -> SamplingResult:
+        drop = name.startswith("edgesync.task ") and not links
+        return SamplingResult(Decision.DROP, None) if drop else SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
 
     def get_description(self) -> str:
         return "DropTaskSpans"
@@ -96,6 +99,7 @@ def durable_work(tag: str, first: float) -> None:
     attempt = edgesync.current_attempt()
     record(type="durable_start", id=tag, attempt=attempt)
     time.sleep(first if attempt == 1 else 0)
+    record(type="durable_done", id=tag, attempt=attempt)
 
 
 def burn(tag: str) -> None:
