@@ -10,6 +10,8 @@ which one first alternates per round), for ``--seconds`` per round, on ``/hello`
 - ``otel``: off = no OpenTelemetry at all; on = the SDK with a ``BatchSpanProcessor`` (exporter that
   drops the spans) and ``edgesync.otel.instrument()`` (``bench/apps/observed.py``): a span per task.
 - ``otel10``: the same with a ``TraceIdRatioBased(0.1)`` sampler: one task in ten recorded.
+- ``otel100`` and ``otel0`` (not run by default): ``TraceIdRatioBased(0.01)`` and ``(0)``: one
+  task span in a hundred recorded, and none (what a task span the sampler drops costs).
 - ``prometheus``: off = no ``PROMETHEUS_MULTIPROC_DIR``; on = set to a fresh directory, so
   edgesync.prometheus mirrors the worker's figures at each heartbeat and compacts dead files.
 
@@ -34,12 +36,13 @@ from bench.harness import Load, Server
 
 APP = "bench.apps.observed:app"
 PATHS = ("/hello", "/task")
+OTEL_RATIOS = {"otel": "1", "otel10": "0.1", "otel100": "0.01", "otel0": "0"}
 
 
 def pair(name: str, logdir: Path) -> List[Server]:
     off = Server(name + "-off", "edgesync.Worker", logdir, app=APP)
     if name.startswith("otel"):
-        ratio = "1" if name == "otel" else "0.1"
+        ratio = OTEL_RATIOS[name]
         on = Server(name + "-on", "edgesync.Worker", logdir, app=APP, env={"BENCH_OTEL": ratio})
     else:
         metrics = logdir / "prometheus-multiproc"
@@ -54,7 +57,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=8)
-    parser.add_argument("--pairs", default="otel,otel10,prometheus", help="comma-separated: otel, otel10, prometheus")
+    parser.add_argument("--pairs", default="otel,otel10,prometheus",
+                        help="comma-separated: otel, otel10, otel100, otel0, prometheus")
     args = parser.parse_args()
     harness.ensure_wrk()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))

@@ -7,9 +7,12 @@ which has usually ended by then (opentelemetry-python-contrib #4251). With
 span (an explicitly empty parent context) of kind CONSUMER that *links* to the
 span that called ``wait_until``, as OpenTelemetry's messaging conventions have a
 processing span link to the context that created the work. Spans the task makes
-are children of the task span. The wrapper is a task hook (``_runtime.add_task_hook``,
-the framework integrations' extension point): nothing here runs for a task unless
-``instrument()`` was called, and ``opentelemetry`` is imported only by this module.
+are children of the task span. The sampler decides at the start, on the span's name
+and kind; a span it drops is still made current (the task's own spans follow its
+decision) but gets nothing else built: no attributes, link, events or bookkeeping.
+The wrapper is a task hook (``_runtime.add_task_hook``, the framework integrations'
+extension point): nothing here runs for a task unless ``instrument()`` was called,
+and ``opentelemetry`` is imported only by this module.
 
 Events on spans: a limit that cancels a task (``edgesync.cancelled``, with the
 limit); ``beforeunload`` and ``unload`` on every task span still running, and on
@@ -27,6 +30,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from opentelemetry import context as otel_context
@@ -37,7 +41,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from . import _durable, _events, _runtime
 from ._events import BeforeUnloadEvent, UnloadEvent
 from ._invocation import InvocationCancelled
-from ._pool import run_awaitable
+from ._pool import NOT_AWAITABLE, run_awaitable
 
 __all__ = ["instrument", "instrumented", "uninstrument"]
 
@@ -54,6 +58,10 @@ TASK_QUEUED_S = "edgesync.task.queued_s"
 REASON = "edgesync.reason"
 
 _propagator = TraceContextTextMapPropagator()
+# Bound once: the task span's path looks each up per task otherwise.
+_attach, _detach = otel_context.attach, otel_context.detach
+_get_current_span, _set_span_in_context = trace.get_current_span, trace.set_span_in_context
+_peek = _runtime.peek
 _lock = threading.Lock()
 _tracer: Optional[Tracer] = None
 _provider: Optional[TracerProvider] = None
@@ -109,10 +117,9 @@ def _task_hook(fn: Callable[..., Any], ctx: Any) -> Tuple[Callable[..., Any], An
     tracer = _tracer
     if tracer is None:
         return fn, ctx
-
-    def traced(*args: Any, **kwargs: Any) -> Any:
-        return _run_in_span(tracer, fn, args, kwargs)
-    return traced, ctx
+    # A partial, not a closure: nothing compiled per task. The tracer is bound now, so
+    # a task accepted before uninstrument() keeps its span.
+    return partial(_run_in_span, tracer, fn), ctx
 
 
 def _current_task() -> Tuple[Any, Any]:
@@ -125,65 +132,74 @@ def _current_task() -> Tuple[Any, Any]:
 _LINK_ATTRIBUTES = {"edgesync.link": "wait_until"}
 
 
-def _run_in_span(tracer: Tracer, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+def _run_in_span(tracer: Tracer, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     # Runs on the task's thread, inside the task's copy of the caller's context: the
-    # current span there is the one that called wait_until.
-    caller = trace.get_current_span().get_span_context()
-    task, inv = _current_task()
+    # current span there is the one that called wait_until. (_current_task, inlined: per task.)
+    rt = _peek()
+    inv = None if rt is None else rt.tracker.slot().current
+    task = None if inv is None else inv.task
     if task is None:
         # Not a task of an edgesync runtime: a handed-off durable task on an RQ or Celery worker,
         # which runs the task hooks too. Its span is the durable trace's (``_DurableTracing.run``),
         # named after the task and linked to the request that accepted it.
         return fn(*args, **kwargs)
-    name = str(getattr(task, "name", None) or getattr(fn, "__qualname__", "task"))
-    attributes: Dict[str, Any] = {"messaging.system": "edgesync", "messaging.operation.type": "process",
-                                  TASK_NAME: name, TASK_ATTEMPT: 1}
-    if task is not None:
-        attributes[TASK_ID] = task.id
-        if task.started is not None:
-            attributes[TASK_QUEUED_S] = round(task.started - task.accepted, 6)
+    name = task.name
     # An explicitly empty parent: a root span, never a child of the (ended) request span.
-    span = tracer.start_span("edgesync.task " + name, context=_EMPTY, kind=SpanKind.CONSUMER,
-                             links=(Link(caller, _LINK_ATTRIBUTES),) if caller.is_valid else None,
-                             attributes=attributes)
-    token = otel_context.attach(trace.set_span_in_context(span, _EMPTY))
-    _running[span] = None  # whoever pops it ends it: this thread, or the unload listener
+    span = tracer.start_span("edgesync.task " + name, context=_EMPTY, kind=SpanKind.CONSUMER)
+    # The sampler decided in start_span, on the name (which carries the task's name), the kind
+    # and the empty parent. A span that does not record takes no attributes, link, events or
+    # status: none are built. One that does gets them in one call each (one lock, one pass),
+    # which costs the SDK what passing them to start_span would.
+    recording = span.is_recording()
+    if recording:
+        span.set_attributes({"messaging.system": "edgesync", "messaging.operation.type": "process",
+                             TASK_NAME: name, TASK_ATTEMPT: 1, TASK_ID: task.id,
+                             TASK_QUEUED_S: round(task.started - task.accepted, 6)})
+        caller = _get_current_span().get_span_context()  # still the caller's: attached below
+        if caller.is_valid:
+            span.add_link(caller, _LINK_ATTRIBUTES)
+        _running[span] = None  # whoever pops it ends it: this thread, or the unload listener
+    # Current even when the sampler dropped it: the task's own spans are its children (and follow
+    # its sampling decision), never the finished request's.
+    token = _attach(_set_span_in_context(span, _EMPTY))
     outcome = "completed"
     try:
         result = fn(*args, **kwargs)
-        if result is not None and inspect.isawaitable(result):
+        if result is not None and type(result) not in NOT_AWAITABLE and inspect.isawaitable(result):
             result = run_awaitable(result)  # inside the span, not after it ended
         return result
     except InvocationCancelled as exc:
-        verdict = getattr(inv, "verdict", None)
         outcome = "cancelled"
-        reason = getattr(verdict, "reason", "unknown")
-        span.set_attribute(TASK_CANCELLED_BY, reason)
-        # The exception raised in the thread carries no message; the verdict has it.
-        span.add_event("edgesync.cancelled", {REASON: reason,
-                                              "exception.message": getattr(verdict, "message", str(exc))})
-        span.set_status(Status(StatusCode.ERROR, "cancelled by the %s limit" % reason))
+        if recording:
+            verdict = getattr(inv, "verdict", None)
+            reason = getattr(verdict, "reason", "unknown")
+            span.set_attribute(TASK_CANCELLED_BY, reason)
+            # The exception raised in the thread carries no message; the verdict has it.
+            span.add_event("edgesync.cancelled", {REASON: reason,
+                                                  "exception.message": getattr(verdict, "message", str(exc))})
+            span.set_status(Status(StatusCode.ERROR, "cancelled by the %s limit" % reason))
         raise
     # why BaseException: the task's own exception, recorded, then raised on unchanged.
     except BaseException as exc:
         outcome = "failed"
-        span.record_exception(exc)
-        span.set_status(Status(StatusCode.ERROR, "%s: %s" % (type(exc).__name__, exc)))
+        if recording:
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, "%s: %s" % (type(exc).__name__, exc)))
         raise
     finally:
-        _end(span, outcome, token)
+        _end(span, outcome, token, recording)
 
 
-def _end(span: Span, outcome: str, token: object) -> None:
+def _end(span: Span, outcome: str, token: object, recording: bool) -> None:
     # A cancellation may be delivered while this runs (a limit racing the task's end):
     # each step is retried until done, so the span is still exported, once.
     detached = ended = False
     while not ended:
         try:
             if not detached:
-                otel_context.detach(token)  # type: ignore[arg-type]
+                _detach(token)  # type: ignore[arg-type]
                 detached = True
-            if _running.pop(span, _GONE) is not _GONE:  # atomic: not ended by unload
+            if recording and _running.pop(span, _GONE) is not _GONE:  # atomic: not ended by unload
                 span.set_attribute(TASK_OUTCOME, outcome)
                 span.end()
             ended = True
@@ -273,11 +289,9 @@ class _DurableTracing:
 
     def carrier(self) -> Optional[Dict[str, str]]:
         """The calling span's W3C trace context (``traceparent``), if there is a valid one."""
-        if not trace.get_current_span().get_span_context().is_valid:
-            return None
         carrier: Dict[str, str] = {}
-        _propagator.inject(carrier)
-        return carrier
+        _propagator.inject(carrier)  # writes nothing when the current span context is not valid
+        return carrier or None
 
     @contextmanager
     def run(self, carrier: Dict[str, str], attempt: int, name: str) -> Iterator[None]:
@@ -293,6 +307,10 @@ class _DurableTracing:
             # A first run in the process that accepted it links to its caller already.
             if origin is not None and all(link.context != origin for link in getattr(current, "links", ())):
                 current.add_link(origin, {"edgesync.link": "durable_origin"})
+            yield
+            return
+        if not current.is_recording() and current.get_span_context().is_valid and _current_task()[0] is not None:
+            # The task hook's span, which the sampler dropped: no second span for the same run.
             yield
             return
         tracer = _tracer

@@ -66,6 +66,35 @@ def test_a_task_span_links_to_the_request_span_and_is_not_its_child(
     assert attrs["messaging.system"] == "edgesync" and attrs["edgesync.task.queued_s"] >= 0
 
 
+def test_a_task_span_the_sampler_drops_still_parents_the_tasks_own_spans(
+        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    # Sampled out, the task span records nothing, yet it is the task's current span: the task's
+    # own spans follow its decision (ParentBased) instead of joining the finished request's trace.
+    server = start(server_factory, tmp_path, "--threads", "2", env=dict(NO_LIMITS, OTEL_TEST_DROP_TASKS="1"))
+    path = tmp_path / "spans.jsonl"
+    assert server.get("/bg?id=one&sleep=0")[0] == 200
+    server.wait_for_events("task_done", where=lambda e: e["id"] == "one")
+    request = wait_span(path, lambda s: s["name"] == "GET /bg", "the request span")
+    # SimpleSpanProcessor exports as each span ends: "inner one" would be there before task_done.
+    assert [s["name"] for s in spans(path) if s["name"] != "GET /pid"] == [request["name"]]  # (/pid: readiness)
+
+
+def test_a_durable_task_whose_span_the_sampler_drops_gets_no_second_span(
+        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    # The durable trace's own span is for a run outside an edgesync task (an RQ job); on a worker the
+    # task hook's span is the run's span, recorded or not. (The test app's sampler would record a
+    # second span: it drops only task spans started without a link.)
+    env = dict(NO_LIMITS, OTEL_TEST_DROP_TASKS="1", EDGESYNC_DURABLE_JOURNAL=str(tmp_path / "journal.db"))
+    server = start(server_factory, tmp_path, "--threads", "2", env=env)
+    path = tmp_path / "spans.jsonl"
+    assert server.get("/durable?id=d1&sleep=0")[0] == 200
+    server.wait_for_events("durable_done", where=lambda e: e["id"] == "d1")
+    # A request after the task returned: its span is exported after the task span would have been.
+    assert server.get("/hello?id=after")[0] == 200
+    wait_span(path, lambda s: s["attributes"].get("test.id") == "after", "the later request's span")
+    assert [s["name"] for s in spans(path) if s["name"].startswith("edgesync.task")] == []
+
+
 def test_a_failed_task_and_a_task_a_limit_cancelled(server_factory: Callable[..., Server],
                                                     tmp_path: Path) -> None:
     server = start(server_factory, tmp_path, "--threads", "2",

@@ -12,25 +12,33 @@ environment turns edgesync.prometheus on.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 from bench.apps.flask_app import app
 
-__all__ = ["app"]
+__all__ = ["app", "make_provider"]
 
-if os.environ.get("BENCH_OTEL"):
-    from opentelemetry import trace
+
+def make_provider(ratio: float) -> Any:
+    """The SDK as these benchmarks configure it: a ``TraceIdRatioBased(ratio)`` sampler, a
+    ``BatchSpanProcessor`` and an exporter that drops the spans (bench/otel_floors.py uses it too)."""
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
     from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
-
-    import edgesync.otel
 
     class _Drop(SpanExporter):
         def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
             return SpanExportResult.SUCCESS
 
-    provider = TracerProvider(sampler=TraceIdRatioBased(float(os.environ["BENCH_OTEL"])))
+    provider = TracerProvider(sampler=TraceIdRatioBased(ratio))
     provider.add_span_processor(BatchSpanProcessor(_Drop()))
-    trace.set_tracer_provider(provider)
+    return provider
+
+
+if os.environ.get("BENCH_OTEL"):
+    from opentelemetry import trace
+
+    import edgesync.otel
+
+    trace.set_tracer_provider(make_provider(float(os.environ["BENCH_OTEL"])))
     edgesync.otel.instrument()
