@@ -269,8 +269,9 @@ class Server:
         return json.loads(body)
 
 
-def workers_of(master: int) -> List[int]:
-    """The master's live children but its mold (named ``edgesync-mold``): its workers, from /proc via psutil."""
+def workers_of(master: int, molds: bool = False) -> List[int]:
+    """The master's live children but its mold (named ``edgesync-mold``): its workers, from /proc via psutil;
+    ``molds``: its molds instead."""
     try:
         kids = psutil.Process(master).children()
     except psutil.NoSuchProcess:
@@ -278,7 +279,7 @@ def workers_of(master: int) -> List[int]:
     out = []
     for kid in kids:
         try:
-            if kid.status() != psutil.STATUS_ZOMBIE and kid.name() != "edgesync-mold":
+            if kid.status() != psutil.STATUS_ZOMBIE and (kid.name() == "edgesync-mold") == molds:
                 out.append(kid.pid)
         except psutil.NoSuchProcess:
             pass
