@@ -583,20 +583,23 @@ def test_a_late_cancellation_never_hits_the_next_invocation() -> None:
     assert len(delivered) <= len(sent)
 
 
+def _hog() -> None:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        pass
+
+
+def running_hog(h: Harness) -> Tuple[Future[Any], Any, Any]:
+    """``_hog`` submitted to ``h`` and running: its future, and its thread's slot and invocation."""
+    fut = h.submit(_hog)
+    [(slot, inv)] = wait_for(h.tracker.live, WAIT, "the task's invocation")
+    return fut, slot, inv
+
+
 def test_pool_task_cancelled_by_a_verdict(make_pool: Callable[..., Harness]) -> None:
     h = make_pool(max_threads=1)
-    started = threading.Event()
-
-    def hog() -> None:
-        started.set()
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            pass
-
-    fut = h.submit(hog)
-    assert started.wait(WAIT)
-    [(slot, inv)] = wait_for(h.tracker.live, WAIT, "the task's invocation")
-    assert inv.kind == TASK and inv.label.name == task_name(hog) and inv.task is not None
+    fut, slot, inv = running_hog(h)
+    assert inv.kind == TASK and inv.label.name == task_name(_hog) and inv.task is not None
     assert slot.cancel(inv, verdict("hog used 2000 ms of CPU (cpu_hard_limit_ms)"))
 
     exc = fut.exception(WAIT)
@@ -653,17 +656,7 @@ def test_a_cancellation_taken_back_leaves_no_pending_flag_behind(make_pool: Call
     # task is cancelled (its thread takes back whatever was not delivered), a thread
     # started under a profile function must run.
     h = make_pool(max_threads=1)
-    started = threading.Event()
-
-    def hog() -> None:
-        started.set()
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            pass
-
-    fut = h.submit(hog)
-    assert started.wait(WAIT)
-    [(slot, inv)] = wait_for(h.tracker.live, WAIT, "the task's invocation")
+    fut, slot, inv = running_hog(h)
     assert slot.cancel(inv, verdict("hog used 2000 ms of CPU (cpu_hard_limit_ms)"))
     assert isinstance(fut.exception(WAIT), InvocationCancelled)
     h.idle()
