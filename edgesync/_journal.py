@@ -290,11 +290,11 @@ class Spool:
                 os.unlink(self.path)
 
 
-def read_spool(path: str) -> Tuple[str, List[Spooled]]:
-    """The host id and the tasks in a spool file; ``("", [])`` if it is gone."""
+def read_spool(path: str, tasks: bool = True) -> Tuple[str, List[Spooled]]:
+    """The host id and (``tasks``) the tasks in a spool file; ``("", [])`` if it is gone."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read() if tasks else f.read(SPOOL_HEADER)
     except FileNotFoundError:
         return "", []
     host = data[:SPOOL_HEADER].rstrip(b"\0").decode(errors="replace")
@@ -763,7 +763,7 @@ class Journal:
             if name == mine:
                 continue
             path = os.path.join(directory, name)
-            host, _ = read_spool(path)
+            host, _ = read_spool(path, tasks=False)  # every second, for every live sibling too: its header only
             owner = (host, pid, start)
             found[owner] = path
             if owner not in owners:  # it holds no row (yet): its lease tells whether it lives
