@@ -24,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -540,3 +541,24 @@ class PidWatcher:
         lives = [self.gone[p] - self.born[p] for p in self.gone if p in self.born]
         gaps = [min(abs(t - u) for j, u in enumerate(exits) if j != i) for i, t in enumerate(exits)]
         return median(lives), median(gaps), len(exits)
+
+
+def main_thread_instructions(argv: List[str]) -> int:
+    """Instructions of the main thread of ``python argv...``, counted by callgrind.
+
+    Other threads (timers, exporters) are left out: they wake on wall-clock timers, so
+    their counts grow with how slow the run under valgrind is, not with the work.
+    ``PYTHONHASHSEED=0`` gives the same dict layouts in every run that is compared.
+    """
+    with tempfile.TemporaryDirectory(prefix="edgesync-bench-cg-") as tmp:
+        out = Path(tmp) / "cg"
+        subprocess.run(["valgrind", "--tool=callgrind", "--separate-threads=yes", "--callgrind-out-file=%s" % out,
+                        sys.executable, *argv], capture_output=True, text=True, check=True,
+                       env=dict(os.environ, PYTHONHASHSEED="0"))
+        files = sorted(Path(tmp).glob("cg-01")) or sorted(Path(tmp).glob("cg*-01"))
+        if not files:
+            raise RuntimeError("callgrind wrote no file for the main thread in %s" % tmp)
+        found = re.search(r"^(?:summary|totals): (\d+)", files[0].read_text(), re.M)
+        if found is None:
+            raise RuntimeError("no total in %s" % files[0])
+        return int(found.group(1))

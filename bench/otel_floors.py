@@ -32,16 +32,14 @@ edgesync's own part per task is ``on`` minus ``off + sdk span in the task``.
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import harness
 
 ROWS = ["sdk span, recorded", "sdk span, recorded, as edgesync's", "sdk span, not sampled",
         "sdk span, not sampled, as edgesync's", "make current", "carrier()",
@@ -173,19 +171,7 @@ def child(row: str, n: int) -> None:
 
 
 def main_thread_instructions(row: str, n: int) -> int:
-    with tempfile.TemporaryDirectory(prefix="edgesync-bench-cg-") as tmp:
-        out = Path(tmp) / "cg"
-        subprocess.run(["valgrind", "--tool=callgrind", "--separate-threads=yes", "--callgrind-out-file=%s" % out,
-                        sys.executable, __file__, "--child", str(ROWS.index(row)), str(n)],
-                       capture_output=True, text=True, check=True,
-                       env=dict(os.environ, PYTHONHASHSEED="0"))  # the same dict layouts in both runs
-        files = sorted(Path(tmp).glob("cg-01")) or sorted(Path(tmp).glob("cg*-01"))
-        if not files:
-            raise RuntimeError("callgrind wrote no file for the main thread in %s" % tmp)
-        found = re.search(r"^(?:summary|totals): (\d+)", files[0].read_text(), re.M)
-        if found is None:
-            raise RuntimeError("no total in %s" % files[0])
-        return int(found.group(1))
+    return harness.main_thread_instructions([__file__, "--child", str(ROWS.index(row)), str(n)])
 
 
 def main() -> None:

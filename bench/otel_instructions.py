@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,18 +44,10 @@ def child(mode: str, n: int) -> None:
 
 def count(mode: str, n: int) -> int:
     """Instructions of the main thread of a child running ``n`` requests in ``mode``."""
-    with tempfile.TemporaryDirectory(prefix="edgesync-bench-cg-") as tmp:
-        out = Path(tmp) / "cg"
-        subprocess.run(["valgrind", "--tool=callgrind", "--separate-threads=yes", "--callgrind-out-file=%s" % out,
-                        sys.executable, __file__, "--child", mode, str(n)], capture_output=True, text=True, check=True,
-                       env=dict(os.environ, PYTHONHASHSEED="0"))  # the same dict layouts in both runs
-        files = sorted(Path(tmp).glob("cg*-01"))
-        if not files:
-            raise RuntimeError("callgrind wrote no file for the main thread in %s" % tmp)
-        found = re.search(r"^(?:summary|totals): (\d+)", files[0].read_text(), re.M)
-        if found is None:
-            raise RuntimeError("no total in %s" % files[0])
-        return int(found.group(1))
+    sys.path.insert(0, str(REPO))
+    from bench.harness import main_thread_instructions
+
+    return main_thread_instructions([__file__, "--child", mode, str(n)])
 
 
 def main() -> None:
