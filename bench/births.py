@@ -5,6 +5,7 @@
     python bench/births.py recycling [--rounds 5] [--seconds 10] [--workers 2] [--preload-only]
     python bench/births.py memory [--rounds 3] [--requests 1000]
     python bench/births.py warmup [--rounds 5] [--seconds 5] [--workers 2] [--connections 8] [--no-pin]
+    python bench/births.py picture [--seconds 12] [--workers 2] [--connections 8] [--no-pin]
 
 ``oneshot``: four servers of the bench Flask app, loaded at once by their own wrk
 (each round starts a different one first): edgesync ``policy = "oneshot"`` with the
@@ -31,6 +32,12 @@ through the app in the mold), and ``per_worker``; the medians of warm / plain an
 oneshot / per_worker req/s, and each oneshot server's CPU per birth (its master, the
 workers it reaped, its mold and the mold's children, over the births of the rounds).
 
+``picture``: two recycling servers (``wall_clock_limit_ms = 4000``) loaded at once,
+every request timed (bench/trace.py): births as gunicorn's (``mold = false``, before)
+and with the mold (after); drawn to docs/img/births-recycling.png with each worker's
+fork and exit marked (a retire forks the replacement first, so the fork is the retire's
+moment), and a line per server with its p50, p99, max and errors.
+
 The servers are pinned to core 0 and wrk to core 1 (``--no-pin``: no pinning, e.g. on
 a many-core machine). On a loaded machine, quote medians of several rounds.
 """
@@ -47,7 +54,15 @@ from typing import List, Optional
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.harness import Load, Server, cleanup, median, side_by_side  # noqa: E402
+from bench.harness import (  # noqa: E402
+    Load,
+    Server,
+    Traced,
+    cleanup,
+    median,
+    recycling_picture,
+    side_by_side,
+)
 
 ES = "edgesync.Worker"
 SLEEP_CONF = str(REPO / "bench" / "apps" / "spawn_sleep_conf.py")
@@ -229,6 +244,34 @@ def recycling(a: argparse.Namespace, logdir: Path) -> int:
     return 0
 
 
+PICTURE = REPO / "docs" / "img" / "births-recycling.png"  # shown by docs/births.md
+
+
+def picture(a: argparse.Namespace, logdir: Path) -> int:
+    """Latency over time of one recycling run, births as gunicorn's against the mold's, forks and exits marked."""
+    cpu: Optional[int] = None if a.no_pin else 0
+    client: Optional[int] = None if a.no_pin else 1
+    wall = {**QUIET, "EDGESYNC_WALL_CLOCK_LIMIT_MS": "4000"}
+    before = Server("before", ES, logdir, workers=a.workers, cpu=cpu, env={**wall, "EDGESYNC_MOLD": "false"})
+    after = Server("after", ES, logdir, workers=a.workers, cpu=cpu, env={**wall, "EDGESYNC_MOLD": "true"})
+    try:
+        for s in (before, after):
+            s.start()
+        side_by_side([Load(s.name, s, "/hello") for s in (before, after)], 1, a.connections, client)  # warm-up
+        runs = [Traced("before", before, "before: each worker imports the app (mold = false)", "tab:red"),
+                Traced("after", after, "after: each worker forked by the generation's mold", "tab:blue")]
+        lines = recycling_picture(runs, "/hello", a.seconds, a.connections, client, logdir, PICTURE,
+                                  "Recycling at a 4 s lifetime, %d workers each, both loaded at once (%d connections "
+                                  "each), servers on one core of a 2-core machine" % (a.workers, a.connections))
+    finally:
+        for s in (before, after):
+            s.stop()
+    for line in lines:
+        print(line)
+    print("picture: %s" % PICTURE.relative_to(REPO))
+    return 0
+
+
 def memory(a: argparse.Namespace, logdir: Path) -> int:
     """Private memory (USS) of a worker after ``--requests`` requests: births by the mold or gunicorn's, with and
     without --preload (one worker per server, servers one after the other)."""
@@ -260,21 +303,23 @@ def _fmt(values: List[float]) -> str:
 def main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="python bench/births.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("oneshot", "boot", "recycling", "memory", "warmup"))
+    p.add_argument("what", choices=("oneshot", "boot", "recycling", "memory", "warmup", "picture"))
     p.add_argument("--requests", type=int, default=1000, help="memory: requests before the reading")
     p.add_argument("--preload-only", action="store_true", help="recycling: only the --preload servers")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--seconds", type=float, help="seconds of load per round (default 5; picture: 12)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--births", type=int, default=20)
     p.add_argument("--no-pin", action="store_true")
     a = p.parse_args(argv)
+    if a.seconds is None:
+        a.seconds = 12.0 if a.what == "picture" else 5.0
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="edgesync-births-") as tmp:
         try:
             rc = {"oneshot": oneshot, "boot": boot, "recycling": recycling, "memory": memory,
-                  "warmup": warmup}[a.what](a, Path(tmp))
+                  "warmup": warmup, "picture": picture}[a.what](a, Path(tmp))
         finally:
             cleanup()
     print("(%s took %.0fs)" % (a.what, time.monotonic() - started))

@@ -232,7 +232,7 @@ class Server:
     def pin_all(self) -> None:
         if self.cpu is None or self.proc is None:
             return
-        for pid in [self.proc.pid] + self.worker_pids():
+        for pid in [self.proc.pid] + self.processes():
             try:
                 pin(pid, self.cpu)
             except subprocess.CalledProcessError:
@@ -242,7 +242,8 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def worker_pids(self) -> List[int]:
+    def processes(self) -> List[int]:
+        """Every live process under the master: its workers, its molds and what they are forking."""
         import psutil
 
         if self.proc is None:
@@ -251,6 +252,25 @@ class Server:
             return sorted(c.pid for c in psutil.Process(self.proc.pid).children(recursive=True))
         except psutil.Error:
             return []
+
+    def worker_pids(self) -> List[int]:
+        """The master's workers: its live children but its molds (named ``edgesync-mold``)."""
+        import psutil
+
+        if self.proc is None:
+            return []
+        out = []
+        try:
+            kids = psutil.Process(self.proc.pid).children()
+        except psutil.Error:
+            return []
+        for kid in kids:
+            try:
+                if kid.status() != psutil.STATUS_ZOMBIE and kid.name() != "edgesync-mold":
+                    out.append(kid.pid)
+            except psutil.Error:
+                pass  # gone since the listing
+        return sorted(out)
 
     def get(self, path: str, timeout: float = 10.0) -> Tuple[int, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
@@ -307,7 +327,7 @@ class Server:
         if self.proc is None:
             return 0.0
         total = 0.0
-        for pid in [self.proc.pid] + self.worker_pids():
+        for pid in [self.proc.pid] + self.processes():
             try:
                 with open("/proc/%d/stat" % pid) as f:
                     fields = f.read().rsplit(")", 1)[1].split()
@@ -562,3 +582,89 @@ def main_thread_instructions(argv: List[str]) -> int:
         if found is None:
             raise RuntimeError("no total in %s" % files[0])
         return int(found.group(1))
+
+
+@dataclass
+class Traced:
+    """One server of a latency-over-time picture: its name, its legend, its colour."""
+
+    name: str
+    server: Server
+    label: str
+    colour: str
+
+
+def recycling_picture(runs: Sequence[Traced], path: str, seconds: float, connections: int,
+                      client_cpu: Optional[int], logdir: Path, target: Path, title: str) -> List[str]:
+    """Load every server of ``runs`` at once with bench/trace.py (every request timed) and draw to ``target``.
+
+    Each server gets its own trace.py (pinned to ``client_cpu``) on ``path`` for ``seconds``:
+    a dot per request at the time it was sent, its p99 per 250 ms, and a vertical line where
+    a worker was forked (dotted) and where one exited (dashed), from a PidWatcher. Returns
+    one line per server (requests, errors, p50, p99, max, median lifetime) for the report;
+    raises BenchError if matplotlib is missing (``pip install -e '.[bench]'``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise BenchError("no picture: matplotlib is missing (pip install -e '.[bench]')") from e
+    import json
+
+    traces = []
+    watches = [PidWatcher(run.server) for run in runs]
+    for w in watches:
+        w.__enter__()
+    try:
+        procs = []
+        for run in runs:
+            out = logdir / ("trace-%s.json" % run.name)
+            cmd = [sys.executable, str(REPO / "bench" / "trace.py"), str(run.server.port), path,
+                   str(seconds), str(connections), str(out)]
+            if client_cpu is not None:
+                cmd = ["taskset", "-c", str(client_cpu)] + cmd
+            procs.append((subprocess.Popen(cmd), out))
+        for proc, out in procs:
+            proc.wait(seconds + 60)
+            traces.append(json.loads(out.read_text()))
+    finally:
+        for w in watches:
+            w.__exit__()
+    t0 = min(tr["t0"] for tr in traces)
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    bin_s = 0.25
+    lines = []
+    for run, tr, watch in zip(runs, traces, watches, strict=True):
+        bins: Dict[int, List[float]] = {}
+        for sent, ms, _status in tr["requests"]:
+            bins.setdefault(int((sent - t0) / bin_s), []).append(ms)
+        xs = list(range(0, int(seconds / bin_s) + 1))
+        # A bin in which no request was sent stays empty (a gap), not a line across it.
+        p99 = [sorted(bins[x])[int(0.99 * (len(bins[x]) - 1))] if x in bins else float("nan") for x in xs]
+        ax.scatter([sent - t0 for sent, _, _ in tr["requests"]], [ms for _, ms, _ in tr["requests"]],
+                   s=1, color=run.colour, alpha=0.15, linewidths=0)
+        ax.plot([(x + 0.5) * bin_s for x in xs], p99, color=run.colour, label=run.label + ": p99 per 250 ms")
+        for what, times, style in (("exits", watch.gone.values(), "--"), ("is forked", watch.born.values(), ":")):
+            first = True
+            for t in sorted(times):
+                if 0 < t - t0 <= seconds:
+                    ax.axvline(t - t0, color=run.colour, linestyle=style, linewidth=0.9, alpha=0.7,
+                               label="%s: a worker %s" % (run.name, what) if first else None)
+                    first = False
+        all_ms = sorted(ms for _, ms, _ in tr["requests"])
+        lives = [watch.gone[p] - watch.born[p] for p in watch.gone if p in watch.born]
+        lines.append("%s: %d requests, %d errors, p50 %.2f ms, p99 %.2f ms, max %.1f ms, median worker lifetime %s"
+                     % (run.name, len(all_ms), len(tr["errors"]), all_ms[len(all_ms) // 2],
+                        all_ms[int(0.99 * (len(all_ms) - 1))], all_ms[-1],
+                        "%.2fs" % median(lives) if lives else "(none ended)"))
+    ax.set_yscale("log")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("latency (ms), dots: every request at the time it was sent")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return lines

@@ -26,8 +26,10 @@ from .harness import (
     PairRound,
     PidWatcher,
     Server,
+    Traced,
     compare,
     median,
+    recycling_picture,
     side_by_side,
     wait_for,
 )
@@ -660,69 +662,19 @@ def _s6_io_bound(o: Options, out: Outcome, servers: List[Tuple[str, Server]]) ->
 
 def _picture(o: Options, es: Server, gt: Server, out: Outcome) -> None:
     """One run of both at once, every request timed (bench/trace.py), drawn to docs/img/recycling.png."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        o.log("  no picture: matplotlib is missing (pip install -e '.[bench]')")
-        return
-    seconds = min(o.recycle_seconds, 12.0)
-    traces = []
-    with PidWatcher(es) as wes, PidWatcher(gt) as wgt:
-        procs = []
-        for name, server in (("edgesync", es), ("gthread", gt)):
-            target = o.logdir / ("trace-%s.json" % name)
-            cmd = [sys.executable, str(REPO / "bench" / "trace.py"), str(server.port), "/hello", str(seconds),
-                   str(o.connections), str(target)]
-            if o.client_cpu is not None:
-                cmd = ["taskset", "-c", str(o.client_cpu)] + cmd
-            procs.append((name, subprocess.Popen(cmd), target))
-        for name, proc, target in procs:
-            proc.wait(seconds + 60)
-            traces.append((name, json.loads(target.read_text())))
-    t0 = min(tr["t0"] for _, tr in traces)
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    colours = {"edgesync": "tab:blue", "gthread": "tab:red"}
-    labels = {"edgesync": "edgesync, wall_clock_limit_ms=4000 (its replacement is forked at the retire)",
-              "gthread": "gthread --max-requests (%s)" % " ".join(gt.args[1::2])}
-    bin_s = 0.25
-    for name, tr in traces:
-        bins: Dict[int, List[float]] = {}
-        for sent, ms, _status in tr["requests"]:
-            bins.setdefault(int((sent - t0) / bin_s), []).append(ms)
-        xs = list(range(0, int(seconds / bin_s) + 1))
-        # A bin in which no request was sent stays empty (a gap), not a line across it.
-        p99 = [sorted(bins[x])[int(0.99 * (len(bins[x]) - 1))] if x in bins else float("nan") for x in xs]
-        ax.scatter([sent - t0 for sent, _, _ in tr["requests"]], [ms for _, ms, _ in tr["requests"]],
-                   s=1, color=colours[name], alpha=0.15, linewidths=0)
-        ax.plot([(x + 0.5) * bin_s for x in xs], p99, color=colours[name], label=labels[name] + ": p99 per 250 ms")
-        all_ms = sorted(ms for _, ms, _ in tr["requests"])
-        out.details.append("  picture run, %s: %d requests, %d errors, p50 %.2f ms, p99 %.2f ms, max %.1f ms"
-                           % (name, len(all_ms), len(tr["errors"]), all_ms[len(all_ms) // 2],
-                              all_ms[int(0.99 * (len(all_ms) - 1))], all_ms[-1]))
-    for name, watch in (("edgesync", wes), ("gthread", wgt)):
-        for what, times, style in (("exits", watch.gone.values(), "--"), ("forked", watch.born.values(), ":")):
-            first = True
-            for t in sorted(times):
-                if 0 < t - t0 <= seconds:
-                    ax.axvline(t - t0, color=colours[name], linestyle=style, linewidth=0.9, alpha=0.7,
-                               label="%s: a worker %s" % (name, what) if first else None)
-                    first = False
-    ax.set_yscale("log")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("latency (ms), dots: every request at the time it was sent")
-    lives = [median([w.gone[p] - w.born[p] for p in w.gone if p in w.born]) for w in (wes, wgt)]
-    ax.set_title("Recycling under load: 2 workers each, both loaded at once (%d connections each), shared 2-core "
-                 "machine; median worker lifetime: edgesync %.1fs, gthread %.1fs"
-                 % (o.connections, lives[0], lives[1]), fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
     # A smoke run's picture stays with its logs: the one in the docs is a full run's.
     target = o.logdir / PICTURE.name if o.quick else PICTURE
-    fig.savefig(target, dpi=110)
-    plt.close(fig)
+    runs = [Traced("edgesync", es, "edgesync, wall_clock_limit_ms=4000 (its replacement is forked at the retire)",
+                   "tab:blue"),
+            Traced("gthread", gt, "gthread --max-requests (%s)" % " ".join(gt.args[1::2]), "tab:red")]
+    try:
+        lines = recycling_picture(runs, "/hello", min(o.recycle_seconds, 12.0), o.connections, o.client_cpu,
+                                  o.logdir, target, "Recycling under load: 2 workers each, both loaded at once "
+                                  "(%d connections each), shared 2-core machine" % o.connections)
+    except BenchError as e:
+        o.log("  %s" % e)
+        return
+    out.details += ["  picture run, %s" % line for line in lines]
     o.log("  picture: %s" % target)
     out.details.append("  picture: %s" % (target if o.quick else PICTURE.relative_to(REPO)))
 
