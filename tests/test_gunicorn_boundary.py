@@ -23,7 +23,10 @@ from gunicorn import sock, util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 from gunicorn.errors import AppImportError
+from gunicorn.http import wsgi
 from gunicorn.http.body import LengthReader
+from gunicorn.http2.connection import HTTP2ServerConnection
+from gunicorn.http2.response import HTTP2Response
 from gunicorn.workers import base, gthread, workertmp
 
 import edgesync._gunicorn as boundary
@@ -64,10 +67,15 @@ KNOWN: Dict[str, str] = {  # gunicorn 27.0.1
     "WorkerTmp.__init__": "5d731e1551a94ace",
     "util._setproctitle": "565a467c3e87360c",
     "util.import_app": "a4d34dd3c36cb4f0",
+    "wsgi.default_environ": "b7e18b84d829cb5a",
+    "ThreadWorker.handle_http2_request": "ab456fbbca0edd89",
+    "HTTP2Response.__init__": "7ff22bf8c96f1def",
+    "HTTP2ServerConnection.send_response": "5d0ce1b0456e5647",
 }
 OWNERS: Dict[str, Any] = {"Arbiter": Arbiter, "BaseApplication": BaseApplication, "ThreadWorker": gthread.ThreadWorker,
                           "LengthReader": LengthReader, "Worker": base.Worker, "WorkerTmp": workertmp.WorkerTmp,
-                          "util": util}
+                          "util": util, "wsgi": wsgi, "HTTP2Response": HTTP2Response,
+                          "HTTP2ServerConnection": HTTP2ServerConnection}
 
 
 def _hash(name: str) -> str:
@@ -161,7 +169,7 @@ def test_importing_the_package_or_edgesync_does_not_import_gunicorn() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, edgesync, edgesync._gunicorn, edgesync._gunicorn.roles; "
+    code = ("import sys, edgesync, edgesync._gunicorn, edgesync._gunicorn.roles, edgesync._gunicorn.http; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'gunicorn'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out

@@ -7,7 +7,7 @@ All of it is here; the rest of edgesync (the lifecycle, the table of workers, th
 mold's own loop, the exit) talks to gunicorn only through this package, and
 ``tests/test_gunicorn_boundary.py`` fails if a module outside it imports gunicorn or
 names one of its modules. Importing this package does not import gunicorn (``roles``
-does not either): ``worker``, ``arbiter`` and ``child`` do.
+and ``http`` do not either): ``worker``, ``arbiter`` and ``child`` do.
 
 - ``worker``: ``edgesync.Worker``, gunicorn's threaded worker (``gthread.ThreadWorker``)
   with the runtime wired in.
@@ -18,6 +18,8 @@ does not either): ``worker``, ``arbiter`` and ``child`` do.
   makes them.
 - ``roles``: which gunicorn process this is (the master edgesync patched, or the
   main thread's stack).
+- ``http``: a request's connection, as gunicorn gives it, for answering it from
+  another thread (``_wsgi``).
 
 Inventory: the gunicorn internals edgesync relies on, written against gunicorn
 27.0.1. ``tests/test_gunicorn_boundary.py`` hashes the source of each and fails on
@@ -65,12 +67,18 @@ against the edgesync code the entry names, then update the hash.
 - ``WorkerTmp.__init__``: the heartbeat file lives in ``_tmp`` (``child.new_worker``).
 - ``util._setproctitle``: the mold's and its workers' titles (``child``).
 - ``util.import_app``: an ``app_uri`` imported for a durable task (``import_app`` below).
+- ``wsgi.default_environ``: the client's socket in the environ as ``gunicorn.socket``
+  (``http.client_socket``).
+- ``ThreadWorker.handle_http2_request``: ``HTTP_VERSION`` is ``"2"`` in the environ, and
+  ``start_response`` is bound to an ``HTTP2Response`` (``http.http2``).
+- ``HTTP2Response.__init__``: the response keeps ``h2_conn`` and ``stream_id``
+  (``http.send_http2_response``).
+- ``HTTP2ServerConnection.send_response``: a whole response sent on a stream
+  (``http.send_http2_response``).
 
-Outside this package, edgesync reads what gunicorn puts in the WSGI environ
-(``_wsgi``: ``gunicorn.socket``, and the HTTP/2 response object's ``h2_conn`` and
-``stream_id``, to answer a request from another thread), the documented settings on
-``cfg`` and the documented attributes of a ``Worker`` (``age``, ``max_requests``,
-``tmp``), which ``_mold`` passes to its workers.
+Outside this package, edgesync reads gunicorn's documented settings on ``cfg`` and
+the documented attributes of a ``Worker`` (``age``, ``max_requests``, ``tmp``) that
+``_mold`` passes to its workers, and holds the arbiter as an opaque handle there.
 """
 
 from __future__ import annotations
