@@ -180,6 +180,15 @@ def test_the_patched_methods_do_nothing_new_outside_the_master() -> None:
     assert len(arbiter.WORKERS) == 2 and not released(master, a)
 
 
+def test_each_arbiter_method_is_replaced_once_over_gunicorns_own() -> None:
+    # One patch in one place: the replaced methods are the Master's, and each calls the
+    # arbiter's own method (spawn_worker was wrapped twice before, by _recycle and _exit).
+    arbiter, master = setup()
+    for name in ("spawn_worker", "spawn_workers", "manage_workers", "reap_workers", "kill_worker"):
+        assert getattr(arbiter, name) == getattr(master, name), name
+        assert master.orig[name].__func__ is getattr(FakeArbiter, name), name
+
+
 class ForkProbe(FakeArbiter):
     """Notes what the collector has frozen at each "fork"."""
 
