@@ -33,17 +33,17 @@ from ._events import (
     add_event_listener,
     remove_event_listener,
 )
+from ._gunicorn.roles import checking_config as _checking_config
 from ._identity import named, task_id
 from ._invocation import InvocationCancelled
 from ._pool import QueueFull
-from ._process import checking_config as _checking_config
 from ._process import first_runtime as _first_runtime
 from ._process import metrics_runtime as _metrics_runtime
 from ._runtime import accepts as _accepts
 from ._runtime import peek as _peek_runtime
 
 if TYPE_CHECKING:
-    from ._worker import Worker
+    from ._gunicorn.worker import Worker
 
 __all__ = [
     "BeforeUnloadEvent",
@@ -173,7 +173,7 @@ def __getattr__(name: str) -> Any:
     # it pays for that, not a script or a management command that calls wait_until.
     # gunicorn's ``-k edgesync.Worker`` and the entry point both look it up by name.
     if name == "Worker":
-        from ._worker import Worker
+        from ._gunicorn.worker import Worker
 
         return Worker
     raise AttributeError("module 'edgesync' has no attribute %r" % name)

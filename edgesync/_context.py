@@ -145,7 +145,7 @@ def load_app(path: Optional[str]) -> Any:
         with _loaded_lock:
             app = _loaded.get(path)
             if app is None:
-                from gunicorn.util import import_app  # the syntax gunicorn's app_uri has
+                from ._gunicorn import import_app  # the syntax gunicorn's app_uri has
                 app = _loaded[path] = import_app(path)
     return app
 

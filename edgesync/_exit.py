@@ -20,9 +20,10 @@ the interpreter exits" (the language reference, ``object.__del__``). Measured he
 did not even flush an unclosed file reliably: a daemon thread that still reaches the
 app at exit keeps its module alive past the teardown (about 1 exit in 20).
 
-``install`` wraps the arbiter's ``spawn_worker`` in the master, as ``_recycle`` does:
-the child leaves that call through ``SystemExit``, after gunicorn's end of the worker,
-and the wrapper calls ``leave`` there.
+The arbiter's ``spawn_worker``, wrapped in the master (``_gunicorn.arbiter``), calls
+``leave`` where the child leaves gunicorn's call through ``SystemExit``, after
+gunicorn's end of the worker; a worker forked by a mold calls it at the end of
+gunicorn's child half (``_gunicorn.child.run_worker``).
 """
 
 from __future__ import annotations
@@ -35,39 +36,10 @@ import os
 import stat
 import sys
 import threading
-from typing import Any, Callable, NoReturn
-
-from ._process import running_arbiter
+from typing import NoReturn
 
 #: Where the process's open descriptors are listed (Linux; /dev/fd on macOS and the BSDs).
 _FD_DIRS = ("/proc/self/fd", "/dev/fd")
-
-
-_installed_on: Any = None  # the arbiter whose spawn_worker is wrapped
-
-
-def install() -> None:
-    """In gunicorn's master: every worker forked from now on ends through ``leave``.
-
-    Does nothing outside a running arbiter (``gunicorn --check-config``). Idempotent.
-    """
-    global _installed_on
-    arbiter = running_arbiter()
-    if arbiter is None or arbiter is _installed_on:
-        return
-    spawn_worker: Callable[[], Any] = arbiter.spawn_worker
-    master = os.getpid()
-
-    def spawn_then_leave() -> Any:
-        try:
-            return spawn_worker()
-        except SystemExit as exc:
-            if os.getpid() != master:  # the worker, at its very end
-                leave(exc.code)
-            raise
-
-    arbiter.spawn_worker = spawn_then_leave
-    _installed_on = arbiter
 
 
 def leave(code: object) -> NoReturn:

@@ -4,7 +4,11 @@ Rule: this module owns every state transition and every drain. ``Lifecycle.reque
 is the only code that changes the state, and only as ``TRANSITIONS`` says; ``drain``
 is the only routine that takes an instance from serving to unloaded, whoever asks
 (the gunicorn worker, the default runtime at interpreter exit, a test runtime's
-``close``). What differs between causes is data: the ``PLANS`` table.
+``close``). What differs between causes is data: the ``PLANS`` table. A gunicorn
+worker's seat in replace before retire (booting, serving, retiring: accepting until
+replaced, released) and who moves it are named here too (``Seat``,
+``SEAT_TRANSITIONS``); the table the master shares with its workers only carries
+them (``SEAT_CODES``).
 
 ::
 
@@ -174,6 +178,66 @@ class Lifecycle:
         if self.state is State.DRAINING and self.cause is not None:
             return "%s (%s)" % (self.state.value, self.cause.value)
         return self.state.value
+
+
+# -- a gunicorn worker's seat: replace before retire -----------------------------------
+
+
+class Seat(_Named):
+    """Where a gunicorn worker stands in replace before retire (``server_metrics()``'s ``state``).
+
+    A retiring instance (DRAINING(retire)) goes through two seats: RETIRING, accepting
+    until its replacement serves, then RELEASED, when it stops accepting and drains.
+    """
+
+    FREE = "free"  # no worker holds the record
+    BOOTING = "booting"  # forked, not serving yet
+    SERVING = "serving"
+    RETIRING = "retiring"  # accepting until replaced: its replacement is forked and boots
+    RELEASED = "released"  # replaced: a replacement serves, so it stops accepting and drains
+
+
+#: Who moves a seat: the master (it forks and reaps, and counts who serves) or the worker itself.
+MASTER, WORKER = "master", "worker"
+
+#: seat -> {next seat: who moves it there}. A seat missing from a row cannot follow it.
+#: The master claims a record for each fork (FREE -> BOOTING) and frees it once the worker
+#: is reaped (-> FREE); a claim overwrites a record that no live worker holds.
+SEAT_TRANSITIONS: Dict[Seat, Dict[Seat, str]] = {
+    Seat.FREE: {Seat.BOOTING: MASTER},
+    Seat.BOOTING: {Seat.SERVING: WORKER, Seat.RETIRING: WORKER, Seat.FREE: MASTER},
+    Seat.SERVING: {Seat.RETIRING: WORKER, Seat.FREE: MASTER},
+    Seat.RETIRING: {Seat.RELEASED: MASTER, Seat.FREE: MASTER},
+    Seat.RELEASED: {Seat.FREE: MASTER},
+}
+
+#: The seats gunicorn's arbiter does not count as serving: it forks a replacement for each.
+RETIREES = frozenset({Seat.RETIRING, Seat.RELEASED})
+
+#: How the table shared with the master (``_recycle``) carries a seat: (``state``,
+#: ``released``), two fields with one writer each, so that no lock is needed. The worker
+#: writes the ``state`` codes of the seats it moves to (SERVING, RETIRING); the master
+#: writes BOOTING's and FREE's (no live worker then holds the record) and ``released``.
+SEAT_CODES: Dict[Seat, Tuple[int, int]] = {
+    Seat.FREE: (0, 0),
+    Seat.BOOTING: (1, 0),
+    Seat.SERVING: (2, 0),
+    Seat.RETIRING: (3, 0),
+    Seat.RELEASED: (3, 1),
+}
+_RETIRING_CODE = SEAT_CODES[Seat.RETIRING][0]
+_SEAT_OF_CODES = {codes: seat for seat, codes in SEAT_CODES.items()}
+
+
+def seat_of(state: int, released: int) -> Optional[Seat]:
+    """The seat a shared record's two fields say; None for a code no seat has."""
+    # ``released`` means something only to a retiree (the master sets it only then).
+    return _SEAT_OF_CODES.get((state, 1 if released and state == _RETIRING_CODE else 0))
+
+
+def seat_move(now: Optional[Seat], to: Seat, by: str) -> bool:
+    """Whether ``by`` (MASTER or WORKER) may move a worker from seat ``now`` to ``to``."""
+    return now is not None and SEAT_TRANSITIONS[now].get(to) == by
 
 
 # -- the drain ---------------------------------------------------------------------------

@@ -7,15 +7,16 @@ child of the master that imports the app (``app.wsgi()``, what ``--preload`` doe
 the master), collects and freezes its heap (``gc.collect(); gc.freeze()``), starts no
 thread, and then forks every worker of its generation on the master's request.
 
-gunicorn stays in charge. The master (``_recycle._Master.spawn_worker``) still builds
-each worker's ``Worker`` object, runs ``pre_fork``, and records the worker in
+gunicorn stays in charge. The master (``_gunicorn.arbiter.Master.spawn_worker``) still
+builds each worker's ``Worker`` object, runs ``pre_fork``, and records the worker in
 ``WORKERS``; only the ``fork`` is the mold's. Each fork is a double fork (mold ->
 intermediate -> worker, the intermediate exits at once) and the master is a child
 subreaper (``prctl(PR_SET_CHILD_SUBREAPER)``, Linux), so every worker becomes the
 master's own child: the arbiter reaps it, counts it, times it out through its
 heartbeat file (sent to the mold with ``SCM_RIGHTS``) and signals it as any other.
-The worker runs gunicorn's child half of ``spawn_worker`` (``run_worker``, a mirror
-of it: "Booting worker", ``post_fork``, ``init_process``, ``worker_exit``).
+The worker runs gunicorn's child half of ``spawn_worker`` (``_gunicorn.child.run_worker``,
+a mirror of it: "Booting worker", ``post_fork``, ``init_process``, ``worker_exit``); every
+contact with the arbiter's internals is in ``_gunicorn.child``.
 
 Rule: one mold per generation, and a generation is the arbiter's config object (a
 HUP builds a new one) or, under ``policy = "oneshot"`` without ``--preload``, the
@@ -193,19 +194,14 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != master:
         os._exit(0)
-    # The arbiter's handlers would queue signals for a loop that does not run here.
+    from ._gunicorn import child
+
+    child.become_mold(arbiter)  # none of the arbiter's signal handlers, workers' heartbeat files
     # Ctrl-C reaches the whole process group: the master handles it, and ends us.
-    for sig in list(getattr(arbiter, "SIGNALS", [])) + [signal.SIGCHLD, signal.SIGTERM]:
+    for sig in (signal.SIGCHLD, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGQUIT, signal.SIG_IGN)
-    # The master's workers' heartbeat files: none of ours.
-    for worker in list(arbiter.WORKERS.values()):
-        worker.tmp.close()
-    arbiter.WORKERS.clear()
-    from gunicorn import util
-
-    util._setproctitle("mold [%s]" % arbiter.proc_name)  # with setproctitle installed
     # What ps -o comm and psutil's name() show, whatever is installed; its workers take the master's back.
     master_name = _name(b"edgesync-mold")
     from . import _births, _process
@@ -215,7 +211,7 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
     _loggers_before = _logger_flags()
     try:
         started = time.monotonic()
-        arbiter.app.wsgi()  # the app's import (done already in the master with --preload)
+        child.load_app(arbiter)  # the app's import (done already in the master with --preload)
         imported = time.monotonic()
         _births.warm()  # the app's warm-up functions (the master ran them already with --preload)
         timing = b"ready:%.3f:%.3f" % (imported - started, time.monotonic() - imported)
@@ -339,6 +335,7 @@ def _settled(files: List[str], now: int) -> int:
 def _worker_main(arbiter: Any, master: int, age: int, slot: Optional[int], max_requests: int,
                  heartbeat_fd: int) -> NoReturn:
     from . import _process, _recycle
+    from ._gunicorn import child
 
     _process.set_mold(False)
     _set_logger_flags(_loggers_before)
@@ -351,62 +348,11 @@ def _worker_main(arbiter: Any, master: int, age: int, slot: Optional[int], max_r
     try:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-        # The master may have reopened its logs since the mold was born (USR1).
-        arbiter.log.reopen_files()
-        worker = arbiter.worker_class(age, master, arbiter.LISTENERS, arbiter.app, arbiter.timeout / 2.0,
-                                      arbiter.cfg, arbiter.log)
-        # The master's draw of max_requests_jitter: every worker forked by one mold would
-        # otherwise draw the same (the mold's random state).
-        worker.max_requests = max_requests
-        # The heartbeat file the master watches (gunicorn's WorkerTmp keeps it in _tmp).
-        worker.tmp._tmp.close()
-        worker.tmp._tmp = os.fdopen(heartbeat_fd, "w+b", 0)
+        worker = child.new_worker(arbiter, master, age, max_requests, heartbeat_fd)
     except BaseException:
         log.exception("edgesync: a worker forked by the mold could not be set up")
         os._exit(1)
-    run_worker(arbiter, worker)
-
-
-def run_worker(arbiter: Any, worker: Any) -> NoReturn:
-    """The child half of gunicorn's ``Arbiter.spawn_worker`` (arbiter.py, 27.0.x), then ``_exit.leave``."""
-    import socket as _socket
-
-    from gunicorn import sock as gsock
-    from gunicorn import util
-    from gunicorn.errors import AppImportError
-
-    from . import _exit
-
-    cfg = arbiter.cfg
-    worker.pid = os.getpid()
-    code: object = 0
-    try:
-        util._setproctitle("worker [%s]" % arbiter.proc_name)
-        arbiter.log.info("Booting worker with pid: %s", worker.pid)
-        if cfg.reuse_port and hasattr(_socket, "SO_REUSEPORT"):
-            worker.sockets = gsock.create_sockets(cfg, arbiter.log)
-        cfg.post_fork(arbiter, worker)
-        worker.init_process()
-    except SystemExit as exc:
-        code = exc.code
-    except AppImportError as e:
-        arbiter.log.debug("Exception while loading the application", exc_info=True)
-        print("%s" % e, file=sys.stderr)
-        sys.stderr.flush()
-        code = arbiter.APP_LOAD_ERROR
-    except Exception as e:
-        arbiter.log.exception("Exception in worker process")
-        print("%s" % e, file=sys.stderr)
-        sys.stderr.flush()
-        code = -1 if worker.booted else arbiter.WORKER_BOOT_ERROR
-    finally:
-        arbiter.log.info("Worker exiting (pid: %s)", worker.pid)
-        try:
-            worker.tmp.close()
-            cfg.worker_exit(arbiter, worker)
-        except Exception:
-            arbiter.log.warning("Exception during worker exit:\n%s", traceback.format_exc())
-    _exit.leave(code)
+    child.run_worker(arbiter, worker)
 
 
 def become_subreaper() -> bool:

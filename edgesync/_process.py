@@ -19,25 +19,20 @@ app, so inside it ``wait_until`` never gets here. Everywhere else the first
   the app themselves (``_mold``).
 - Anywhere else (``flask run``, a script, a test): the default runtime, silently.
 
-How the gunicorn process is recognised without importing gunicorn: the arbiter
-module is imported only by a gunicorn server, and the main thread's stack holds
-the ``Arbiter`` (its ``spawn_worker`` frame for the whole life of a worker, with
-the worker in its locals; ``setup`` or ``reload`` while the master preloads the
-app). The stack is read once, on the first ``wait_until``.
+Which gunicorn process this is comes from ``edgesync._gunicorn.roles`` (without
+importing gunicorn), read once, on the first ``wait_until``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
-import sys
-import threading
 import traceback
 from typing import Any, Optional, Tuple
 
 from . import _runtime
 from ._config import load_settings
+from ._gunicorn import roles
 from ._runtime import Runtime
 
 log = logging.getLogger("edgesync")
@@ -90,55 +85,7 @@ def gunicorn_role() -> Tuple[Optional[str], Any]:
     """``("master", arbiter)``, ``("mold", None)``, ``("worker", worker)`` or ``(None, None)`` for this process."""
     if _in_mold:
         return "mold", None
-    arbiter_module = sys.modules.get("gunicorn.arbiter")
-    if arbiter_module is None:
-        return None, None
-    arbiter_class = getattr(arbiter_module, "Arbiter", None)
-    frame = sys._current_frames().get(threading.main_thread().ident or 0)
-    while frame is not None:
-        if frame.f_globals.get("__name__") == "gunicorn.arbiter":
-            local = frame.f_locals
-            arbiter = local.get("self")
-            if arbiter_class is not None and isinstance(arbiter, arbiter_class):
-                worker = local.get("worker")
-                # Arbiter.pid is set by start(); a preload runs in setup(), before it.
-                if getattr(arbiter, "pid", None) in (None, os.getpid()):
-                    return "master", arbiter
-                return ("worker", worker) if worker is not None else (None, None)
-        frame = frame.f_back
-    return None, None
-
-
-def running_arbiter() -> Any:
-    """The gunicorn arbiter running in this process (from its ``start`` on), or None.
-
-    The arbiter installs its bound method ``signal`` as the handler of SIGHUP before
-    it calls the worker class's ``check_config`` (arbiter.py, ``start``: ``init_signals``).
-    """
-    from gunicorn.arbiter import Arbiter
-
-    handler = signal.getsignal(signal.SIGHUP)
-    arbiter = getattr(handler, "__self__", None)
-    if isinstance(arbiter, Arbiter) and getattr(arbiter, "pid", None) == os.getpid():
-        return arbiter
-    return None
-
-
-def checking_config() -> bool:
-    """Whether this process is ``gunicorn --check-config`` loading the app (the caller's stack says).
-
-    That run imports the app and exits: it never resolves the worker class, so
-    ``Worker.check_config`` never runs there (gunicorn/app/base.py, ``run``).
-    """
-    if "gunicorn.app.base" not in sys.modules:
-        return False
-    frame = sys._getframe()
-    while frame is not None:
-        if frame.f_globals.get("__name__") == "gunicorn.app.base" and frame.f_code.co_name == "run":
-            cfg = getattr(frame.f_locals.get("self"), "cfg", None)
-            return bool(getattr(cfg, "check_config", False))
-        frame = frame.f_back  # type: ignore[assignment]
-    return False
+    return roles.gunicorn_role()
 
 
 def first_runtime() -> Runtime:
@@ -153,7 +100,7 @@ def first_runtime() -> Runtime:
             _mold_refused = _app_caller()
         raise MoldRefusal(MOLD_REFUSAL)
     if role == "worker" and not _warned:
-        from ._worker import Worker
+        from ._gunicorn.worker import Worker
 
         if not isinstance(owner, Worker):
             _warned = True

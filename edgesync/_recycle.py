@@ -7,41 +7,40 @@ for the retiree's drain plus the replacement's boot. Instead the retiree says
 which does not count a retiree as serving, forks its replacement at once; when
 the replacement serves, the arbiter releases the retiree, which then stops
 accepting and drains as before. One record per worker, in an anonymous shared
-mapping created in the master before any fork (``install``, from the worker
-class's ``check_config``) and inherited by every worker.
+mapping created in the master before any fork (``Table``, made by
+``edgesync._gunicorn.arbiter`` from the worker class's ``check_config``) and
+inherited by every worker.
 
-Rule: each field of a record has one writer. The master writes ``token``,
-``state`` = BOOTING/FREE (before the fork, and after the reap) and
-``released``; the worker writes ``state`` = READY/RETIRING and its times. So no
+Rule: the seats a record can be in (booting, serving, retiring, released), their
+transitions and who makes each are ``_lifecycle``'s (``Seat``,
+``SEAT_TRANSITIONS``, ``SEAT_CODES``); this module only stores them. Each field
+of a record has one writer: the master writes ``token``, the BOOTING and FREE
+codes of ``state`` (before the fork, and after the reap) and ``released``; the
+worker writes the SERVING and RETIRING codes of ``state`` and its times. So no
 lock is needed, and a worker that dies mid-write blocks nobody.
 
-The arbiter is patched on its instance, in the master only (every patched
-method checks that it runs in the master: the same object is copied into every
-forked worker). gunicorn's own ``manage_workers`` still decides everything; it
-just does not see retirees, so it spawns one replacement per retiree and, when
+How the table meets gunicorn is ``edgesync._gunicorn.arbiter``'s: it tells
+``Table`` of every fork, reap and stop signal, hides retirees from gunicorn's
+``manage_workers`` (which then spawns one replacement per retiree and, when
 there are too many workers (TTOU, HUP), SIGTERMs the oldest *serving* worker,
-never a retiree that is leaving anyway.
+never a retiree that is leaving anyway), and releases retirees from
+``Table.release``.
 
 The table is there whatever ``replace_before_retire`` says (a retiree announces
 itself only with it on): it is also how the master knows which workers served.
-Two more patched methods make births cheaper and safer: ``spawn_workers`` forks
-without gunicorn's random sleep after each birth, and ``reap_workers`` keeps
-gunicorn's halt on exit codes 3 and 4 for workers that never served.
 """
 
 from __future__ import annotations
 
 import ctypes
-import gc
 import logging
 import mmap
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
-from . import _mold
-from ._process import running_arbiter
+from ._lifecycle import MASTER, RETIREES, SEAT_CODES, WORKER, Seat, seat_move, seat_of
 from ._runtime import Runtime
 
 log = logging.getLogger("edgesync")
@@ -55,16 +54,11 @@ SLOTS = 1024
 MAX_WAIT = 30.0
 WAIT_LIFE_FRACTION = 0.75
 
-FREE, BOOTING, READY, RETIRING = 0, 1, 2, 3
-#: Signals with which the arbiter stops a worker (its kill_worker): a worker it
-#: signalled so no longer counts as serving, even while it drains.
-_STOPPING_SIGNALS = frozenset({signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGKILL, signal.SIGABRT})
-
 
 class _Record(ctypes.Structure):
     _fields_ = [
         ("token", ctypes.c_uint64),  # which spawn owns the record; 0 when free
-        ("state", ctypes.c_int32),
+        ("state", ctypes.c_int32),  # with ``released``: the worker's seat (_lifecycle.SEAT_CODES)
         ("released", ctypes.c_int32),  # 1: the retiree may stop accepting
         ("announced", ctypes.c_double),  # time.monotonic() of the retire (system-wide clock)
         ("ready", ctypes.c_double),  # time.monotonic() the worker started serving
@@ -82,13 +76,15 @@ class _Record(ctypes.Structure):
     ]
 
 
-class _Master:
-    """The arbiter's side: which record each worker has, and the patched methods."""
+class Table:
+    """The master's side of the shared table: which record each worker has, and who may stop accepting.
 
-    def __init__(self, arbiter: Any, glog: Any, mold: bool = False, code_generations: bool = False,
-                 before_mold: Optional[Callable[[], object]] = None):
-        self.arbiter = arbiter
-        self.molds = _mold.Molds(arbiter, mold, glog, code_generations, before_mold)
+    Created in the master before any fork (``edgesync._gunicorn.arbiter``, which feeds it
+    what the arbiter does: forks, reaps, stop signals); every worker forked later
+    shares its pages.
+    """
+
+    def __init__(self, glog: Any):
         self.glog = glog
         self.pid = os.getpid()
         # MAP_SHARED | MAP_ANONYMOUS: the same pages in the master and every worker forked later.
@@ -96,202 +92,25 @@ class _Master:
         self.records = (_Record * SLOTS).from_buffer(self.mem)
         self.slot_of: Dict[int, int] = {}  # worker pid -> record index
         self.stopping: Set[int] = set()  # pids the arbiter told to stop
-        self.hidden: Dict[int, Any] = {}  # retirees taken out of WORKERS during manage_workers
         self.spawned = 0
         self.full_warned = False
-        self.orig: Dict[str, Callable[..., Any]] = {}
-        for name in ("spawn_worker", "spawn_workers", "manage_workers", "reap_workers", "kill_worker"):
-            self.orig[name] = getattr(arbiter, name)
-            setattr(arbiter, name, getattr(self, name))
 
     def in_master(self) -> bool:
         return os.getpid() == self.pid
 
-    # -- the patched arbiter methods ----------------------------------------------
-
-    def spawn_worker(self) -> Any:
-        if not self.in_master():
-            return self.orig["spawn_worker"]()
-        if self.molds.get() is not None:
-            return self._spawn_from_mold()
-        global _own
-        # Python's advice for fork without exec (gc docs, gc.freeze): what the master
-        # holds (with --preload, the whole app) goes to the permanent generation, so
-        # the worker's collections neither walk it nor touch its pages, which would
-        # copy them (copy-on-write). Measured: without it a fresh worker's first
-        # full collections cost a recycling server ~15% of its throughput. The
-        # master unfreezes after the fork: its own garbage stays collectable.
-        gc.freeze()
-        slot = self._claim()
-        _own = slot  # copied into the child by the fork below: its own record
-        workers = self.arbiter.WORKERS
-        # The child closes its siblings' heartbeat files (arbiter.py spawn_worker):
-        # let it see the retirees hidden by manage_workers too.
-        workers.update(self.hidden)
-        try:
-            pid = self.orig["spawn_worker"]()
-        except BaseException:
-            # why BaseException: in the master a failed fork, whatever it raised, must
-            # give its record back. A child passes through untouched (its normal end
-            # never gets here: _exit.leave ends it inside the call).
-            if self.in_master() and slot is not None:
-                self._free(slot)
-            raise
-        finally:
-            if self.in_master():
-                gc.unfreeze()
-                _own = None
-                for hidden in self.hidden:
-                    workers.pop(hidden, None)
-        if slot is not None:
-            self.slot_of[pid] = slot
-        return pid
-
-    def _spawn_from_mold(self) -> int:
-        """gunicorn's ``spawn_worker`` (arbiter.py, 27.0.x), with the fork done by the generation's mold.
-
-        The master's half is gunicorn's: the ``Worker`` object, ``pre_fork``, the worker
-        in ``WORKERS``. If the mold and its successor fail, the master forks this worker
-        itself, as gunicorn would have.
-        """
-        arbiter = self.arbiter
-        slot = self._claim()
-        arbiter.worker_age += 1
-        worker = arbiter.worker_class(arbiter.worker_age, arbiter.pid, arbiter.LISTENERS, arbiter.app,
-                                      arbiter.timeout / 2.0, arbiter.cfg, arbiter.log)
-        # pre_fork sees every worker of the arbiter, the retirees manage_workers hides included
-        # (as in spawn_worker; a worker forked here closes their heartbeat files too).
-        workers = arbiter.WORKERS
-        workers.update(self.hidden)
-        try:
-            arbiter.cfg.pre_fork(arbiter, worker)
-            pid = self.molds.fork(worker, slot)
-            if pid is None:
-                pid = self._fork_here(worker, slot)
-        finally:
-            if self.in_master():
-                for hidden in self.hidden:
-                    workers.pop(hidden, None)
-        worker.pid = pid
-        arbiter.WORKERS[pid] = worker
-        stats = getattr(arbiter, "_stats", None)
-        if isinstance(stats, dict):
-            stats["workers_spawned"] = stats.get("workers_spawned", 0) + 1
-        if slot is not None:
-            self.slot_of[pid] = slot
-        return pid
-
-    def _fork_here(self, worker: Any, slot: Optional[int]) -> int:
-        global _own
-        gc.freeze()
-        try:
-            pid = os.fork()
-        finally:
-            if os.getpid() == self.pid:
-                gc.unfreeze()
-        if pid:
-            return pid
-        _own = slot
-        for sibling in self.arbiter.WORKERS.values():
-            sibling.tmp.close()
-        _mold.run_worker(self.arbiter, worker)
-
-    def spawn_workers(self) -> None:
-        """gunicorn's ``spawn_workers`` without its ``time.sleep(0.1 * random())`` after each fork.
-
-        That sleep (arbiter.py ``spawn_workers``) caps births near 14 a second per
-        server whatever the cores, and every replacement of a retiree waits for it.
-        """
-        if not self.in_master():
-            self.orig["spawn_workers"]()
-            return
-        arbiter = self.arbiter
-        for _ in range(int(arbiter.num_workers) - len(arbiter.WORKERS)):
-            arbiter.spawn_worker()
-
-    def manage_workers(self) -> Any:
-        if not self.in_master():
-            return self.orig["manage_workers"]()
-        self._forget_gone()
-        workers = self.arbiter.WORKERS
-        self.hidden = {pid: w for pid, w in workers.items() if self._state(pid) == RETIRING}
-        for pid in self.hidden:
-            del workers[pid]
-        try:
-            result = self.orig["manage_workers"]()
-        finally:
-            workers.update(self.hidden)
-            self.hidden = {}
-        self._release()
-        return result
-
-    def reap_workers(self) -> Any:
-        if self.in_master():
-            self._reap_served_boot_codes()
-        result = self.orig["reap_workers"]()
-        if self.in_master():
-            # arbiter.reload waits for the old workers with reap_workers alone: a
-            # retiree must be released from here too, or the reload waits for it.
-            self._forget_gone()
-            self._release()
-        return result
-
-    def kill_worker(self, pid: int, sig: int) -> Any:
-        if self.in_master() and sig in _STOPPING_SIGNALS:
-            self.stopping.add(pid)
-        return self.orig["kill_worker"](pid, sig)
-
-    def _reap_served_boot_codes(self) -> None:
-        """Reap, before gunicorn does, each worker that served and then exited with 3 or 4.
-
-        gunicorn halts the whole server on those codes (arbiter.py ``reap_workers``):
-        its rule for a worker that could not boot. A worker that reached its serving
-        loop did boot; its exit status is then another process's business (a
-        library's ``os._exit(3)`` in a background thread), so it is handled as any
-        other worker's exit: logged, ``child_exit`` called, a replacement forked by
-        the next ``manage_workers``. Only workers with a record are looked at
-        (``waitid`` with ``WNOWAIT`` peeks without reaping); the rest, and every
-        worker that never served, keep gunicorn's rule. A served worker that exits in
-        the few system calls between this look and gunicorn's ``waitpid`` is still
-        gunicorn's to judge: the window is that narrow, not closed.
-        """
-        arbiter = self.arbiter
-        boot_codes = (int(arbiter.WORKER_BOOT_ERROR), int(arbiter.APP_LOAD_ERROR))
-        for pid, worker in list(arbiter.WORKERS.items()):
-            slot = self.slot_of.get(pid)
-            if slot is None or not self.records[slot].ready:
-                continue  # never served: gunicorn's rule
-            try:
-                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                continue
-            if info is None or info.si_code != os.CLD_EXITED or info.si_status not in boot_codes:
-                continue
-            os.waitpid(pid, 0)  # a zombie: returns at once
-            arbiter.WORKERS.pop(pid, None)
-            # What gunicorn's reap_workers does for any other exit status.
-            self.glog.error("Worker (pid:%s) exited with code %s.", pid, info.si_status)
-            self.glog.warning("edgesync: worker %d exited with code %d after serving: not a boot error, so "
-                              "the server goes on and replaces it (gunicorn halts on %d and %d only for a "
-                              "worker that never served)", pid, info.si_status, *boot_codes)
-            worker.tmp.close()
-            arbiter.cfg.child_exit(arbiter, worker)
-
-    # -- records ----------------------------------------------------------------------
-
-    def _claim(self) -> Optional[int]:
+    def claim(self) -> Optional[int]:
+        """A free record for the worker about to be forked (BOOTING), or None if every one is taken."""
         used = set(self.slot_of.values())
         for i in range(SLOTS):
             if i not in used:
                 self.spawned += 1
                 rec = self.records[i]
                 rec.token = self.spawned
-                rec.released = 0
                 rec.announced = rec.ready = rec.published = rec.retire_at = 0.0
                 rec.forked = time.monotonic()
                 rec.pid = rec.pending = 0
                 rec.requests = rec.completed = rec.failed = rec.cancelled = 0
-                rec.state = BOOTING
+                _put(rec, Seat.BOOTING)
                 return i
         if not self.full_warned:
             self.full_warned = True
@@ -299,28 +118,42 @@ class _Master:
                               "a replacement serving first", SLOTS)
         return None
 
-    def _free(self, slot: int) -> None:
+    def assign(self, pid: int, slot: Optional[int]) -> None:
+        """The worker forked with record ``slot`` has ``pid``."""
+        if slot is not None:
+            self.slot_of[pid] = slot
+
+    def free(self, slot: int) -> None:
         rec = self.records[slot]
-        rec.state = FREE
+        _put(rec, Seat.FREE)
         rec.token = 0
 
-    def _state(self, pid: int) -> int:
+    def seat(self, pid: int) -> Optional[Seat]:
+        """``pid``'s seat; SERVING for a worker without a record (it retires the old way)."""
         slot = self.slot_of.get(pid)
-        return READY if slot is None else int(self.records[slot].state)
+        return Seat.SERVING if slot is None else _seat(self.records[slot])
 
-    def _forget_gone(self) -> None:
-        alive = self.arbiter.WORKERS
-        for pid in [p for p in self.slot_of if p not in alive and p not in self.hidden]:
-            self._free(self.slot_of.pop(pid))
-        self.stopping &= set(alive) | set(self.hidden)
+    def served(self, pid: int) -> bool:
+        """Whether ``pid`` has a record and reached its serving loop."""
+        slot = self.slot_of.get(pid)
+        return slot is not None and bool(self.records[slot].ready)
 
-    def _release(self) -> None:
-        """Release as many retirees, oldest retire first, as serving workers allow.
+    def stopped(self, pid: int) -> None:
+        """The arbiter told ``pid`` to stop: it no longer counts as serving, even while it drains."""
+        self.stopping.add(pid)
+
+    def forget_gone(self, alive: Set[int]) -> None:
+        """Free the records of workers no longer among ``alive`` (the arbiter reaped them)."""
+        for pid in [p for p in self.slot_of if p not in alive]:
+            self.free(self.slot_of.pop(pid))
+        self.stopping &= alive
+
+    def release(self, workers: List[int], num_workers: int) -> None:
+        """Release as many retirees of ``workers``, oldest retire first, as serving workers allow.
 
         A retiree covers for one missing serving worker: it is released once enough
-        workers that are not retiring and were not told to stop are READY.
+        workers that are not retiring and were not told to stop are SERVING.
         """
-        workers = self.arbiter.WORKERS
         waiting: List[Tuple[float, int]] = []
         ready = 0
         for pid in workers:
@@ -329,41 +162,49 @@ class _Master:
                 ready += pid not in self.stopping
                 continue
             rec = self.records[slot]
-            if rec.state == RETIRING:
-                if not rec.released:
-                    waiting.append((rec.announced, slot))
-            elif rec.state == READY and pid not in self.stopping:
+            seat = _seat(rec)
+            if seat is Seat.RETIRING:
+                waiting.append((rec.announced, slot))
+            elif seat is Seat.SERVING and pid not in self.stopping:
                 ready += 1
         if not waiting:
             return
-        still_needed = max(0, int(self.arbiter.num_workers) - ready)
+        still_needed = max(0, num_workers - ready)
         waiting.sort()
         for _, slot in waiting[:max(0, len(waiting) - still_needed)]:
-            self.records[slot].released = 1
+            _move(self.records[slot], Seat.RELEASED, MASTER)
 
 
-_master: Optional[_Master] = None
+def _seat(rec: _Record) -> Optional[Seat]:
+    return seat_of(int(rec.state), int(rec.released))
+
+
+def _put(rec: _Record, seat: Seat) -> None:
+    """The master's reset of a record no live worker holds (a claim, a free): both fields."""
+    rec.state, rec.released = SEAT_CODES[seat]
+
+
+def _move(rec: _Record, to: Seat, by: str) -> bool:
+    """Move ``rec`` to seat ``to`` if ``by`` may (``SEAT_TRANSITIONS``), writing only ``by``'s field."""
+    if not seat_move(_seat(rec), to, by):
+        return False
+    state, released = SEAT_CODES[to]
+    if by == WORKER:
+        rec.state = state
+    else:
+        rec.released = released
+    return True
+
+
+_master: Optional[Table] = None
 #: In a worker: the index of its own record (set by the master just before the fork).
 _own: Optional[int] = None
 
 
-def install(glog: Any, mold: bool = False, code_generations: bool = False,
-            before_mold: Optional[Callable[[], object]] = None) -> bool:
-    """In gunicorn's master, before the first fork: share the table and patch the arbiter.
-
-    Returns False (and changes nothing) outside a running gunicorn arbiter, e.g.
-    ``gunicorn --check-config``. Idempotent.
-    """
+def share(table: Table) -> None:
+    """In gunicorn's master, before the first fork: the table every worker forked from now on shares."""
     global _master
-    arbiter = running_arbiter()
-    if _master is not None and _master.arbiter is arbiter and _master.in_master():
-        return True
-    if arbiter is None:
-        glog.debug("edgesync: no running gunicorn arbiter in this process; workers retire without a "
-                   "replacement serving first")
-        return False
-    _master = _Master(arbiter, glog, mold, code_generations, before_mold)
-    return True
+    _master = table
 
 
 def _record() -> Optional[_Record]:
@@ -386,18 +227,19 @@ def _wake_master() -> None:
 
 
 def adopt(slot: Optional[int]) -> None:
-    """In a worker a mold forked: its own record (the master claimed it before asking the mold)."""
+    """The record of the worker about to be forked (in the master, None once forked), or its own (in a
+    worker a mold forked: the master claimed it before asking the mold)."""
     global _own
     _own = slot
 
 
 def ready() -> None:
-    """In a worker entering its serving loop: mark it READY, so the arbiter can release a retiree."""
+    """In a worker entering its serving loop: seat it SERVING, so the arbiter can release a retiree."""
     rec = _record()
-    if rec is None or rec.state != BOOTING:  # a retire already announced stays announced
+    if rec is None or not seat_move(_seat(rec), Seat.SERVING, WORKER):  # a retire announced stays announced
         return
     rec.ready = time.monotonic()
-    rec.state = READY
+    _move(rec, Seat.SERVING, WORKER)
     _wake_master()
 
 
@@ -422,9 +264,10 @@ def retire_plans() -> Optional[List[float]]:
     plans = []
     for i, rec in enumerate(_master.records):
         if rec.token and i != _own:
-            if rec.state == RETIRING and rec.announced:
+            seat = _seat(rec)
+            if seat in RETIREES and rec.announced:
                 plans.append(rec.announced)
-            elif rec.state == READY and rec.retire_at:
+            elif seat is Seat.SERVING and rec.retire_at:
                 plans.append(rec.retire_at)
     return plans
 
@@ -449,7 +292,7 @@ class Handoff:
     def done(self) -> bool:
         """True once a replacement serves, the wait ran out (logged) or the master is gone."""
         now = time.monotonic()
-        if self._rec.released:
+        if _seat(self._rec) is Seat.RELEASED:
             log.info("worker %d: a replacement serves (%.2fs after the retire); no longer accepting",
                      self._pid, now - self.started)
             return True
@@ -477,7 +320,7 @@ def announce(runtime: Runtime, keep_accepting: bool = True) -> Optional[Handoff]
         return None
     now = time.monotonic()
     rec.announced = now
-    rec.state = RETIRING
+    _move(rec, Seat.RETIRING, WORKER)  # the drain announces a retire once
     _wake_master()
     if not keep_accepting:
         return None
@@ -489,9 +332,6 @@ def announce(runtime: Runtime, keep_accepting: bool = True) -> Optional[Handoff]
         return None
     log.info("worker %d: accepting until a replacement serves (at most %.1fs)", runtime.pid, deadline - now)
     return Handoff(rec, runtime.pid, now, deadline)
-
-
-_STATE_NAMES = {BOOTING: "booting", READY: "serving", RETIRING: "retiring"}
 
 
 def publish(runtime: Runtime) -> None:
@@ -519,8 +359,11 @@ def server_metrics(runtime: Runtime) -> Optional[Dict[str, Any]]:
     now = time.monotonic()
     workers = []
     for rec in m.records:
-        if rec.token and rec.published and rec.state in _STATE_NAMES:
-            workers.append({"pid": rec.pid, "state": _STATE_NAMES[rec.state], "requests": rec.requests,
+        seat = _seat(rec)
+        if rec.token and rec.published and seat not in (None, Seat.FREE):
+            # A released retiree is still "retiring" to the reader (docs: booting, serving, retiring).
+            name = Seat.RETIRING if seat is Seat.RELEASED else seat
+            workers.append({"pid": rec.pid, "state": name.value, "requests": rec.requests,
                             "tasks_completed": rec.completed, "tasks_failed": rec.failed,
                             "tasks_pending": rec.pending, "invocations_cancelled": rec.cancelled,
                             "figures_age_s": round(now - rec.published, 3)})
@@ -528,26 +371,6 @@ def server_metrics(runtime: Runtime) -> Optional[Dict[str, Any]]:
     keys = ("requests", "tasks_completed", "tasks_failed", "tasks_pending", "invocations_cancelled")
     return {"master_pid": m.pid, "workers": workers,
             "totals": {k: sum(w[k] for w in workers) for k in keys}}
-
-
-def close_listeners(worker: Any) -> None:
-    """With ``reuse_port``, close this worker's own listening sockets once it stops accepting.
-
-    Each worker then has its own socket (arbiter.py spawn_worker), and the kernel
-    keeps routing new connections to it until it is closed; connections still in
-    its queue when it closes are reset. So: take every queued connection first
-    (they are served like any other), then close.
-    """
-    if not worker.cfg.reuse_port:
-        return
-    for listener in worker.sockets:
-        listener.setblocking(False)
-        while True:
-            before = worker.nr_conns
-            worker.accept(listener)  # gthread's accept: one connection, or nothing on EAGAIN
-            if worker.nr_conns == before:
-                break
-        listener.close()
 
 
 def _after_fork_in_child() -> None:

@@ -8,7 +8,7 @@ when the app returns (no app code runs while it is written); any other iterable
 invocation lasts until its ``close()`` and a limit hit while producing it is still
 answered 546 / 504 as long as no byte went out. The first byte going out is the
 one gate (``Slot.gate_response``) between the request's thread and an answer
-written from outside it. Nothing here imports gunicorn.
+written from outside it, on the connection gunicorn gives (``_gunicorn.http``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import sys
 from contextvars import Context, copy_context
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
+from ._gunicorn import http as gunicorn_http
 from ._invocation import (
     REQUEST,
     Invocation,
@@ -41,22 +42,17 @@ _ERROR_500 = ("500 Internal Server Error",
 def answer_from_outside(inv: Invocation, status: int, message: str) -> bool:
     """Write a whole limit response to ``inv``'s client from another thread."""
     environ: dict[str, Any] = inv.label
-    if environ.get("HTTP_VERSION") == "2":
-        # gunicorn's HTTP/2 response object carries its connection and stream. The
-        # request's own thread is blocked (that is why we answer), and it serves this
-        # connection's streams one at a time, so nothing else writes to it now.
-        resp: Any = getattr(inv.start_response, "__self__", None)
-        h2 = getattr(resp, "h2_conn", None)
-        if resp is None or h2 is None:
-            return False
+    if gunicorn_http.http2(environ):
+        # The request's own thread is blocked (that is why we answer), and it serves
+        # this connection's streams one at a time, so nothing else writes to it now.
         _line, headers, body = worker_limit_response(status, message)
         try:
-            h2.send_response(resp.stream_id, status, [(k.lower(), v) for k, v in headers], body)
+            return gunicorn_http.send_http2_response(inv.start_response, status,
+                                                     [(k.lower(), v) for k, v in headers], body)
         except Exception:  # the stream or connection is gone: nothing left to answer
             log.debug("HTTP/2 answer from outside failed", exc_info=True)
             return False
-        return True
-    sock = environ.get("gunicorn.socket")
+    sock = gunicorn_http.client_socket(environ)
     if sock is None:
         return False
     try:

@@ -374,7 +374,7 @@ def _shared_results() -> Optional[_results.SharedResults]:
     """The results table every worker of the server reads, when ``durable_journal`` is set."""
     rt = _runtime.peek()
     if rt is not None:
-        settings = rt.settings  # a gunicorn worker: what the master read (edgesync._worker)
+        settings = rt.settings  # a gunicorn worker: what the master read (edgesync._gunicorn.worker)
     else:
         settings = _settings_read.get(os.getpid()) or _settings_read.setdefault(os.getpid(), load_settings())
     if not settings.durable_journal:

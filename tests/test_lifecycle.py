@@ -18,7 +18,21 @@ from typing import Any, Callable, Tuple
 import httpx
 import pytest
 
-from edgesync._lifecycle import TRANSITIONS, Lifecycle, LifecycleError, State, Trigger
+from edgesync._lifecycle import (
+    MASTER,
+    RETIREES,
+    SEAT_CODES,
+    SEAT_TRANSITIONS,
+    TRANSITIONS,
+    WORKER,
+    Lifecycle,
+    LifecycleError,
+    Seat,
+    State,
+    Trigger,
+    seat_move,
+    seat_of,
+)
 
 from .support import REPO, Server, wait_for
 
@@ -77,6 +91,30 @@ def test_every_state_answers_every_trigger_or_refuses_it_loudly() -> None:
             else:
                 with pytest.raises(LifecycleError):
                     lc.request(trigger)
+
+
+def test_a_workers_seat_is_named_once_and_carried_by_two_fields_with_one_writer_each() -> None:
+    # Every seat has its own code pair, and decodes back from it.
+    assert set(SEAT_CODES) == set(Seat) == set(SEAT_TRANSITIONS)
+    assert len(set(SEAT_CODES.values())) == len(Seat)
+    assert all(seat_of(*SEAT_CODES[seat]) is seat for seat in Seat)
+    assert seat_of(9, 0) is None and seat_of(SEAT_CODES[Seat.SERVING][0], 1) is Seat.SERVING
+    # A worker's moves change only the state code; the master's only the released flag, except its
+    # claims and frees of a record no live worker holds (BOOTING, FREE), which reset both.
+    for now, row in SEAT_TRANSITIONS.items():
+        for to, by in row.items():
+            assert seat_move(now, to, by) and not seat_move(now, to, WORKER if by == MASTER else MASTER)
+            (state_a, released_a), (state_b, released_b) = SEAT_CODES[now], SEAT_CODES[to]
+            changed = {f for f, differs in (("state", state_a != state_b), ("released", released_a != released_b))
+                       if differs}
+            if to in (Seat.BOOTING, Seat.FREE):
+                assert by == MASTER
+            else:
+                assert changed == ({"state"} if by == WORKER else {"released"}), (now, to, by)
+    # The retire's two sub-states, in order: accepting until replaced, then released.
+    assert seat_move(Seat.SERVING, Seat.RETIRING, WORKER) and seat_move(Seat.RETIRING, Seat.RELEASED, MASTER)
+    assert not seat_move(Seat.SERVING, Seat.RELEASED, MASTER) and not seat_move(Seat.RETIRING, Seat.SERVING, WORKER)
+    assert RETIREES == {Seat.RETIRING, Seat.RELEASED} and not seat_move(None, Seat.SERVING, WORKER)
 
 
 def test_import_edgesync_does_not_import_gunicorn() -> None:

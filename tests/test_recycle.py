@@ -1,9 +1,10 @@
 """edgesync._recycle: the arbiter's side against gunicorn's real manage_workers, then the same cases for real.
 
 First, without forking: the arbiter is gunicorn's own ``Arbiter`` class with ``spawn_worker`` and
-``kill_worker`` replaced by in-memory doubles (no fork, no signal): ``manage_workers`` is gunicorn's
-code, run as is. The test plays the workers' part by writing their records (READY, RETIRING) as a
-worker would.
+``kill_worker`` replaced by in-memory doubles (no fork, no signal), patched by edgesync
+(``edgesync._gunicorn.arbiter.Master``): ``manage_workers`` is gunicorn's code, run as is. The test
+plays the workers' part by moving their seats (SERVING, RETIRING) in the shared table as a worker
+would.
 
 Then the same cases with real gunicorn masters, real signals and wrk's load (marked slow), each
 ending with the fault suite's reconciliation (fault_suite.py): no failed request, every accepted
@@ -26,6 +27,8 @@ import pytest
 from gunicorn.arbiter import Arbiter
 
 from edgesync import _recycle
+from edgesync._gunicorn.arbiter import Master
+from edgesync._lifecycle import WORKER, Seat
 
 from .fault_suite import APP, TASKS, Tally, check_log, reconcile, start, stop_and_reconcile, stop_cleanly
 from .support import TCP_MIGRATE_REQ, Server, Wrk, WrkResult, background, free_port, missing, wait_for, workers_of
@@ -80,56 +83,57 @@ class FakeArbiter(Arbiter):  # type: ignore[misc]
         del self.WORKERS[pid]
 
 
-def setup(workers: int = 2) -> Tuple[FakeArbiter, _recycle._Master]:
+def setup(workers: int = 2) -> Tuple[FakeArbiter, Master]:
     arbiter = FakeArbiter(workers)
-    master = _recycle._Master(arbiter, logging.getLogger("test.arbiter"))
+    master = Master(arbiter, logging.getLogger("test.arbiter"))
     arbiter.manage_workers()
     for pid in arbiter.WORKERS:
-        set_state(master, pid, _recycle.READY)
+        set_state(master, pid, Seat.SERVING)
     return arbiter, master
 
 
-def set_state(master: _recycle._Master, pid: int, state: int, at: float = 0.0) -> None:
-    rec = master.records[master.slot_of[pid]]
-    rec.state = state
-    if state == _recycle.RETIRING:
+def set_state(master: Master, pid: int, seat: Seat, at: float = 0.0) -> None:
+    """The worker ``pid`` moves to ``seat``, as its own process would (a move it may make)."""
+    rec = master.table.records[master.table.slot_of[pid]]
+    if seat is Seat.RETIRING:
         rec.announced = at
+    assert _recycle._move(rec, seat, WORKER), (master.table.seat(pid), seat)
 
 
-def released(master: _recycle._Master, pid: int) -> bool:
-    return bool(master.records[master.slot_of[pid]].released)
+def released(master: Master, pid: int) -> bool:
+    return master.table.seat(pid) is Seat.RELEASED
 
 
 def test_a_retiree_gets_a_replacement_and_is_released_when_it_serves() -> None:
     arbiter, master = setup()
     a, b = sorted(arbiter.WORKERS)
-    set_state(master, a, _recycle.RETIRING)
+    set_state(master, a, Seat.RETIRING)
     arbiter.manage_workers()
     assert len(arbiter.WORKERS) == 3 and arbiter.killed == []
     (c,) = set(arbiter.WORKERS) - {a, b}
     assert not released(master, a)  # its replacement is still booting
-    set_state(master, c, _recycle.READY)
+    set_state(master, c, Seat.SERVING)
     arbiter.manage_workers()
     assert released(master, a) and arbiter.killed == []
     arbiter.exit(a)
     arbiter.manage_workers()
-    assert sorted(arbiter.WORKERS) == [b, c] and master.records[0].state == _recycle.FREE  # a's record is free
+    assert sorted(arbiter.WORKERS) == [b, c] and _recycle._seat(master.table.records[0]) is Seat.FREE  # a's is free
 
 
 def test_every_worker_retiring_at_once_gets_its_own_replacement() -> None:
     arbiter, master = setup(3)
     first = sorted(arbiter.WORKERS)
     for i, pid in enumerate(first):
-        set_state(master, pid, _recycle.RETIRING, at=float(i))
+        set_state(master, pid, Seat.RETIRING, at=float(i))
     arbiter.manage_workers()
     new = sorted(set(arbiter.WORKERS) - set(first))
     assert len(new) == 3 and arbiter.killed == []
-    set_state(master, new[0], _recycle.READY)
+    set_state(master, new[0], Seat.SERVING)
     arbiter.manage_workers()
     # One replacement serves: the retiree that retired first may go, the others still cover.
     assert [released(master, p) for p in first] == [True, False, False]
     for pid in new[1:]:
-        set_state(master, pid, _recycle.READY)
+        set_state(master, pid, Seat.SERVING)
     arbiter.manage_workers()
     assert all(released(master, p) for p in first)
 
@@ -137,7 +141,7 @@ def test_every_worker_retiring_at_once_gets_its_own_replacement() -> None:
 def test_ttin_then_ttou_while_a_worker_retires_stop_a_serving_worker_never_the_retiree() -> None:
     arbiter, master = setup()
     a, b = sorted(arbiter.WORKERS)
-    set_state(master, a, _recycle.RETIRING)
+    set_state(master, a, Seat.RETIRING)
     arbiter.manage_workers()  # a's replacement
     arbiter.num_workers += 1  # TTIN
     arbiter.manage_workers()
@@ -147,7 +151,7 @@ def test_ttin_then_ttou_while_a_worker_retires_stop_a_serving_worker_never_the_r
     assert [pid for pid, _ in arbiter.killed] == [b]
     assert arbiter.cfg.changes == [(2, None), (3, 2), (2, 3)]
     for pid in set(arbiter.WORKERS) - {a, b}:
-        set_state(master, pid, _recycle.READY)
+        set_state(master, pid, Seat.SERVING)
     arbiter.manage_workers()
     assert released(master, a)  # b was told to stop: it does not count as serving
 
@@ -155,11 +159,11 @@ def test_ttin_then_ttou_while_a_worker_retires_stop_a_serving_worker_never_the_r
 def test_a_retiree_is_released_by_reap_workers_alone_as_during_a_reload() -> None:
     arbiter, master = setup()
     a, _ = sorted(arbiter.WORKERS)
-    set_state(master, a, _recycle.RETIRING)
+    set_state(master, a, Seat.RETIRING)
     arbiter.manage_workers()
     for pid in list(arbiter.WORKERS):
-        if master.records[master.slot_of[pid]].state == _recycle.BOOTING:
-            set_state(master, pid, _recycle.READY)
+        if master.table.seat(pid) is Seat.BOOTING:
+            set_state(master, pid, Seat.SERVING)
     # arbiter.reload waits for the old workers calling reap_workers only. (gunicorn's own reap_workers,
     # waitpid(-1), would reap this test process's children: the double reaps nothing.)
     master.orig["reap_workers"] = lambda: None
@@ -170,10 +174,19 @@ def test_a_retiree_is_released_by_reap_workers_alone_as_during_a_reload() -> Non
 def test_the_patched_methods_do_nothing_new_outside_the_master() -> None:
     arbiter, master = setup()
     a, _ = sorted(arbiter.WORKERS)
-    set_state(master, a, _recycle.RETIRING)
-    master.pid = -1  # as seen from a forked worker
+    set_state(master, a, Seat.RETIRING)
+    master.table.pid = -1  # as seen from a forked worker
     arbiter.manage_workers()
     assert len(arbiter.WORKERS) == 2 and not released(master, a)
+
+
+def test_each_arbiter_method_is_replaced_once_over_gunicorns_own() -> None:
+    # One patch in one place: the replaced methods are the Master's, and each calls the
+    # arbiter's own method (spawn_worker was wrapped twice before, by _recycle and _exit).
+    arbiter, master = setup()
+    for name in ("spawn_worker", "spawn_workers", "manage_workers", "reap_workers", "kill_worker"):
+        assert getattr(arbiter, name) == getattr(master, name), name
+        assert master.orig[name].__func__ is getattr(FakeArbiter, name), name
 
 
 class ForkProbe(FakeArbiter):
@@ -193,7 +206,7 @@ def test_the_master_freezes_what_it_holds_for_the_fork_only() -> None:
     # master's pages); the master's own garbage stays collectable.
     gc.unfreeze()
     arbiter = ForkProbe(2)
-    _recycle._Master(arbiter, logging.getLogger("test.arbiter"))
+    Master(arbiter, logging.getLogger("test.arbiter"))
     arbiter.manage_workers()
     assert len(arbiter.frozen_at_fork) == 2 and min(arbiter.frozen_at_fork) > 1000, arbiter.frozen_at_fork
     assert gc.get_freeze_count() == 0

@@ -12,7 +12,7 @@ from typing import Any
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    import edgesync._worker as w
+    import edgesync._gunicorn.worker as w
 
     class _Idle(w.Monitor):  # type: ignore[misc,name-defined]
         def start(self) -> None:

@@ -28,11 +28,11 @@ from typing import Any, ClassVar, Dict, List, Optional
 from gunicorn.http.body import LengthReader
 from gunicorn.workers import gthread
 
-from . import _births, _context, _exit, _identity, _logging, _mold, _recycle, _runtime
-from ._config import ConfigError, Settings, describe_source, load_settings
-from ._invocation import REQUEST, InvocationCancelled, Tracker
-from ._journal import JournalError
-from ._lifecycle import (
+from .. import _births, _context, _identity, _logging, _mold, _recycle, _runtime
+from .._config import ConfigError, Settings, describe_source, load_settings
+from .._invocation import REQUEST, InvocationCancelled, Tracker
+from .._journal import JournalError
+from .._lifecycle import (
     LIMIT_BUDGET,
     MAX_SAFETY_MARGIN,
     QUICK_BUDGET,
@@ -42,9 +42,10 @@ from ._lifecycle import (
     Trigger,
     drain,
 )
-from ._limits import Monitor
-from ._runtime import Runtime
-from ._wsgi import Boundary
+from .._limits import Monitor
+from .._runtime import Runtime
+from .._wsgi import Boundary
+from . import arbiter
 
 log = logging.getLogger("edgesync")
 
@@ -146,7 +147,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         cls._reread = True
         # The variable without the client: nothing writes metrics, nothing to do.
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and importlib.util.find_spec("prometheus_client"):
-            from . import prometheus
+            from .. import prometheus
             prometheus.install()
 
     @classmethod
@@ -165,13 +166,12 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
             raise
         cls._reread = False
         log.info("edgesync: settings from %s", describe_source())
-        # Each worker ends without Python's teardown of its modules (see _exit).
-        _exit.install()
-        # Share the workers' table with the workers to come and wrap the arbiter's
+        # Share the workers' table with the workers to come and patch the arbiter's
         # births, reaping and counting (a retiree announces itself there only with
-        # replace_before_retire on).
-        _recycle.install(log, mold=cls._settings.mold, code_generations=cls._settings.policy == Policy.ONESHOT,
-                         before_mold=lambda: cls.current_settings(log))
+        # replace_before_retire on); each worker ends without Python's teardown of its
+        # modules (see _exit).
+        arbiter.install(log, mold=cls._settings.mold, code_generations=cls._settings.policy == Policy.ONESHOT,
+                        before_mold=lambda: cls.current_settings(log))
         if cfg.preload_app:  # the master imported the app: it warms it before its forks
             try:
                 _births.warm()
@@ -282,7 +282,7 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         # context is every request's starting point.
         self.wsgi: Any = Boundary(self.wsgi, self.runtime.tracker, self.runtime.pid)
         # What the boot made lives as long as the worker: out of the collector's way
-        # (_recycle._Master.spawn_worker does the same in the master before each fork).
+        # (arbiter.Master.spawn_worker does the same in the master before each fork).
         # A worker's collections then walk only what its requests made, and never write
         # to (so never copy) the pages it shares with the master. Undone when its life
         # ends (init_process). Before post_worker_init, so that the user's hook can undo
@@ -438,11 +438,30 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
             return
         self._stopped_accepting = True
         self.set_accept_enabled(False)
-        _recycle.close_listeners(self)  # reuse_port: the kernel routes to open sockets
+        self._close_listeners()  # reuse_port: the kernel routes to open sockets
         # As gthread's run does when it stops (gthread.py 443-449): kept-alive
         # connections stay open for STOP_KEEPALIVE_LINGER at most, and a request
         # arriving on one meanwhile is answered with "Connection: close".
         self._cap_keepalive(time.monotonic() + gthread.STOP_KEEPALIVE_LINGER)
+
+    def _close_listeners(self) -> None:
+        """With ``reuse_port``, close this worker's own listening sockets once it stops accepting.
+
+        Each worker then has its own socket (arbiter.py spawn_worker), and the kernel
+        keeps routing new connections to it until it is closed; connections still in
+        its queue when it closes are reset. So: take every queued connection first
+        (they are served like any other), then close.
+        """
+        if not self.cfg.reuse_port:
+            return
+        for listener in self.sockets:
+            listener.setblocking(False)
+            while True:
+                before = self.nr_conns
+                self.accept(listener)  # gthread's accept: one connection, or nothing on EAGAIN
+                if self.nr_conns == before:
+                    break
+            listener.close()
 
     def requests_busy(self, terminating: bool) -> bool:
         if terminating:
@@ -515,7 +534,7 @@ def _check_journal(cfg: Any, settings: Settings, log: Any) -> None:
     master running as root can write where its workers cannot, and a journal it created
     would be root's. ``JournalError`` (a ``RuntimeError``) names the file, the cause and the fix.
     """
-    from . import _recovery  # the durable layer, only where the server checks a journal
+    from .. import _recovery  # the durable layer, only where the server checks a journal
 
     app = cfg.wsgi_app or cfg.settings["default_proc_name"].get()
     if cfg.uid == os.geteuid() and cfg.gid == os.getegid():
@@ -536,7 +555,7 @@ def _check_journal_as(cfg: Any, settings: Settings, app: str) -> Optional[Dict[s
     """``_recovery.check_journal`` in a child process that runs as the workers' user and group."""
     from gunicorn import util
 
-    from . import _recovery
+    from .. import _recovery
 
     read_end, write_end = os.pipe()
     pid = os.fork()
