@@ -286,7 +286,22 @@ class Pool:
             if task_log.isEnabledFor(self._each_level):  # a cached lookup when the level is off
                 log_success(self._each_level, task.name, task.seq, ended - started)
             future.set_result(result)
-            self._completed(task, ended, slot)
+            # Counted out without a lock (the module's rule), and without a call of its
+            # own: the common case. The success is accounted first, so that a drain that
+            # finds the pool idle logs it in the last summary.
+            summary = self._successes.add(ended - started, task.seq, task.named, ended) if self._summarise else None
+            try:
+                self._tasks.remove(task)
+            except KeyError:
+                # Abandoned while it ran, and counted so there (its success is still
+                # logged, as each success's own line is).
+                pass
+            else:
+                if self._waiters and not self._tasks:
+                    self._wake_waiters()
+                slot.counts[_COMPLETED] += 1
+            if summary is not None:
+                log_summary(summary)
             return
         task.fn = task.args = task.kwargs = task.context = None  # not held while the listeners run
         if isinstance(error, InvocationCancelled) and task.verdict is not None:
@@ -301,34 +316,15 @@ class Pool:
             self._finish(task, False, cancelled=task.verdict is not None, slot=slot)
         del error
 
-    def _completed(self, task: Task, ended: float, slot: Slot) -> None:
-        """``_finish`` of a task that returned, on a pool thread at ``ended``: the common case,
-        without a lock (the module's rule)."""
-        # The success is accounted before the task is out of _tasks: a drain that finds
-        # the pool idle logs the last summary, with it. (abandon's last summary was logged
-        # without it: a task abandoned while it ran is in no summary, nor counted twice.)
-        summary = self._successes.add(ended - task.started, task.seq, task.named, ended) if self._summarise else None  # type: ignore[operator]
-        try:
-            self._tasks.remove(task)
-        except KeyError:
-            pass  # abandoned at shutdown and counted there
-        else:
-            if self._waiters and not self._tasks:
-                self._wake_waiters()
-            slot.counts[_COMPLETED] += 1
-        if summary is not None:
-            log_summary(summary)
-
     def _wake_waiters(self) -> None:
         with self._lock:
             self._idle.notify_all()
 
     def _finish(self, task: Task, ok: Optional[bool], cancelled: bool = False,
-                ended: Optional[float] = None, slot: Optional[Slot] = None) -> None:
-        """Count ``task`` out: ``ok`` True completed (at ``ended``, if it ran here), False
-        failed (``cancelled``: by a limit), None cancelled by its caller. ``slot``: the
-        calling thread's own, which counts the outcome (see ``_invocation``)."""
-        summary = None
+                slot: Optional[Slot] = None) -> None:
+        """Count ``task`` out, unless it returned here (``_run`` does): ``ok`` True completed
+        (a tracked future), False failed (``cancelled``: by a limit), None cancelled by its
+        caller. ``slot``: the calling thread's own, which counts the outcome (see ``_invocation``)."""
         with self._lock:
             try:
                 self._tasks.remove(task)
@@ -338,16 +334,12 @@ class Pool:
                 self._tracked -= 1
             if self._waiters and not self._tasks:
                 self._idle.notify_all()
-            if ended is not None and self._summarise:
-                summary = self._successes.add(ended - task.started, task.seq, task.named, ended)  # type: ignore[operator]
         outcome = (Outcome.COMPLETED if ok else Outcome.CALLER_CANCELLED if ok is None
                    else Outcome.CANCELLED if cancelled else Outcome.FAILED)
         if slot is not None:
             slot.counts[INDEX[TASK, outcome]] += 1
         else:
             self._tracker.record(TASK, outcome)
-        if summary is not None:
-            log_summary(summary)
 
     def log_successes(self, now: Optional[float] = None) -> None:
         """Log the success summary now if its interval is over; with no ``now``, whatever it holds.
@@ -469,11 +461,6 @@ class EagerPool(Pool):
         finally:
             slot.current = outer
         return task.future
-
-    def _completed(self, task: Task, ended: float, slot: Slot) -> None:
-        # On the caller's thread, which may be the main one, where a Ctrl-C raises
-        # anywhere: the general path, whose lock is released whatever is raised.
-        self._finish(task, True, ended=ended, slot=slot)
 
 
 def _work(pool: Pool, work_queue: queue.SimpleQueue[Optional[Task]], tracker: Tracker) -> None:
