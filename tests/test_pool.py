@@ -100,6 +100,10 @@ def boom() -> None:
     raise ValueError("boom")
 
 
+def answer() -> int:
+    return 42
+
+
 # -- the bound ---------------------------------------------------------------------------------------
 
 
@@ -359,6 +363,36 @@ def test_abandon_cancels_queued_reports_running_and_closes(make_pool: Callable[.
     counts = h.pool.counts()
     assert (counts["completed"], counts["failed"], counts["abandoned"]) == (0, 0, 4), \
         "abandoned tasks are counted once, as abandoned"
+
+
+@pytest.mark.parametrize("ending", ["returns", "raises"])
+def test_a_task_is_counted_by_the_time_the_pool_reads_idle(make_pool: Callable[..., Harness], ending: str) -> None:
+    # Whoever finds the pool idle (a drain polls pending, then unloads and flushes its
+    # counters; a test waits, then reads the metrics) must find the task's outcome counted.
+    # A trace function on the pool's thread looks at every line it runs in edgesync._pool
+    # (only there: the check takes the tracker's lock): once the task has left the pending
+    # set, its outcome must be in the counts.
+    h = make_pool(max_threads=1)
+    uncounted: List[int] = []
+
+    def check(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code.co_filename != Pool._run.__code__.co_filename:
+            return None
+        if event == "line" and h.pool.pending == 0:
+            counted = h.tracker.count(TASK, Outcome.COMPLETED) + h.tracker.count(TASK, Outcome.FAILED)
+            if counted == 0:
+                uncounted.append(frame.f_lineno)
+        return check
+
+    threading.settrace(check)  # the pool's thread starts with it: the first submit starts it
+    try:
+        fut = h.submit(answer if ending == "returns" else boom)
+        fut.exception(WAIT)
+        h.idle()
+    finally:
+        threading.settrace(None)
+    assert h.pool.counts()["completed" if ending == "returns" else "failed"] == 1
+    assert uncounted == [], "lines run with the pool idle and the task not counted: %s" % uncounted
 
 
 def test_counts_and_snapshot(make_pool: Callable[..., Harness], gate: Gate) -> None:
