@@ -16,12 +16,14 @@ tracker, never the pool's owner: ``on_failure`` is a plain function, so a
 dropped runtime is collected while its threads idle.
 
 Rule: a task that returned is counted out without a lock. Its thread accounts
-its success for the summary line (``_identity.Successes``, lock-free), then
-takes it out of ``_tasks`` with one ``set.remove`` (a C call: the set is never
-seen half-changed, and the load of ``_tasks`` and the removal are one step, so
-``abandon``, which swaps in a new set under the lock, either sees the task
-gone or has it already), then wakes ``wait_idle`` only if a waiter counted
-itself in first. Everything else that changes ``_tasks`` holds the lock. A
+its success for the summary line (``_identity.Successes``, lock-free) and counts
+it in its own slot, then takes it out of ``_tasks`` with one ``set.remove`` (a C
+call: the set is never seen half-changed, and the load of ``_tasks`` and the
+removal are one step, so ``abandon``, which swaps in a new set under the lock,
+either sees the task gone or has it already: then the count is taken back),
+then wakes ``wait_idle`` only if a waiter counted itself in first. Whoever finds
+the pool idle finds every outcome counted. Everything else that changes
+``_tasks`` holds the lock, and counts the task before it takes it out. A
 lock shared by every completion was the pool's costliest part under load: a
 thread that lost the GIL while holding it made every other one block on it
 (0.2-0.4 voluntary context switches per task, against a thread pool's 0.01).
@@ -287,19 +289,21 @@ class Pool:
                 log_success(self._each_level, task.name, task.seq, ended - started)
             future.set_result(result)
             # Counted out without a lock (the module's rule), and without a call of its
-            # own: the common case. The success is accounted first, so that a drain that
-            # finds the pool idle logs it in the last summary.
+            # own: the common case. The success is accounted and counted first, so that
+            # whoever finds the pool idle (a drain, then its last summary and counters)
+            # finds them.
             summary = self._successes.add(ended - started, task.seq, task.named, ended) if self._summarise else None
+            counts = slot.counts  # (only this thread writes them)
+            counts[_COMPLETED] += 1
             try:
                 self._tasks.remove(task)
             except KeyError:
                 # Abandoned while it ran, and counted so there (its success is still
                 # logged, as each success's own line is).
-                pass
+                counts[_COMPLETED] -= 1
             else:
                 if self._waiters and not self._tasks:
                     self._wake_waiters()
-                slot.counts[_COMPLETED] += 1
             if summary is not None:
                 log_summary(summary)
             return
@@ -325,21 +329,22 @@ class Pool:
         """Count ``task`` out, unless it returned here (``_run`` does): ``ok`` True completed
         (a tracked future), False failed (``cancelled``: by a limit), None cancelled by its
         caller. ``slot``: the calling thread's own, which counts the outcome (see ``_invocation``)."""
+        outcome = (Outcome.COMPLETED if ok else Outcome.CALLER_CANCELLED if ok is None
+                   else Outcome.CANCELLED if cancelled else Outcome.FAILED)
         with self._lock:
-            try:
-                self._tasks.remove(task)
-            except KeyError:
+            # Counted before it leaves _tasks, as in _run. Under the lock nothing but
+            # this thread takes this task out (abandon swaps the set under it).
+            if task not in self._tasks:
                 return  # abandoned at shutdown and counted there
+            if slot is not None:
+                slot.counts[INDEX[TASK, outcome]] += 1
+            else:
+                self._tracker.record(TASK, outcome)
+            self._tasks.remove(task)
             if task.tracked:
                 self._tracked -= 1
             if self._waiters and not self._tasks:
                 self._idle.notify_all()
-        outcome = (Outcome.COMPLETED if ok else Outcome.CALLER_CANCELLED if ok is None
-                   else Outcome.CANCELLED if cancelled else Outcome.FAILED)
-        if slot is not None:
-            slot.counts[INDEX[TASK, outcome]] += 1
-        else:
-            self._tracker.record(TASK, outcome)
 
     def log_successes(self, now: Optional[float] = None) -> None:
         """Log the success summary now if its interval is over; with no ``now``, whatever it holds.
