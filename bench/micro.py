@@ -14,7 +14,8 @@ measurement is alive, and the runner pins it to the server core.
   to the executor: the same work ``wait_until`` does (it runs each task in a
   copy of the caller's context), for reference.
 - ``throughput``: N tiny tasks submitted and waited for, end to end (submit,
-  hand-off, run, result), tasks per second; short runs, many pairs.
+  hand-off, run, result), tasks per second; short runs, many pairs, each run
+  from a just-collected heap (see ``bench_throughput``).
 - ``monitor``: the limits monitor (``edgesync._limits.Monitor``, default
   interval, default limits) running on a runtime with K live invocations
   (threads that each begin one invocation and block); reports the monitor's
@@ -119,7 +120,16 @@ def _drain(submit: Callable[[], Future[Any]], n: int) -> float:
 
 
 def bench_throughput(threads: int, tasks: int, repeats: int) -> Dict[str, Any]:
-    """``repeats`` pairs of runs of ``tasks`` no-op tasks each, alternating which side goes first."""
+    """``repeats`` pairs of runs of ``tasks`` no-op tasks each, alternating which side goes first.
+
+    Each run starts right after a ``gc.collect()`` (outside its time), on both sides: a
+    run then pays for the young collections its own allocations trigger, and for
+    nothing the other side allocated. Without it a full collection (11-16 ms here,
+    twice a whole run's time) fell every third run or so, when the two sides'
+    allocations together crossed its threshold: on whichever side ran then, in a
+    pattern fixed by the order, so the pairs read 0.5x or 2x and the medians moved
+    with where that pattern put the slow runs.
+    """
     out: Dict[str, List[float]] = {"edgesync": [], "tpe": []}
     with testing.runtime(background_threads=threads, max_pending_tasks=BIG) as _rt, \
             ThreadPoolExecutor(max_workers=threads) as ex:
@@ -134,6 +144,7 @@ def bench_throughput(threads: int, tasks: int, repeats: int) -> Dict[str, Any]:
         for r in range(repeats):
             order = ["edgesync", "tpe"] if r % 2 == 0 else ["tpe", "edgesync"]
             for name in order:
+                gc.collect()
                 out[name].append(_drain(sides[name], tasks))
     return {"threads": threads, "tasks": tasks, "repeats": repeats, "tasks_per_s": out,
             "median_tasks_per_s": {k: statistics.median(v) for k, v in out.items()}}

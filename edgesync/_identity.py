@@ -196,14 +196,20 @@ class Successes:
     ``N tasks succeeded in the last 60.0s (p50 ..., p99 ..., max ...: NAME, id=...)``,
     the slowest named. ``interval`` 0 logs every success at INFO instead, and no summary.
 
-    The pool calls ``add`` with its own lock held (it holds it to count the task
-    out), so nothing here locks; ``add`` and ``take`` return a due summary, which
-    the caller logs with ``log_summary`` after releasing that lock. Percentiles come from a
-    histogram of durations whose buckets are 2**(1/4) apart: each is the upper bound
-    of its bucket (at most 19% above the true value, never above the max).
+    Rule: no lock. The pool's threads ``add`` and the monitor and the unload ``take``
+    at once, each changing the shared state in one step (``_invocation``'s rule: a
+    run of bytecode with no call in it, which no other Python thread interleaves):
+    an ``add`` counts a success and, if it is the slowest, makes it the max in one
+    step, and a ``take`` claims everything counted and starts the next summary in
+    one, so every success is in exactly one summary, and a summary's max is one of
+    its successes. ``add`` and ``take`` return a due summary, which the caller logs
+    with ``log_summary``. Percentiles come from a histogram of durations whose
+    buckets are 2**(1/4) apart: each is the upper bound of its bucket (at most 19%
+    above the true value, never above the max). The slowest task's name is
+    formatted when its summary is taken, not when it runs.
     """
 
-    __slots__ = ("interval", "due", "_since", "_buckets", "_max", "_max_seq", "_max_name")
+    __slots__ = ("interval", "due", "_since", "_buckets", "_max", "_max_seq", "_max_named")
 
     def __init__(self, interval: float):
         self.interval = interval
@@ -212,28 +218,46 @@ class Successes:
         self._buckets = [0] * (len(_BOUNDS) + 1)  # (their sum is the count: summed once per summary)
         self._max = -1.0
         self._max_seq: Union[int, str] = 0
-        self._max_name = ""
+        self._max_named: Any = None  # a name, or what task_name names
 
-    def add(self, took: float, task: Any, now: float) -> Optional[Summary]:
-        """Count one success of ``task`` (its ``seq`` and ``name``) that took ``took`` seconds.
+    def add(self, took: float, seq: Union[int, str], named: Any, now: float) -> Optional[Summary]:
+        """Count one success that took ``took`` seconds: the task's ``seq`` and its name, or what
+        ``task_name`` names it after (formatted only if it is the slowest of a summary).
 
         Returns the summary if one is due.
         """
-        self._buckets[bisect_left(_BOUNDS, took)] += 1
-        if took > self._max:  # rare after the first few: the name is formatted only then
-            self._max, self._max_seq, self._max_name = took, task.seq, task.name
-        return self.take(now) if now >= self.due else None
+        i = bisect_left(_BOUNDS, took)
+        # One step (see the class's rule): no call from here to the last store.
+        self._buckets[i] += 1
+        if took > self._max:
+            self._max = took
+            self._max_seq = seq
+            self._max_named = named  # (last: dropping the one it replaces may run Python code)
+        return self.take(now, due=True) if now >= self.due else None
 
-    def take(self, now: float) -> Optional[Summary]:
-        """The summary of the successes since the last one (None if there were none); starts a new one."""
-        summary = None
-        count = sum(self._buckets)
-        if count:
-            summary = (now - self._since, count, self._buckets, self._max, self._max_seq, self._max_name)
-            self._buckets = [0] * (len(_BOUNDS) + 1)
-            self._max = -1.0
-        self._since, self.due = now, now + self.interval
-        return summary
+    def take(self, now: float, due: bool = False) -> Optional[Summary]:
+        """The summary of the successes since the last one (None if there were none); starts a new one.
+
+        ``due``: only if one is due at ``now`` (of several threads that find it due, one takes it).
+        """
+        fresh = [0] * (len(_BOUNDS) + 1)  # before the step: in 3.11 an allocation may run the collector
+        # One step (see the class's rule): no call from here to the last store.
+        if due and now < self.due:
+            return None
+        buckets = self._buckets
+        self._buckets = fresh
+        top = self._max
+        seq = self._max_seq
+        named = self._max_named
+        self._max = -1.0
+        self._max_named = None
+        since = self._since
+        self._since = now
+        self.due = now + self.interval
+        count = sum(buckets)
+        if not count:
+            return None
+        return (now - since, count, buckets, top, seq, named if isinstance(named, str) else task_name(named))
 
 
 #: (seconds covered, count, histogram, max, the slowest task's number (or durable id) and name)

@@ -192,7 +192,10 @@ class Slot:
     def end_surely(self, inv: Invocation, outcome: Optional[Outcome] = None) -> None:
         """Close ``inv`` and count its ``outcome`` (None: counted elsewhere, or not at all).
 
-        Retried if a late cancellation is delivered while it runs.
+        Retried if a late cancellation is delivered while it runs. One sent just before
+        the call may also be delivered at its entry, before anything here runs: only
+        the caller can catch that one, and calls again (``_wsgi``'s rule; ``_pool``
+        retries the same way); no second one is ever sent to the same invocation.
 
         A cancellation sent but not yet delivered would hit the next invocation on
         this thread: it is taken back here, under the lock that ``cancel`` holds. The

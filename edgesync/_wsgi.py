@@ -9,6 +9,15 @@ invocation lasts until its ``close()`` and a limit hit while producing it is sti
 answered 546 / 504 as long as no byte went out. The first byte going out is the
 one gate (``Slot.gate_response``) between the request's thread and an answer
 written from outside it, on the connection gunicorn gives (``_gunicorn.http``).
+
+Rule: wherever no limit may have cancelled the invocation yet, ``Slot.end_surely``
+is called in a ``try`` whose ``except InvocationCancelled`` calls it again: a
+cancellation sent in the instant the app is done may be delivered at the entry of
+``end_surely``, before anything in it runs, and only the caller can catch it (no
+function can: its own entry is such a point). At most one cancellation is ever
+sent per invocation, so the second call is not interrupted. What the app gave (its
+response, its exception) goes out as if the cancellation had come later, and the
+invocation is counted with the outcome it had when it ended.
 """
 
 from __future__ import annotations
@@ -102,8 +111,11 @@ class Boundary:
         # why BaseException: the invocation must end, whatever ends the app call;
         # gunicorn answers the exception (500) as it does for any app.
         except BaseException:
-            slot.end_surely(inv, Outcome.FAILED)
-            raise
+            try:
+                slot.end_surely(inv, Outcome.FAILED)
+            except InvocationCancelled:  # delivered at its entry (the module's rule)
+                slot.end_surely(inv, Outcome.FAILED)
+            raise  # the app's exception
         if type(result) is list or (
                 isinstance(result, tuple) or _is_file_wrapper(result, environ)):
             # No app code runs while a list is written: the response is out of the
@@ -111,7 +123,10 @@ class Boundary:
             try:
                 slot.gate_response(inv)
             finally:
-                slot.end_surely(inv, Outcome.COMPLETED)
+                try:
+                    slot.end_surely(inv, Outcome.COMPLETED)
+                except InvocationCancelled:  # delivered at its entry (the module's rule)
+                    slot.end_surely(inv, Outcome.COMPLETED)
             return result
         return _Body(self, slot, inv, result, start_response, context)
 
@@ -133,7 +148,10 @@ class Boundary:
         log.exception("worker %d: %s raised %s", self.pid, inv.describe(),
                       type(sys.exc_info()[1]).__name__)
         if inv.response_started or inv.answered:
-            slot.end_surely(inv, Outcome.FAILED)
+            try:
+                slot.end_surely(inv, Outcome.FAILED)
+            except InvocationCancelled:  # delivered at its entry (the module's rule)
+                slot.end_surely(inv, Outcome.FAILED)
             raise InvocationCancelled("the response had started: the connection is closed")
         return _replace(slot, inv, start_response, _ERROR_500, Outcome.FAILED)
 
@@ -147,7 +165,10 @@ def _replace(slot: Slot, inv: Invocation, start_response: StartResponse,
         start_response(status, headers, sys.exc_info())
         slot.gate_response(inv)
     finally:
-        slot.end_surely(inv, outcome)
+        try:
+            slot.end_surely(inv, outcome)
+        except InvocationCancelled:  # delivered at its entry (the module's rule)
+            slot.end_surely(inv, outcome)
     return [body]
 
 
@@ -250,4 +271,7 @@ class _Body:
             if close is not None:
                 self.context.run(close)
         finally:
-            self.slot.end_surely(self.inv, outcome)
+            try:
+                self.slot.end_surely(self.inv, outcome)
+            except InvocationCancelled:  # delivered at its entry (the module's rule)
+                self.slot.end_surely(self.inv, outcome)

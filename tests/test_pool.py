@@ -17,8 +17,9 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 import pytest
 
 from edgesync import InvocationCancelled, QueueFull, TaskInfo
-from edgesync._invocation import TASK, Invocation, Slot, Tracker, Verdict, _set_async_exc
+from edgesync._invocation import REQUEST, TASK, Invocation, Outcome, Slot, Tracker, Verdict, _set_async_exc
 from edgesync._pool import Pool, Task, task_name
+from edgesync._wsgi import Boundary
 
 from .support import wait_for
 
@@ -97,6 +98,10 @@ def make_pool(gate: Gate) -> Iterator[Callable[..., Harness]]:
 
 def boom() -> None:
     raise ValueError("boom")
+
+
+def answer() -> int:
+    return 42
 
 
 # -- the bound ---------------------------------------------------------------------------------------
@@ -358,6 +363,36 @@ def test_abandon_cancels_queued_reports_running_and_closes(make_pool: Callable[.
     counts = h.pool.counts()
     assert (counts["completed"], counts["failed"], counts["abandoned"]) == (0, 0, 4), \
         "abandoned tasks are counted once, as abandoned"
+
+
+@pytest.mark.parametrize("ending", ["returns", "raises"])
+def test_a_task_is_counted_by_the_time_the_pool_reads_idle(make_pool: Callable[..., Harness], ending: str) -> None:
+    # Whoever finds the pool idle (a drain polls pending, then unloads and flushes its
+    # counters; a test waits, then reads the metrics) must find the task's outcome counted.
+    # A trace function on the pool's thread looks at every line it runs in edgesync._pool
+    # (only there: the check takes the tracker's lock): once the task has left the pending
+    # set, its outcome must be in the counts.
+    h = make_pool(max_threads=1)
+    uncounted: List[int] = []
+
+    def check(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code.co_filename != Pool._run.__code__.co_filename:
+            return None
+        if event == "line" and h.pool.pending == 0:
+            counted = h.tracker.count(TASK, Outcome.COMPLETED) + h.tracker.count(TASK, Outcome.FAILED)
+            if counted == 0:
+                uncounted.append(frame.f_lineno)
+        return check
+
+    threading.settrace(check)  # the pool's thread starts with it: the first submit starts it
+    try:
+        fut = h.submit(answer if ending == "returns" else boom)
+        fut.exception(WAIT)
+        h.idle()
+    finally:
+        threading.settrace(None)
+    assert h.pool.counts()["completed" if ending == "returns" else "failed"] == 1
+    assert uncounted == [], "lines run with the pool idle and the task not counted: %s" % uncounted
 
 
 def test_counts_and_snapshot(make_pool: Callable[..., Harness], gate: Gate) -> None:
@@ -645,6 +680,64 @@ def test_a_cancellation_delivered_as_the_task_ends_its_invocation_is_taken_back(
     assert h.pool.counts()["completed"] == 1
     assert h.tracker.live() == [], "the task's invocation ended"
     assert h.submit(lambda: "next").result(WAIT) == "next", "the thread survives, with no cancellation pending"
+
+
+@pytest.mark.parametrize("response", ["list", "iterable", "raises"])
+def test_a_cancellation_delivered_as_a_request_ends_its_invocation_is_taken_back(response: str) -> None:
+    # The request's side of the test above: a cancellation the monitor sends in the
+    # instant the app is done may be delivered at the entry of Slot.end_surely, where
+    # the boundary ends the invocation: after a list response (Boundary.__call__), in
+    # the close() of an iterable one (_Body.close, which gunicorn calls once it sent the
+    # body), or after the app raised. The response the app gave (or its exception) must
+    # still go out, and the invocation end, counted once.
+    tracker = Tracker()
+    armed: List[bool] = []
+
+    def hook(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is Slot.end_surely.__code__ and armed:
+            armed.clear()
+            slot = tracker.slot()  # (the request thread's own)
+            assert slot.current is not None
+            assert slot.cancel(slot.current, verdict("cancelled as it returned"))
+
+    def app(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        if response == "iterable":
+            return iter([b"done"])
+        armed.append(True)  # the next end_surely on this thread is this request's
+        if response == "raises":
+            raise ValueError("the app failed")
+        return [b"done"]
+
+    boundary = Boundary(app, tracker, 0)
+    got: List[Any] = []
+
+    def serve() -> None:
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.file_wrapper": None}
+        sys.settrace(hook)
+        try:
+            result = boundary(environ, lambda status, headers, exc_info=None: None)
+            got.append(b"".join(result))
+            armed.append(True)  # the iterable's close() ends it (a list has no close)
+            getattr(result, "close", lambda: None)()
+        # why BaseException: whatever escapes is what the test checks
+        except BaseException as exc:
+            got.append(exc)
+        finally:
+            sys.settrace(None)
+
+    thread = threading.Thread(target=serve, name="request-thread")
+    thread.start()
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    if response == "raises":
+        assert [type(e) for e in got] == [ValueError], "the app's own exception goes to the server"
+    else:
+        assert got == [b"done"], "the response goes out and close() returns"
+    assert tracker.live() == [], "the request's invocation ended"
+    outcome = Outcome.FAILED if response == "raises" else Outcome.COMPLETED
+    assert [o for o in Outcome if tracker.count(REQUEST, o)] == [outcome]
+    assert tracker.count(REQUEST, outcome) == 1
 
 
 def test_a_cancellation_taken_back_leaves_no_pending_flag_behind(make_pool: Callable[..., Harness]) -> None:

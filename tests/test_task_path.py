@@ -6,10 +6,13 @@ deadline.
 
 from __future__ import annotations
 
+import bisect
 import gc
 import logging
 import os
+import random
 import re
+import sys
 import threading
 import time
 import warnings
@@ -20,6 +23,7 @@ import pytest
 
 import edgesync
 from edgesync import Settings, testing
+from edgesync._identity import _BOUNDS, Successes
 from edgesync._runtime import Runtime
 
 from .support import Server
@@ -186,6 +190,48 @@ def test_tasks_finishing_on_many_threads_are_all_counted(caplog: pytest.LogCaptu
         assert tr.runtime.metrics()["tasks"]["completed"] == n
     assert [line for line in (r.getMessage() for r in successes(caplog))
             if "%d tasks succeeded in the last" % n in line]
+
+
+def test_summaries_taken_while_threads_add_count_each_success_once_with_its_own_max() -> None:
+    # The pool's threads add successes without a lock while the monitor takes summaries
+    # (Successes' rule: each add and each take is one step). With a thread switch
+    # forced every microsecond, a success counted in no summary or in two shows (a take
+    # that copied the histogram before swapping it out lost 10-20% of them); and each
+    # summary's max must fall in its own slowest bucket.
+    threads, each = 8, 20000
+    successes = Successes(3600.0)
+    summaries: List[Any] = []
+    adding = threading.Barrier(threads + 1)
+
+    def add(k: int) -> None:
+        took = [1e-6 * 2 ** random.uniform(0, 39) for _ in range(each)]
+        adding.wait(WAIT)
+        for j in range(each):
+            successes.add(took[j], "%d-%d" % (k, j), "task-%d" % k, 0.0)
+
+    adders = [threading.Thread(target=add, args=(k,), name="adder-%d" % k) for k in range(threads)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in adders:
+            t.start()
+        adding.wait(WAIT)
+        while any(t.is_alive() for t in adders):
+            summary = successes.take(time.monotonic())
+            if summary is not None:
+                summaries.append(summary)
+    finally:
+        sys.setswitchinterval(interval)
+        for t in adders:
+            t.join(WAIT)
+    last = successes.take(time.monotonic())
+    summaries += [last] if last is not None else []
+    assert len(summaries) > 2, "too few summaries were taken while the threads added: this tested little"
+    assert sum(count for _, count, _, _, _, _ in summaries) == threads * each
+    for _, _, buckets, top, seq, name in summaries:
+        assert bisect.bisect_left(_BOUNDS, top) == max(i for i, n in enumerate(buckets) if n), (
+            "the max is the slowest of the summary's own successes")
+        assert name == "task-%s" % str(seq).split("-")[0], "the max names its own task"
 
 
 # -- in a real gunicorn, at its default log level ------------------------------------------------------------
