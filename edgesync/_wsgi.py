@@ -116,19 +116,24 @@ class Boundary:
             except InvocationCancelled:  # delivered at its entry (the module's rule)
                 slot.end_surely(inv, Outcome.FAILED)
             raise  # the app's exception
-        if type(result) is list or (
-                isinstance(result, tuple) or _is_file_wrapper(result, environ)):
+        try:
+            if type(result) is not list and not (
+                    isinstance(result, tuple) or _is_file_wrapper(result, environ)):
+                return _Body(self, slot, inv, result, start_response, context)
             # No app code runs while a list is written: the response is out of the
             # app's hands, and a limit can no longer interrupt it.
-            try:
-                slot.gate_response(inv)
-            finally:
-                try:
-                    slot.end_surely(inv, Outcome.COMPLETED)
-                except InvocationCancelled:  # delivered at its entry (the module's rule)
-                    slot.end_surely(inv, Outcome.COMPLETED)
-            return result
-        return _Body(self, slot, inv, result, start_response, context)
+            slot.gate_response(inv)
+        except InvocationCancelled:
+            # Delivered after the app returned and before its response was handed on
+            # (here, or at the entry of gate_response or _Body): nothing went out, so
+            # the verdict is answered instead, and the app's iterable is closed.
+            _close_unsent(result, context, self.pid, inv)
+            return self._answer_cancelled(slot, inv, start_response, "")
+        try:
+            slot.end_surely(inv, Outcome.COMPLETED)
+        except InvocationCancelled:  # delivered at its entry (the module's rule)
+            slot.end_surely(inv, Outcome.COMPLETED)
+        return result
 
     def _answer_cancelled(self, slot: Slot, inv: Invocation, start_response: StartResponse,
                           sent: str) -> List[bytes]:
@@ -170,6 +175,18 @@ def _replace(slot: Slot, inv: Invocation, start_response: StartResponse,
         except InvocationCancelled:  # delivered at its entry (the module's rule)
             slot.end_surely(inv, outcome)
     return [body]
+
+
+def _close_unsent(result: Any, context: Context, pid: int, inv: Invocation) -> None:
+    """Close the iterable an app returned that will not be sent (WSGI: ``close()`` is always called)."""
+    close = getattr(result, "close", None)
+    if close is None:
+        return
+    try:
+        context.run(close)
+    # why Exception: the client is answered the verdict whatever the app's close() does
+    except Exception:
+        log.exception("worker %d: closing the response of %s raised", pid, inv.describe())
 
 
 def _is_file_wrapper(result: Any, environ: dict[str, Any]) -> bool:

@@ -19,7 +19,7 @@ import pytest
 from edgesync import InvocationCancelled, QueueFull, TaskInfo
 from edgesync._invocation import REQUEST, TASK, Invocation, Outcome, Slot, Tracker, Verdict, _set_async_exc
 from edgesync._pool import Pool, Task, task_name
-from edgesync._wsgi import Boundary
+from edgesync._wsgi import Boundary, _Body
 
 from .support import wait_for
 
@@ -738,6 +738,78 @@ def test_a_cancellation_delivered_as_a_request_ends_its_invocation_is_taken_back
     outcome = Outcome.FAILED if response == "raises" else Outcome.COMPLETED
     assert [o for o in Outcome if tracker.count(REQUEST, o)] == [outcome]
     assert tracker.count(REQUEST, outcome) == 1
+
+
+class _Closing:
+    """A response iterable that records its close()."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter([b"done"])
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("response", ["list", "iterable"])
+def test_a_cancellation_delivered_before_the_response_is_handed_on_answers_its_verdict(response: str) -> None:
+    # A limit hit in the instant the app returns, before its response is handed to the
+    # server: delivered at the entry of Slot.gate_response (a list) or of the wrapper of
+    # an iterable (_Body). No byte went out, so the client gets the verdict (546), the
+    # app's iterable is closed as WSGI requires, and the invocation ends, counted
+    # cancelled once; the server never sees an exception in place of a response.
+    tracker = Tracker()
+    armed: List[bool] = []
+    target = Slot.gate_response.__code__ if response == "list" else _Body.__init__.__code__
+
+    def hook(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is target and armed:
+            armed.clear()
+            slot = tracker.slot()  # (the request thread's own)
+            assert slot.current is not None
+            assert slot.cancel(slot.current, verdict("cancelled as it returned"))
+
+    body = _Closing()
+
+    def app(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        armed.append(True)
+        return [b"done"] if response == "list" else body
+
+    boundary = Boundary(app, tracker, 0)
+    statuses: List[str] = []
+    got: List[Any] = []
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
+        statuses.append(status)
+
+    def serve() -> None:
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.file_wrapper": None}
+        sys.settrace(hook)
+        try:
+            result = boundary(environ, start_response)
+            got.append(b"".join(result))
+            getattr(result, "close", lambda: None)()
+        # why BaseException: whatever escapes is what the test checks
+        except BaseException as exc:
+            got.append(exc)
+        finally:
+            sys.settrace(None)
+
+    thread = threading.Thread(target=serve, name="request-thread")
+    thread.start()
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    assert not armed, "the cancellation was sent"
+    assert len(got) == 1 and isinstance(got[0], bytes), "a response, not an exception, goes to the server: %r" % got
+    assert statuses[-1].startswith("546 "), statuses
+    assert b"cancelled as it returned" in got[0]
+    assert response == "list" or body.closed, "the app's iterable is closed"
+    assert tracker.live() == [], "the request's invocation ended"
+    assert [o for o in Outcome if tracker.count(REQUEST, o)] == [Outcome.CANCELLED]
+    assert tracker.count(REQUEST, Outcome.CANCELLED) == 1
 
 
 def test_a_cancellation_taken_back_leaves_no_pending_flag_behind(make_pool: Callable[..., Harness]) -> None:
