@@ -11,8 +11,10 @@
 mold; oneshot as before (no mold, gunicorn's own ``spawn_workers`` with its random sleep
 after each fork); edgesync ``per_worker``; and oneshot with the mold but gunicorn's
 sleep. Prints per round and the medians of the ratios oneshot / per_worker, mold /
-before, mold / mold-with-the-sleep, the failed requests (non-2xx and socket errors),
-and the births each oneshot server made.
+before, mold / mold-with-the-sleep, each server's CPU per request (its master, workers
+and mold: a CPU-bound oneshot server's req/s ratio is about the inverse ratio of
+these), the failed requests (non-2xx and socket errors), and the births each oneshot
+server made.
 
 ``boot``: the CPU each new worker spent from its fork to serving (its serving
 line, ``runtime_metrics()["boot_cpu_s"]``): the worker imports the app, the master did
@@ -78,12 +80,15 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
         vs_sleep: List[float] = []
         no_sleep: List[float] = []
         failed = [0] * len(servers)
+        cpu_ms: List[List[float]] = [[] for _ in servers]
         for r in range(a.rounds):
             before = [_births(s) for s in servers]
+            cpu_before = [s.cpu_seconds() for s in servers]
             res = side_by_side(loads, a.seconds, a.connections, client, first=r % len(loads))
             births = [_births(s) - b for s, b in zip(servers, before, strict=True)]
             for i, x in enumerate(res):
                 failed[i] += x.failed
+                cpu_ms[i].append(1000 * (servers[i].cpu_seconds() - cpu_before[i]) / max(1, x.requests))
             vs_pw.append(res[0].rps / res[2].rps)
             before_pw.append(res[1].rps / res[2].rps)
             vs_sleep.append(res[0].rps / res[1].rps if res[1].rps else float("inf"))
@@ -96,6 +101,8 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
         print("median oneshot (mold) / oneshot (before) req/s: %.2fx (rounds %s)" % (median(vs_sleep), _fmt(vs_sleep)))
         print("median oneshot (mold) / oneshot (mold, gunicorn's spawn sleep) req/s: %.2fx (rounds %s)"
               % (median(no_sleep), _fmt(no_sleep)))
+        print("median server CPU per request (master, workers, mold): %s"
+              % ", ".join("%s %.3f ms" % (s.name, median(c)) for s, c in zip(servers, cpu_ms, strict=True)))
         print("failed requests: %s" % ", ".join("%s %d" % (s.name, f) for s, f in zip(servers, failed, strict=True)))
         return 0
     finally:
