@@ -43,6 +43,7 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -239,6 +240,9 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
     _loggers_after = _logger_flags()
     files = _app_files()
     imported_code = _signature(files)
+    # Each worker creates gunicorn's heartbeat file (WorkerTmp) with tempfile, whose first
+    # call probes the temporary directory by writing a file there: probed once, here.
+    tempfile.gettempdir()
     gc.collect()
     gc.freeze()
     _send(sock, timing)
