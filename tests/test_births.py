@@ -428,6 +428,29 @@ def test_oneshot_with_a_mold_serves_the_source_on_disk(server_factory: Callable[
     assert server.stop() == 0, server.log
 
 
+@pytest.mark.slow
+def test_a_mold_imports_the_standard_library_modules_its_workers_imported(
+        server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env={**MOLD, "EDGESYNC_POLICY": "oneshot"})
+    answers = [server.get("/lazy_import")[1].decode().split()[0]]
+    assert answers == ["imported"]  # nothing had it: the first instance imports it itself
+    # It reports colorsys at its exit, and the mold imports it: the instances forked before
+    # that import it themselves, every instance forked after has it.
+    wait_for(lambda: answers.append(server.get("/lazy_import")[1].decode().split()[0]) or
+             answers[-5:] == ["had"] * 5, 20, "five instances in a row forked with colorsys imported")
+    assert server.exited() is None
+    assert server.stop() == 0, server.log
+
+
+@pytest.mark.slow
+def test_without_a_mold_no_worker_learns_from_another(server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "2", app=APP, workers_ready=2,
+                            env={"EDGESYNC_MOLD": "false", "EDGESYNC_POLICY": "oneshot"})
+    answers = [server.get("/lazy_import")[1].decode().split()[0] for _ in range(8)]
+    assert answers == ["imported"] * 8
+    assert server.stop() == 0, server.log
+
+
 def test_with_reload_the_workers_import_the_app_themselves(server_factory: Callable[..., Server]) -> None:
     # gunicorn's --reload: each worker watches the files it imported; a mold's workers imported none.
     server = server_factory("--workers", "1", "--reload", app=APP, env=MOLD)
