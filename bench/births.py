@@ -66,7 +66,8 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
     one = {**QUIET, "EDGESYNC_POLICY": "oneshot"}
     mold = {**one, "EDGESYNC_MOLD": "true"}
     servers = [Server("oneshot-mold", ES, logdir, workers=a.workers, env=mold, cpu=cpu),
-               Server("oneshot-before", ES, logdir, workers=a.workers, env=one, cpu=cpu, args=["-c", SLEEP_CONF]),
+               Server("oneshot-before", ES, logdir, workers=a.workers, env={**one, "EDGESYNC_MOLD": "false"}, cpu=cpu,
+                      args=["-c", SLEEP_CONF]),
                Server("per_worker", ES, logdir, workers=a.workers, env=QUIET, cpu=cpu),
                Server("oneshot-mold-spawn-sleep", ES, logdir, workers=a.workers, env=mold, cpu=cpu,
                       args=["-c", SLEEP_CONF])]
