@@ -409,6 +409,16 @@ def boot_seconds() -> Optional[float]:
     return max(0.0, float(rec.ready - rec.forked))
 
 
+def _owned(m: _Master) -> List[int]:
+    """The indices of the records a spawn owns (token set).
+
+    Read from the tokens in the table's memory: a ctypes record object per slot, over
+    the 1024 slots, took a birth 0.2 ms of CPU (mostly free slots).
+    """
+    tokens = memoryview(m.mem).cast("Q")[_Record.token.offset // 8::ctypes.sizeof(_Record) // 8]
+    return [i for i, token in enumerate(tokens) if token]
+
+
 def retire_plans() -> Optional[List[float]]:
     """In a worker: when its siblings retire on their age (``time.monotonic()``); None without a table.
 
@@ -420,8 +430,9 @@ def retire_plans() -> Optional[List[float]]:
         return None
     assert _master is not None
     plans = []
-    for i, rec in enumerate(_master.records):
-        if rec.token and i != _own:
+    for i in _owned(_master):
+        rec = _master.records[i]
+        if i != _own:
             if rec.state == RETIRING and rec.announced:
                 plans.append(rec.announced)
             elif rec.state == READY and rec.retire_at:
@@ -518,8 +529,8 @@ def server_metrics(runtime: Runtime) -> Optional[Dict[str, Any]]:
     assert m is not None
     now = time.monotonic()
     workers = []
-    for rec in m.records:
-        if rec.token and rec.published and rec.state in _STATE_NAMES:
+    for rec in (m.records[i] for i in _owned(m)):
+        if rec.published and rec.state in _STATE_NAMES:
             workers.append({"pid": rec.pid, "state": _STATE_NAMES[rec.state], "requests": rec.requests,
                             "tasks_completed": rec.completed, "tasks_failed": rec.failed,
                             "tasks_pending": rec.pending, "invocations_cancelled": rec.cancelled,
