@@ -47,6 +47,7 @@ import signal
 import socket
 import struct
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -80,6 +81,8 @@ _mold_modules: FrozenSet[str] = frozenset()
 _learned_to: Optional[socket.socket] = None
 #: Most module names a mold imports from its workers' reports per generation.
 LEARN_MAX = 1000
+#: Standard-library modules whose import does something (prints, opens a web browser): never learned.
+_NOT_LEARNED = frozenset({"antigravity", "this"})
 
 
 def _prctl(option: int, arg: int, probe: bool = False) -> bool:
@@ -341,7 +344,7 @@ def _learn(learned: socket.socket, imported_since: Set[str]) -> str:
     for name in sorted(names - sys.modules.keys(), key=lambda n: (n.count("."), n)):
         if len(imported_since) >= LEARN_MAX:
             break
-        if name.partition(".")[0] not in sys.stdlib_module_names or name in sys.modules:
+        if name.partition(".")[0] not in sys.stdlib_module_names or name.partition(".")[0] in _NOT_LEARNED:
             continue
         imported_since.add(name)
         try:
@@ -361,12 +364,26 @@ def _report_imports() -> None:
     """In a mold's worker, at its exit: tell the mold which standard-library modules it imported (see _learn)."""
     if _learned_to is None:
         return
-    new = [m for m in list(sys.modules) if m not in _mold_modules and m.partition(".")[0] in sys.stdlib_module_names]
+    new = [name for name, module in list(sys.modules.items()) if name not in _mold_modules and _stdlib(name, module)]
     if new:
         try:
             _learned_to.send(" ".join(new).encode()[:60000])
         except OSError:  # the mold is gone, or its queue is full: the next worker reports them
             pass
+
+
+def _stdlib(name: str, module: object) -> bool:
+    """Whether ``module`` is the standard library's ``name``: by its name, and by its file (an app's own
+    module may take a standard-library name)."""
+    top = name.partition(".")[0]
+    if top not in sys.stdlib_module_names or top in _NOT_LEARNED:
+        return False
+    path = getattr(module, "__file__", None)
+    if not isinstance(path, str):
+        return True  # built into the interpreter
+    path = os.path.realpath(path)
+    roots = {os.path.join(os.path.realpath(sysconfig.get_path(key)), "") for key in ("stdlib", "platstdlib")}
+    return any(path.startswith(root) for root in roots) and "site-packages" not in path.split(os.sep)
 
 
 def _app_files() -> List[str]:
