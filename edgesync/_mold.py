@@ -47,12 +47,11 @@ import signal
 import socket
 import struct
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, FrozenSet, List, NoReturn, Optional, Set, Union
+from typing import Any, Callable, Dict, FrozenSet, List, NoReturn, Optional, Set, Tuple, Union
 
 log = logging.getLogger("edgesync")
 
@@ -81,6 +80,7 @@ _mold_modules: FrozenSet[str] = frozenset()
 _learned_to: Optional[socket.socket] = None
 #: Most module names a mold imports from its workers' reports per generation.
 LEARN_MAX = 1000
+_stdlib_roots: Tuple[str, ...] = ()
 #: Standard-library modules whose import does something (prints, opens a web browser): never learned.
 _NOT_LEARNED = frozenset({"antigravity", "this"})
 
@@ -265,6 +265,7 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
     learned_to.setblocking(False)
     global _learned_to, _mold_modules
     _learned_to = learned_to
+    _stdlib_dirs()
     imported_since: Set[str] = set()
     threads_from = ""  # what a learned import started: the next fork request is refused
     gc.collect()
@@ -362,9 +363,12 @@ def _learn(learned: socket.socket, imported_since: Set[str]) -> str:
 
 def _report_imports() -> None:
     """In a mold's worker, at its exit: tell the mold which standard-library modules it imported (see _learn)."""
-    if _learned_to is None:
+    # Every module name, and module, this reads is written to (its reference count) on pages the
+    # worker shares with the mold: a worker that imported nothing reads none of them.
+    if _learned_to is None or len(sys.modules) == len(_mold_modules):
         return
-    new = [name for name, module in list(sys.modules.items()) if name not in _mold_modules and _stdlib(name, module)]
+    new = [name for name in list(sys.modules) if name not in _mold_modules]
+    new = [name for name in new if _stdlib(name, sys.modules.get(name))]
     if new:
         try:
             _learned_to.send(" ".join(new).encode()[:60000])
@@ -381,9 +385,18 @@ def _stdlib(name: str, module: object) -> bool:
     path = getattr(module, "__file__", None)
     if not isinstance(path, str):
         return True  # built into the interpreter
-    path = os.path.realpath(path)
-    roots = {os.path.join(os.path.realpath(sysconfig.get_path(key)), "") for key in ("stdlib", "platstdlib")}
-    return any(path.startswith(root) for root in roots) and "site-packages" not in path.split(os.sep)
+    # No realpath here: each code path a worker runs for the first time copies pages. A path
+    # through a link the directories below do not name is not learned (the workers import it).
+    return path.startswith(_stdlib_dirs()) and "site-packages" not in path.split(os.sep)
+
+
+def _stdlib_dirs() -> Tuple[str, ...]:
+    """The standard library's directory (``os``'s, ``lib-dynload`` below it), as named and resolved."""
+    global _stdlib_roots
+    if not _stdlib_roots:
+        here = os.path.dirname(os.__file__)
+        _stdlib_roots = tuple({os.path.join(here, ""), os.path.join(os.path.realpath(here), "")})
+    return _stdlib_roots
 
 
 def _app_files() -> List[str]:
