@@ -440,7 +440,8 @@ def app_loaded() -> None:
     Until then (``_worker_main``) they are as before the import, as in a worker that imports
     the app itself: gunicorn's "Booting worker" and the ``post_fork`` hook come before it.
     """
-    _set_logger_flags(_loggers_after)
+    if _loggers_before != _loggers_after:
+        _set_logger_flags(_loggers_after)
 
 
 def _settled(files: List[str], now: int) -> int:
@@ -461,7 +462,9 @@ def _worker_main(arbiter: Any, master: int, age: int, slot: Optional[int], max_r
     from . import _process, _recycle
 
     _process.set_mold(False)
-    _set_logger_flags(_loggers_before)
+    # Set only if the import changed them (each logger touched is a page the worker copies).
+    if _loggers_before != _loggers_after:
+        _set_logger_flags(_loggers_before)
     atexit.register(_report_imports)  # edgesync's exit (_exit.leave) runs the atexit callbacks
     deadline = time.monotonic() + REPARENT_TIMEOUT
     while os.getppid() != master:  # until the intermediate has exited
