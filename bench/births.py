@@ -6,14 +6,17 @@
     python bench/births.py memory [--rounds 3] [--requests 1000]
     python bench/births.py warmup [--rounds 5] [--seconds 5] [--workers 2] [--connections 8] [--no-pin]
     python bench/births.py picture [--seconds 12] [--workers 2] [--connections 8] [--no-pin]
+    python bench/births.py perbirth [--rounds 5] [--requests 200] [--workers 2] [--no-pin]
 
 ``oneshot``: four servers of the bench Flask app, loaded at once by their own wrk
 (each round starts a different one first): edgesync ``policy = "oneshot"`` with the
 mold; oneshot as before (no mold, gunicorn's own ``spawn_workers`` with its random sleep
 after each fork); edgesync ``per_worker``; and oneshot with the mold but gunicorn's
 sleep. Prints per round and the medians of the ratios oneshot / per_worker, mold /
-before, mold / mold-with-the-sleep, the failed requests (non-2xx and socket errors),
-and the births each oneshot server made.
+before, mold / mold-with-the-sleep, each server's CPU per request (its master, workers
+and mold: a CPU-bound oneshot server's req/s ratio is about the inverse ratio of
+these), the failed requests (non-2xx and socket errors), and the births each oneshot
+server made.
 
 ``boot``: the CPU each new worker spent from its fork to serving (its serving
 line, ``runtime_metrics()["boot_cpu_s"]``): the worker imports the app, the master did
@@ -38,6 +41,13 @@ and with the mold (after); drawn to docs/img/births-recycling.png with each work
 fork and exit marked (a retire forks the replacement first, so the fork is the retire's
 moment), and a line per server with its p50, p99, max and errors.
 
+``perbirth``: where a oneshot birth's CPU goes, per process, with nothing running inside
+the server: a oneshot server (the mold on, no ``--preload``) answers ``--requests``
+sequential requests, one birth each, and ``/proc/<pid>/stat`` of its master and of its
+mold give the CPU and minor page faults per birth of the master, the workers (the
+master's reaped children), the mold and the double fork's intermediates (the mold's
+reaped children). One server per round; medians.
+
 The servers are pinned to core 0 and wrk to core 1 (``--no-pin``: no pinning, e.g. on
 a many-core machine). On a loaded machine, quote medians of several rounds.
 """
@@ -49,7 +59,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -79,7 +89,8 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
     one = {**QUIET, "EDGESYNC_POLICY": "oneshot"}
     mold = {**one, "EDGESYNC_MOLD": "true"}
     servers = [Server("oneshot-mold", ES, logdir, workers=a.workers, env=mold, cpu=cpu),
-               Server("oneshot-before", ES, logdir, workers=a.workers, env=one, cpu=cpu, args=["-c", SLEEP_CONF]),
+               Server("oneshot-before", ES, logdir, workers=a.workers, env={**one, "EDGESYNC_MOLD": "false"}, cpu=cpu,
+                      args=["-c", SLEEP_CONF]),
                Server("per_worker", ES, logdir, workers=a.workers, env=QUIET, cpu=cpu),
                Server("oneshot-mold-spawn-sleep", ES, logdir, workers=a.workers, env=mold, cpu=cpu,
                       args=["-c", SLEEP_CONF])]
@@ -93,12 +104,15 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
         vs_sleep: List[float] = []
         no_sleep: List[float] = []
         failed = [0] * len(servers)
+        cpu_ms: List[List[float]] = [[] for _ in servers]
         for r in range(a.rounds):
             before = [_births(s) for s in servers]
+            cpu_before = [s.cpu_seconds() for s in servers]
             res = side_by_side(loads, a.seconds, a.connections, client, first=r % len(loads))
             births = [_births(s) - b for s, b in zip(servers, before, strict=True)]
             for i, x in enumerate(res):
                 failed[i] += x.failed
+                cpu_ms[i].append(1000 * (servers[i].cpu_seconds() - cpu_before[i]) / max(1, x.requests))
             vs_pw.append(res[0].rps / res[2].rps)
             before_pw.append(res[1].rps / res[2].rps)
             vs_sleep.append(res[0].rps / res[1].rps if res[1].rps else float("inf"))
@@ -111,11 +125,66 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
         print("median oneshot (mold) / oneshot (before) req/s: %.2fx (rounds %s)" % (median(vs_sleep), _fmt(vs_sleep)))
         print("median oneshot (mold) / oneshot (mold, gunicorn's spawn sleep) req/s: %.2fx (rounds %s)"
               % (median(no_sleep), _fmt(no_sleep)))
+        print("median server CPU per request (master, workers, mold): %s"
+              % ", ".join("%s %.3f ms" % (s.name, median(c)) for s, c in zip(servers, cpu_ms, strict=True)))
         print("failed requests: %s" % ", ".join("%s %d" % (s.name, f) for s, f in zip(servers, failed, strict=True)))
         return 0
     finally:
         for s in servers:
             s.stop()
+
+
+def _stat(pid: int) -> Dict[str, int]:
+    """From /proc/<pid>/stat: minor faults and CPU ticks of the process and of its reaped children."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return {"minflt": int(fields[7]), "cminflt": int(fields[8]), "cpu": int(fields[11]) + int(fields[12]),
+            "ccpu": int(fields[13]) + int(fields[14])}
+
+
+def perbirth(a: argparse.Namespace, logdir: Path) -> int:
+    """Where a oneshot birth's CPU goes, per process, read from /proc: nothing runs inside the server."""
+    import os
+
+    import psutil
+
+    cpu: Optional[int] = None if a.no_pin else 0
+    tick_ms = 1000.0 / os.sysconf("SC_CLK_TCK")
+    rows: Dict[str, List[float]] = {}
+    for r in range(a.rounds):
+        s = Server("perbirth-%d" % r, ES, logdir, workers=a.workers, env={**QUIET, "EDGESYNC_POLICY": "oneshot"},
+                   cpu=cpu)
+        try:
+            s.start()
+            for _ in range(20):
+                s.get("/hello")
+            assert s.proc is not None
+            molds = [c.pid for c in psutil.Process(s.proc.pid).children() if c.name() == "edgesync-mold"]
+            if not molds:
+                raise SystemExit("no mold in %s:\n%s" % (s.name, s.log[-2000:]))
+            before = (_stat(s.proc.pid), _stat(molds[0]), _births(s))
+            for _ in range(a.requests):
+                s.get("/hello")
+            time.sleep(0.5)  # the last instances exit and are reaped
+            master, mold, births = _stat(s.proc.pid), _stat(molds[0]), _births(s) - before[2]
+        finally:
+            s.stop()
+        per = {"master": (master["cpu"] - before[0]["cpu"]) * tick_ms,
+               "workers": (master["ccpu"] - before[0]["ccpu"]) * tick_ms,
+               "intermediates": (mold["ccpu"] - before[1]["ccpu"]) * tick_ms,
+               "mold": (mold["cpu"] - before[1]["cpu"]) * tick_ms}
+        per = {k: v / births for k, v in per.items()}
+        per["total"] = sum(per.values())
+        per["worker faults"] = (master["cminflt"] - before[0]["cminflt"]) / births
+        per["intermediate faults"] = (mold["cminflt"] - before[1]["cminflt"]) / births
+        per["mold faults"] = (mold["minflt"] - before[1]["minflt"]) / births
+        print("round %d (%d births): %s" % (r + 1, births, ", ".join("%s %.2f" % kv for kv in per.items())),
+              flush=True)
+        for k, v in per.items():
+            rows.setdefault(k, []).append(v)
+    print("median per oneshot birth: %s (ms of CPU; faults: minor page faults)"
+          % ", ".join("%s %.2f" % (k, median(v)) for k, v in rows.items()))
+    return 0
 
 
 def _server_cpu_s(server: Server) -> float:
@@ -303,8 +372,9 @@ def _fmt(values: List[float]) -> str:
 def main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="python bench/births.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("oneshot", "boot", "recycling", "memory", "warmup", "picture"))
-    p.add_argument("--requests", type=int, default=1000, help="memory: requests before the reading")
+    p.add_argument("what", choices=("oneshot", "boot", "recycling", "memory", "warmup", "picture", "perbirth"))
+    p.add_argument("--requests", type=int, default=1000,
+                   help="memory: requests before the reading; perbirth: requests (births) measured")
     p.add_argument("--preload-only", action="store_true", help="recycling: only the --preload servers")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, help="seconds of load per round (default 5; picture: 12)")
@@ -319,7 +389,7 @@ def main(argv: List[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="edgesync-births-") as tmp:
         try:
             rc = {"oneshot": oneshot, "boot": boot, "recycling": recycling, "memory": memory,
-                  "warmup": warmup, "picture": picture}[a.what](a, Path(tmp))
+                  "warmup": warmup, "picture": picture, "perbirth": perbirth}[a.what](a, Path(tmp))
         finally:
             cleanup()
     print("(%s took %.0fs)" % (a.what, time.monotonic() - started))

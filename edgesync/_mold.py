@@ -5,7 +5,9 @@ of CPU for a Flask app), and with it every worker is forked from a master that n
 ran the app (cold caches, copy-on-write faults on its first requests). A mold is a
 child of the master that imports the app (``app.wsgi()``, what ``--preload`` does in
 the master), collects and freezes its heap (``gc.collect(); gc.freeze()``), starts no
-thread, and then forks every worker of its generation on the master's request.
+thread, and then forks every worker of its generation on the master's request. Its
+workers report, at their exit, the standard-library modules they imported after their
+birth, and it imports them too (``_learn``): later workers start with them.
 
 gunicorn stays in charge. The master (``_gunicorn.arbiter.Master.spawn_worker``) still
 builds each worker's ``Worker`` object, runs ``pre_fork``, and records the worker in
@@ -34,9 +36,11 @@ with how to fix). The mold dies with the master (``PR_SET_PDEATHSIG``).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import gc
+import importlib
 import logging
 import os
 import select
@@ -44,10 +48,11 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Union
+from typing import Any, Callable, Dict, FrozenSet, List, NoReturn, Optional, Set, Tuple, Union
 
 log = logging.getLogger("edgesync")
 
@@ -70,6 +75,15 @@ _libc: Any = None
 #: it (a Django LOGGING with disable_existing_loggers disables gunicorn's own).
 _loggers_before: Dict[str, bool] = {}
 _loggers_after: Dict[str, bool] = {}
+#: In a mold and its workers: the modules the mold had when it last froze its heap.
+_mold_modules: FrozenSet[str] = frozenset()
+#: In a mold's worker: where it tells the mold which standard-library modules it imported (see _learn).
+_learned_to: Optional[socket.socket] = None
+#: Most module names a mold imports from its workers' reports per generation.
+LEARN_MAX = 1000
+_stdlib_roots: Tuple[str, ...] = ()
+#: Standard-library modules whose import does something (prints, opens a web browser): never learned.
+_NOT_LEARNED = frozenset({"antigravity", "this"})
 
 
 def _prctl(option: int, arg: int, probe: bool = False) -> bool:
@@ -154,10 +168,11 @@ class Mold:
             return None
         return data or None
 
-    def fork(self, worker: Any, slot: Optional[int], check: bool = False, skip: int = 0) -> Union[int, bytes, None]:
+    def fork(self, worker: Any, slot: Optional[int], check: bool = False,
+             skip: int = 0) -> Union[int, bytes, str, None]:
         """Have the mold fork ``worker`` (built in the master): its pid (the master's child by now), None if
-        the mold is gone, or (``check``) the signature of the code on disk as bytes if it changed since the
-        mold's import (and is not ``skip``)."""
+        the mold is gone, (``check``) the signature of the code on disk as bytes if it changed since the
+        mold's import (and is not ``skip``), or, as a str, the threads that make it refuse to fork."""
         request = _REQUEST.pack(worker.age, -1 if slot is None else slot, min(int(worker.max_requests), 2**62),
                                 int(check), skip)
         try:
@@ -167,6 +182,8 @@ class Mold:
         reply = self._receive(FORK_TIMEOUT)
         if reply is not None and reply.startswith(b"stale:"):
             return reply[6:]
+        if reply is not None and reply.startswith(b"threads:"):
+            return reply[8:].decode(errors="replace")
         if reply is None or not reply.isdigit():
             return None
         return int(reply)
@@ -235,10 +252,31 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
     _loggers_after = _logger_flags()
     files = _app_files()
     imported_code = _signature(files)
+    # Each worker creates gunicorn's heartbeat file (WorkerTmp) with tempfile, whose first
+    # call probes the temporary directory by writing a file there: probed once, here.
+    tempfile.gettempdir()
+    # Its workers tell it which standard-library modules they imported after the fork (_learn).
+    learned, learned_to = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    learned.setblocking(False)
+    learned_to.setblocking(False)
+    global _learned_to, _mold_modules
+    _learned_to = learned_to
+    _stdlib_dirs()
+    imported_since: Set[str] = set()
+    threads_from = ""  # what a learned import started: the next fork request is refused
     gc.collect()
+    _mold_modules = frozenset(sys.modules)
     gc.freeze()
     _send(sock, timing)
     while True:
+        try:
+            readable = select.select([sock, learned], [], [])[0]
+        except InterruptedError:
+            continue
+        if learned in readable:
+            threads_from = threads_from or _learn(learned, imported_since)
+            if sock not in readable:
+                continue
         try:
             msg, fds, _flags, _addr = socket.recv_fds(sock, 64, 1)
         except InterruptedError:
@@ -248,6 +286,11 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
         if not msg:
             os._exit(0)  # the master closed its end: a new generation, or it is gone
         age, slot, max_requests, check, skip = _REQUEST.unpack(msg)
+        if threads_from:
+            for fd in fds:
+                os.close(fd)
+            _send(sock, b"threads:" + threads_from.encode())
+            os._exit(0)
         if check:
             now = _signature(files)
             if now not in (imported_code, skip):
@@ -263,6 +306,7 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
             worker_pid = os.fork()
             if worker_pid == 0:
                 sock.close()
+                learned.close()
                 _worker_main(arbiter, master, age, None if slot < 0 else slot, max_requests, fds[0])
             try:
                 sock.send(b"%d" % worker_pid)
@@ -273,6 +317,82 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
         for fd in fds:
             os.close(fd)
         os.waitpid(pid, 0)
+
+
+def _learn(learned: socket.socket, imported_since: Set[str]) -> str:
+    """In the mold: import the standard-library modules its workers reported, so later workers start with them.
+
+    What a worker imports after its birth (a lazily imported codec, ``json``, ``email``...)
+    costs every worker its import, on pages it copies. A worker reports, at its exit, the
+    standard-library modules it imported that the mold had not (``_report_imports``); the
+    mold imports them, at most ``LEARN_MAX`` per generation, and freezes its heap again.
+    Only the standard library's: importing it starts no thread and opens nothing a worker
+    would then share, where an app's own module may. A module whose import fails is
+    skipped. Returns what a learned import started (the thread names, if any): the mold
+    then forks no more.
+    """
+    names: Set[str] = set()
+    while True:
+        try:
+            names.update(learned.recv(65536).decode(errors="replace").split())
+        except (BlockingIOError, InterruptedError):
+            break
+    # Parents before their submodules; none the mold has, none outside the standard library.
+    for name in sorted(names - sys.modules.keys(), key=lambda n: (n.count("."), n)):
+        if len(imported_since) >= LEARN_MAX:
+            break
+        if name.partition(".")[0] not in sys.stdlib_module_names or name.partition(".")[0] in _NOT_LEARNED:
+            continue
+        imported_since.add(name)
+        try:
+            importlib.import_module(name)
+        except Exception:  # this Python lacks it, or it needs what the worker had: the workers import it
+            pass
+        others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+        if others:
+            return "importing %s (learned from a worker) started %s" % (name, ", ".join(t.name for t in others))
+    global _mold_modules
+    _mold_modules = frozenset(sys.modules)
+    gc.freeze()
+    return ""
+
+
+def _report_imports() -> None:
+    """In a mold's worker, at its exit: tell the mold which standard-library modules it imported (see _learn)."""
+    # Every module name, and module, this reads is written to (its reference count) on pages the
+    # worker shares with the mold: a worker that imported nothing reads none of them.
+    if _learned_to is None or len(sys.modules) == len(_mold_modules):
+        return
+    new = [name for name in list(sys.modules) if name not in _mold_modules]
+    new = [name for name in new if _stdlib(name, sys.modules.get(name))]
+    if new:
+        try:
+            _learned_to.send(" ".join(new).encode()[:60000])
+        except OSError:  # the mold is gone, or its queue is full: the next worker reports them
+            pass
+
+
+def _stdlib(name: str, module: object) -> bool:
+    """Whether ``module`` is the standard library's ``name``: by its name, and by its file (an app's own
+    module may take a standard-library name)."""
+    top = name.partition(".")[0]
+    if top not in sys.stdlib_module_names or top in _NOT_LEARNED:
+        return False
+    path = getattr(module, "__file__", None)
+    if not isinstance(path, str):
+        return True  # built into the interpreter
+    # No realpath here: each code path a worker runs for the first time copies pages. A path
+    # through a link the directories below do not name is not learned (the workers import it).
+    return path.startswith(_stdlib_dirs()) and "site-packages" not in path.split(os.sep)
+
+
+def _stdlib_dirs() -> Tuple[str, ...]:
+    """The standard library's directory (``os``'s, ``lib-dynload`` below it), as named and resolved."""
+    global _stdlib_roots
+    if not _stdlib_roots:
+        here = os.path.dirname(os.__file__)
+        _stdlib_roots = tuple({os.path.join(here, ""), os.path.join(os.path.realpath(here), "")})
+    return _stdlib_roots
 
 
 def _app_files() -> List[str]:
@@ -316,7 +436,8 @@ def app_loaded() -> None:
     Until then (``_worker_main``) they are as before the import, as in a worker that imports
     the app itself: gunicorn's "Booting worker" and the ``post_fork`` hook come before it.
     """
-    _set_logger_flags(_loggers_after)
+    if _loggers_before != _loggers_after:
+        _set_logger_flags(_loggers_after)
 
 
 def _settled(files: List[str], now: int) -> int:
@@ -338,7 +459,10 @@ def _worker_main(arbiter: Any, master: int, age: int, slot: Optional[int], max_r
     from ._gunicorn import child
 
     _process.set_mold(False)
-    _set_logger_flags(_loggers_before)
+    # Set only if the import changed them (each logger touched is a page the worker copies).
+    if _loggers_before != _loggers_after:
+        _set_logger_flags(_loggers_before)
+    atexit.register(_report_imports)  # edgesync's exit (_exit.leave) runs the atexit callbacks
     deadline = time.monotonic() + REPARENT_TIMEOUT
     while os.getppid() != master:  # until the intermediate has exited
         if time.monotonic() >= deadline:
@@ -436,6 +560,9 @@ class Molds:
             reply = mold.fork(worker, slot, check, self.refused_code)
             if isinstance(reply, int):
                 return reply
+            if isinstance(reply, str):  # a module it imported from its workers' reports started a thread
+                self._give_up("threads", reply)
+                return None
             if reply is None:
                 self.lost(mold)
                 mold = self.get()

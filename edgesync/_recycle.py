@@ -251,6 +251,16 @@ def boot_seconds() -> Optional[float]:
     return max(0.0, float(rec.ready - rec.forked))
 
 
+def _owned(m: Table) -> List[int]:
+    """The indices of the records a spawn owns (token set).
+
+    Read from the tokens in the table's memory: a ctypes record object per slot, over
+    the 1024 slots, took a birth 0.2 ms of CPU (mostly free slots).
+    """
+    tokens = memoryview(m.mem).cast("Q")[_Record.token.offset // 8::ctypes.sizeof(_Record) // 8]
+    return [i for i, token in enumerate(tokens) if token]
+
+
 def retire_plans() -> Optional[List[float]]:
     """In a worker: when its siblings retire on their age (``time.monotonic()``); None without a table.
 
@@ -262,8 +272,9 @@ def retire_plans() -> Optional[List[float]]:
         return None
     assert _master is not None
     plans = []
-    for i, rec in enumerate(_master.records):
-        if rec.token and i != _own:
+    for i in _owned(_master):
+        if i != _own:
+            rec = _master.records[i]
             seat = _seat(rec)
             if seat in RETIREES and rec.announced:
                 plans.append(rec.announced)
@@ -358,9 +369,9 @@ def server_metrics(runtime: Runtime) -> Optional[Dict[str, Any]]:
     assert m is not None
     now = time.monotonic()
     workers = []
-    for rec in m.records:
+    for rec in (m.records[i] for i in _owned(m)):
         seat = _seat(rec)
-        if rec.token and rec.published and seat not in (None, Seat.FREE):
+        if rec.published and seat not in (None, Seat.FREE):
             # A released retiree is still "retiring" to the reader (docs: booting, serving, retiring).
             name = Seat.RETIRING if seat is Seat.RELEASED else seat
             workers.append({"pid": rec.pid, "state": name.value, "requests": rec.requests,

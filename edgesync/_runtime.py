@@ -244,7 +244,10 @@ class Runtime:
         done = threading.Event()
         with self._lock:
             self.posted.append(done)
-            inline = not self._start_events()
+            # No listener and no thread yet (most instances: a oneshot one, every time): nothing
+            # to run, so no thread to start for it. With a thread, the event queues behind the
+            # earlier ones, whose listeners may add listeners for this one.
+            inline = (self._event_thread is None and not _events.listeners(event.type)) or not self._start_events()
             if not inline:
                 self._events.put((event, done))
                 if self.lifecycle.state is State.UNLOADED:

@@ -13,8 +13,10 @@ import json
 import os
 import re
 import signal
+import sys
 import threading
 import time
+import types
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -425,6 +427,48 @@ def test_oneshot_with_a_mold_serves_the_source_on_disk(server_factory: Callable[
     src.write_text(ONESHOT_APP % "v3")
     wait_for(lambda: server.get("/")[1] == b"v3", 20, "the fixed code to serve")
     assert server.exited() is None
+    assert server.stop() == 0, server.log
+
+
+@pytest.mark.slow
+def test_a_mold_imports_the_standard_library_modules_its_workers_imported(
+        server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env={**MOLD, "EDGESYNC_POLICY": "oneshot"})
+    answers = [server.get("/lazy_import")[1].decode().split()[0]]
+    assert answers == ["imported"]  # nothing had it: the first instance imports it itself
+    # It reports colorsys at its exit, and the mold imports it: the instances forked before
+    # that import it themselves, every instance forked after has it.
+    wait_for(lambda: answers.append(server.get("/lazy_import")[1].decode().split()[0]) or
+             answers[-5:] == ["had"] * 5, 20, "five instances in a row forked with colorsys imported")
+    assert server.exited() is None
+    assert server.stop() == 0, server.log
+
+
+def test_only_the_standard_librarys_own_modules_are_reported_to_the_mold(tmp_path: Path) -> None:
+    import colorsys
+    import importlib.util
+
+    from edgesync import _mold
+
+    # An app module that takes a standard-library name: its import may open what workers must not share.
+    (tmp_path / "colorsys.py").write_text("OPENED = True\n")
+    spec = importlib.util.spec_from_file_location("colorsys", tmp_path / "colorsys.py")
+    assert spec is not None and spec.loader is not None
+    shadow = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shadow)
+    assert _mold._stdlib("colorsys", colorsys)
+    assert not _mold._stdlib("colorsys", shadow)
+    assert _mold._stdlib("_socket", sys.modules["_socket"])  # built into the interpreter, or in lib-dynload
+    assert not _mold._stdlib("pytest", pytest)
+    assert not _mold._stdlib("this", types.ModuleType("this"))  # prints the Zen at import
+
+
+@pytest.mark.slow
+def test_without_a_mold_no_worker_learns_from_another(server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "2", app=APP, workers_ready=2,
+                            env={"EDGESYNC_MOLD": "false", "EDGESYNC_POLICY": "oneshot"})
+    answers = [server.get("/lazy_import")[1].decode().split()[0] for _ in range(8)]
+    assert answers == ["imported"] * 8
     assert server.stop() == 0, server.log
 
 

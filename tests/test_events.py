@@ -285,10 +285,22 @@ def test_pending_tasks_lists_unfinished_tasks(listen: Callable[..., None]) -> No
     assert isinstance(pending, tuple), "a snapshot taken at dispatch, not a live view"
 
 
-def test_closing_a_runtime_stops_its_event_thread() -> None:
+def test_an_event_without_listeners_starts_no_thread() -> None:
+    # A oneshot instance dispatches beforeunload at every birth, most often to no one.
+    before = set(threading.enumerate())
+    with testing.runtime() as rt:
+        rt.fire_beforeunload("termination")
+        assert rt.runtime.dispatched() == ["termination"]
+        assert not {t for t in threading.enumerate() if t.name == EVENTS_THREAD} - before
+
+
+def test_closing_a_runtime_stops_its_event_thread(listen: Callable[[str, Callable[[Any], Any]], None]) -> None:
+    heard: List[str] = []
+    listen("beforeunload", lambda e: heard.append(e.reason))
     before = {t for t in threading.enumerate() if t.name == EVENTS_THREAD}
     with testing.runtime() as rt:
         rt.fire_beforeunload("termination")
+        assert heard == ["termination"]
         assert {t for t in threading.enumerate() if t.name == EVENTS_THREAD} - before, "the thread started"
     deadline = time.monotonic() + 1.0  # a stopped thread exits within milliseconds
     while ({t for t in threading.enumerate() if t.name == EVENTS_THREAD} - before

@@ -14,7 +14,9 @@ and notes which process did (``$WARM_UP_FAIL_FILE`` exists: it raises). ``/hooks
 answers JSON: this worker's pid, the pid its connection was opened in, the process
 that warmed the app up, how often, and what its request answered.
 
-Routes: ``/pid`` answers the worker's pid. ``/exit_later?code=N&delay=S`` answers at
+Routes: ``/pid`` answers the worker's pid. ``/lazy_import`` imports ``colorsys`` (a
+standard-library module nothing else imports) and answers whether this worker had it
+already (``had <pid>`` or ``imported <pid>``). ``/exit_later?code=N&delay=S`` answers at
 once and schedules a ``wait_until`` task that, ``S`` seconds later, ends the worker
 with ``os._exit(N)`` (what a library's background thread may do: no Python exit, no
 gunicorn code in between).
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable
@@ -97,4 +100,10 @@ def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         return text(start_response, "%s %d" % (VERSION, os.getpid()))
     if path == "/pid":
         return text(start_response, str(os.getpid()))
+    if path == "/lazy_import":
+        # A standard-library module nothing imports at start, imported by the request
+        # (as werkzeug imports the idna codec on its first request): was it there already?
+        had = "colorsys" in sys.modules
+        import colorsys  # noqa: F401
+        return text(start_response, "%s %d" % ("had" if had else "imported", os.getpid()))
     return text(start_response, "not found", "404 Not Found")
