@@ -279,7 +279,7 @@ def test_a_molds_worker_beats_on_the_heartbeat_file_the_master_watches(
         assert len(held) == 1 and set(held) <= set(master), (held, master)
         [link] = held.values()
         before = os.stat(link).st_mtime
-        wait_for(lambda: os.stat(link).st_mtime != before, 10, "worker %d to beat" % pid)
+        wait_for(lambda link=link, before=before: os.stat(link).st_mtime != before, 10, "worker %d to beat" % pid)
     assert server.stop() == 0, server.log
 
 
