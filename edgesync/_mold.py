@@ -48,7 +48,6 @@ import signal
 import socket
 import struct
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -252,9 +251,6 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
     _loggers_after = _logger_flags()
     files = _app_files()
     imported_code = _signature(files)
-    # Each worker creates gunicorn's heartbeat file (WorkerTmp) with tempfile, whose first
-    # call probes the temporary directory by writing a file there: probed once, here.
-    tempfile.gettempdir()
     # Its workers tell it which standard-library modules they imported after the fork (_learn).
     learned, learned_to = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     learned.setblocking(False)

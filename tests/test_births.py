@@ -251,6 +251,38 @@ def test_the_workers_are_the_masters_children_and_the_mold_is_not_a_worker(
     assert _gone(mold)
 
 
+def _heartbeats(pid: int) -> Dict[Tuple[int, int], str]:
+    """The gunicorn heartbeat files (unlinked ``wgunicorn-*``) process ``pid`` holds open: (dev, inode) -> path."""
+    out = {}
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        link = "/proc/%d/fd/%s" % (pid, fd)
+        try:
+            if "wgunicorn-" in os.readlink(link):
+                st = os.stat(link)
+                out[(st.st_dev, st.st_ino)] = link
+        except OSError:
+            pass  # closed since the listing
+    return out
+
+
+def test_a_molds_worker_beats_on_the_heartbeat_file_the_master_watches(
+        server_factory: Callable[..., Server]) -> None:
+    # gunicorn's master kills a worker whose heartbeat file goes stale (--timeout). A worker
+    # forked by the mold must hold the one file the master made for it, and touch it.
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env=MOLD)
+    assert server.proc is not None
+    master = _heartbeats(server.proc.pid)
+    [mold] = _mold_pids(server)
+    assert _heartbeats(mold) == {}, "the mold holds none of the workers' heartbeat files"
+    for pid in server.worker_pids():
+        held = _heartbeats(pid)
+        assert len(held) == 1 and set(held) <= set(master), (held, master)
+        [link] = held.values()
+        before = os.stat(link).st_mtime
+        wait_for(lambda link=link, before=before: os.stat(link).st_mtime != before, 10, "worker %d to beat" % pid)
+    assert server.stop() == 0, server.log
+
+
 def _ppid(pid: int) -> int:
     with open("/proc/%d/stat" % pid) as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])

@@ -61,6 +61,7 @@ KNOWN: Dict[str, str] = {  # gunicorn 27.0.1
     "ThreadWorker.__init__": "5681b8b542ea91bf",
     "ThreadWorker.init_process": "e4fc63a1a68e4f48",
     "LengthReader.read": "be99a0aa587fc555",
+    "Worker.__init__": "e0f1de2d60574066",
     "Worker.init_process": "114caccd7a0e3c21",
     "Worker.load_wsgi": "18b02fc35e964f2b",
     "Worker.init_signals": "65442e0602b05f37",

@@ -64,7 +64,10 @@ against the edgesync code the entry names, then update the hash.
   cached callable (the mold, ``--preload``).
 - ``Worker.init_signals``: the worker's handlers (``worker.Worker.handle_exit``,
   ``handle_quit``).
-- ``WorkerTmp.__init__``: the heartbeat file lives in ``_tmp`` (``child.new_worker``).
+- ``WorkerTmp.__init__``: the heartbeat file lives in ``_tmp``; ``child._Heartbeat`` sets only
+  that, on the master's descriptor.
+- ``Worker.__init__``: builds ``tmp`` with ``base.WorkerTmp``, looked up when it runs
+  (``child.new_worker`` gives it the master's file).
 - ``util._setproctitle``: the mold's and its workers' titles (``child``).
 - ``util.import_app``: an ``app_uri`` imported for a durable task (``import_app`` below).
 - ``wsgi.default_environ``: the client's socket in the environ as ``gunicorn.socket``

@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from gunicorn import sock as gsock
 from gunicorn import util
 from gunicorn.errors import AppImportError
+from gunicorn.workers import base, workertmp
 
 from .. import _exit
 
@@ -41,21 +42,34 @@ def load_app(arbiter: Any) -> None:
     arbiter.app.wsgi()
 
 
+class _Heartbeat(workertmp.WorkerTmp):  # type: ignore[misc]  # gunicorn is untyped
+    """gunicorn's heartbeat file, on the descriptor the master made for this worker."""
+
+    def __init__(self, fd: int) -> None:
+        # Not WorkerTmp.__init__: it creates, chowns and unlinks a new temporary file
+        # (0.8 ms of a birth), which the worker would only close for the master's.
+        self._tmp = os.fdopen(fd, "w+b", 0)
+
+
 def new_worker(arbiter: Any, master: int, age: int, max_requests: int, heartbeat_fd: int) -> Any:
     """In a worker the mold forked: its ``Worker`` object, as the master's ``spawn_worker`` builds it.
 
     ``max_requests`` is the master's draw of ``max_requests_jitter`` (every worker forked
     by one mold would otherwise draw the same: the mold's random state); ``heartbeat_fd``
-    is the heartbeat file the master watches.
+    is the heartbeat file the master watches, which becomes the worker's ``tmp``.
     """
     # The master may have reopened its logs since the mold was born (USR1).
     arbiter.log.reopen_files()
-    worker = arbiter.worker_class(age, master, arbiter.LISTENERS, arbiter.app, arbiter.timeout / 2.0,
-                                  arbiter.cfg, arbiter.log)
+    # Worker.__init__ builds its heartbeat with the module's WorkerTmp: this one process
+    # builds one worker, so it is given the master's file for that one construction.
+    made = base.WorkerTmp
+    base.WorkerTmp = lambda cfg: _Heartbeat(heartbeat_fd)
+    try:
+        worker = arbiter.worker_class(age, master, arbiter.LISTENERS, arbiter.app, arbiter.timeout / 2.0,
+                                      arbiter.cfg, arbiter.log)
+    finally:
+        base.WorkerTmp = made
     worker.max_requests = max_requests
-    # gunicorn's WorkerTmp keeps its file in _tmp.
-    worker.tmp._tmp.close()
-    worker.tmp._tmp = os.fdopen(heartbeat_fd, "w+b", 0)
     return worker
 
 
