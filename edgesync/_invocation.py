@@ -12,9 +12,12 @@ is current and sets its ``verdict`` in one step; the thread ends an invocation b
 clearing ``slot.current`` and then reading ``verdict`` in one step, and if it finds
 one, takes the lock and takes back any cancellation not yet delivered
 (``Slot.end_surely``). A step is a run of bytecode with no call and no backward jump
-in it: CPython hands the GIL to another thread only at those, so no other Python
-thread runs inside a step. Either ``cancel`` sees the invocation ended and sends
-nothing, or the thread sees the verdict and waits on the lock for the send.
+in it: CPython 3.11 and later hand the GIL to another thread only at those, so no
+other Python thread runs inside a step. Either ``cancel`` sees the invocation ended
+and sends nothing, or the thread sees the verdict and waits on the lock for the
+send. CPython 3.10 may also switch at a conditional jump that is taken (its
+``POP_JUMP_IF_FALSE`` checks for a switch), as in ``cancel``'s check, so there
+(``ONE_STEP`` false) the thread ends every invocation under the lock.
 
 Rule: every outcome of an invocation (completed, failed, cancelled by a limit,
 answered from outside, cancelled by its caller, abandoned) is counted once, by
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import sys
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -59,6 +63,10 @@ TASK = Kind.TASK
 #: The place of each (kind, outcome) in a slot's ``counts``.
 INDEX: Dict[Tuple[Kind, Outcome], int] = {(k, o): i for i, (k, o) in enumerate(
     (k, o) for k in Kind for o in Outcome)}
+
+#: Whether a run of bytecode with no call and no backward jump is one step (the module's
+#: rule): CPython 3.10 may switch threads at a taken conditional jump too.
+ONE_STEP = sys.version_info >= (3, 11)
 
 _set_async_exc_c = ctypes.pythonapi.PyThreadState_SetAsyncExc
 _set_async_exc_c.restype = ctypes.c_int
@@ -200,16 +208,23 @@ class Slot:
         A cancellation sent but not yet delivered would hit the next invocation on
         this thread: it is taken back here, under the lock that ``cancel`` holds. The
         lock is taken only then (see the module's rule): ending an invocation that no
-        limit cancelled, nearly every one, takes no lock.
+        limit cancelled, nearly every one, takes no lock (on 3.10, every one does).
         """
         while True:
             try:
-                # One step (the module's rule): no call between these lines.
-                if self.current is inv:
-                    self.current = None
-                if inv.verdict is not None:
-                    with self.lock:  # held by cancel until its exception is sent
-                        _take_back(self.ident)
+                if ONE_STEP:
+                    # One step (the module's rule): no call between these lines.
+                    if self.current is inv:
+                        self.current = None
+                    if inv.verdict is not None:
+                        with self.lock:  # held by cancel until its exception is sent
+                            _take_back(self.ident)
+                else:
+                    with self.lock:
+                        if self.current is inv:
+                            self.current = None
+                        if inv.verdict is not None:
+                            _take_back(self.ident)
                 break
             except InvocationCancelled:
                 continue
