@@ -688,6 +688,33 @@ def test_a_cancellation_delivered_as_the_task_ends_its_invocation_is_taken_back(
     assert h.submit(lambda: "next").result(WAIT) == "next", "the thread survives, with no cancellation pending"
 
 
+def _serve_traced(boundary: Boundary, hook: Callable[..., Any], start_response: Callable[..., Any],
+                  before_close: Callable[[], Any] = lambda: None) -> List[Any]:
+    """One request through ``boundary`` on a thread of its own, traced by ``hook``: what the server got
+    (the body, then nothing; or the exception that escaped)."""
+    got: List[Any] = []
+
+    def serve() -> None:
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.file_wrapper": None}
+        sys.settrace(hook)
+        try:
+            result = boundary(environ, start_response)
+            got.append(b"".join(result))
+            before_close()
+            getattr(result, "close", lambda: None)()
+        # why BaseException: whatever escapes is what the test checks
+        except BaseException as exc:
+            got.append(exc)
+        finally:
+            sys.settrace(None)
+
+    thread = threading.Thread(target=serve, name="request-thread")
+    thread.start()
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    return got
+
+
 @pytest.mark.parametrize("response", ["list", "iterable", "raises"])
 def test_a_cancellation_delivered_as_a_request_ends_its_invocation_is_taken_back(response: str) -> None:
     # The request's side of the test above: a cancellation the monitor sends in the
@@ -715,27 +742,9 @@ def test_a_cancellation_delivered_as_a_request_ends_its_invocation_is_taken_back
             raise ValueError("the app failed")
         return [b"done"]
 
-    boundary = Boundary(app, tracker, 0)
-    got: List[Any] = []
-
-    def serve() -> None:
-        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.file_wrapper": None}
-        sys.settrace(hook)
-        try:
-            result = boundary(environ, lambda status, headers, exc_info=None: None)
-            got.append(b"".join(result))
-            armed.append(True)  # the iterable's close() ends it (a list has no close)
-            getattr(result, "close", lambda: None)()
-        # why BaseException: whatever escapes is what the test checks
-        except BaseException as exc:
-            got.append(exc)
-        finally:
-            sys.settrace(None)
-
-    thread = threading.Thread(target=serve, name="request-thread")
-    thread.start()
-    thread.join(WAIT)
-    assert not thread.is_alive()
+    # The iterable's close() ends it (a list has no close).
+    got = _serve_traced(Boundary(app, tracker, 0), hook, lambda status, headers, exc_info=None: None,
+                        before_close=lambda: armed.append(True))
     if response == "raises":
         assert [type(e) for e in got] == [ValueError], "the app's own exception goes to the server"
     else:
@@ -784,30 +793,12 @@ def test_a_cancellation_delivered_before_the_response_is_handed_on_answers_its_v
         armed.append(True)
         return [b"done"] if response == "list" else body
 
-    boundary = Boundary(app, tracker, 0)
     statuses: List[str] = []
-    got: List[Any] = []
 
     def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
         statuses.append(status)
 
-    def serve() -> None:
-        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.file_wrapper": None}
-        sys.settrace(hook)
-        try:
-            result = boundary(environ, start_response)
-            got.append(b"".join(result))
-            getattr(result, "close", lambda: None)()
-        # why BaseException: whatever escapes is what the test checks
-        except BaseException as exc:
-            got.append(exc)
-        finally:
-            sys.settrace(None)
-
-    thread = threading.Thread(target=serve, name="request-thread")
-    thread.start()
-    thread.join(WAIT)
-    assert not thread.is_alive()
+    got = _serve_traced(Boundary(app, tracker, 0), hook, start_response)
     assert not armed, "the cancellation was sent"
     assert len(got) == 1 and isinstance(got[0], bytes), "a response, not an exception, goes to the server: %r" % got
     assert statuses[-1].startswith("546 "), statuses
