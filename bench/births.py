@@ -32,8 +32,8 @@ the medians of recycling / steady req/s and p99; then the same four with
 ``warmup``: three servers loaded at once: oneshot with the mold, the same with the bench
 app's ``edgesync.warm_up`` function (``BENCH_WARM_UP=1``: ``/hello`` and ``/pid`` passed
 through the app in the mold), and ``per_worker``; the medians of warm / plain and of each
-oneshot / per_worker req/s, and each oneshot server's CPU per birth (its master, the
-workers it reaped, its mold and the mold's children, over the births of the rounds).
+oneshot / per_worker req/s, and each oneshot server's CPU per birth (its master, its
+workers live or reaped, its mold and the mold's children, over the births of the rounds).
 
 ``picture``: two recycling servers (``wall_clock_limit_ms = 4000``) loaded at once,
 every request timed (bench/trace.py): births as gunicorn's (``mold = false``, before)
@@ -70,6 +70,7 @@ from bench.harness import (  # noqa: E402
     Traced,
     cleanup,
     median,
+    proc_stat,
     recycling_picture,
     side_by_side,
 )
@@ -134,19 +135,9 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
             s.stop()
 
 
-def _stat(pid: int) -> Dict[str, int]:
-    """From /proc/<pid>/stat: minor faults and CPU ticks of the process and of its reaped children."""
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return {"minflt": int(fields[7]), "cminflt": int(fields[8]), "cpu": int(fields[11]) + int(fields[12]),
-            "ccpu": int(fields[13]) + int(fields[14])}
-
-
 def perbirth(a: argparse.Namespace, logdir: Path) -> int:
     """Where a oneshot birth's CPU goes, per process, read from /proc: nothing runs inside the server."""
     import os
-
-    import psutil
 
     cpu: Optional[int] = None if a.no_pin else 0
     tick_ms = 1000.0 / os.sysconf("SC_CLK_TCK")
@@ -159,14 +150,14 @@ def perbirth(a: argparse.Namespace, logdir: Path) -> int:
             for _ in range(20):
                 s.get("/hello")
             assert s.proc is not None
-            molds = [c.pid for c in psutil.Process(s.proc.pid).children() if c.name() == "edgesync-mold"]
+            molds = s.mold_pids()
             if not molds:
                 raise SystemExit("no mold in %s:\n%s" % (s.name, s.log[-2000:]))
-            before = (_stat(s.proc.pid), _stat(molds[0]), _births(s))
+            before = (proc_stat(s.proc.pid), proc_stat(molds[0]), _births(s))
             for _ in range(a.requests):
                 s.get("/hello")
             time.sleep(0.5)  # the last instances exit and are reaped
-            master, mold, births = _stat(s.proc.pid), _stat(molds[0]), _births(s) - before[2]
+            master, mold, births = proc_stat(s.proc.pid), proc_stat(molds[0]), _births(s) - before[2]
         finally:
             s.stop()
         per = {"master": (master["cpu"] - before[0]["cpu"]) * tick_ms,
@@ -185,19 +176,6 @@ def perbirth(a: argparse.Namespace, logdir: Path) -> int:
     print("median per oneshot birth: %s (ms of CPU; faults: minor page faults)"
           % ", ".join("%s %.2f" % (k, median(v)) for k, v in rows.items()))
     return 0
-
-
-def _server_cpu_s(server: Server) -> float:
-    """CPU of a server so far: its master, the workers it reaped, and its live molds with their reaped children."""
-    import psutil
-
-    assert server.proc is not None
-    total = 0.0
-    master = psutil.Process(server.proc.pid)
-    for p in [master] + [c for c in master.children() if c.name() == "edgesync-mold"]:
-        t = p.cpu_times()
-        total += t.user + t.system + t.children_user + t.children_system
-    return total
 
 
 def warmup(a: argparse.Namespace, logdir: Path) -> int:
@@ -219,11 +197,11 @@ def warmup(a: argparse.Namespace, logdir: Path) -> int:
         failed = [0] * len(servers)
         for r in range(a.rounds):
             before = [_births(s) for s in servers[:2]]
-            cpu_before = [_server_cpu_s(s) for s in servers[:2]]
+            cpu_before = [s.cpu_seconds() for s in servers[:2]]
             res = side_by_side(loads, a.seconds, a.connections, client, first=r % len(loads))
             for i in (0, 1):
                 births[i] += _births(servers[i]) - before[i]
-                cpu_s[i] += _server_cpu_s(servers[i]) - cpu_before[i]
+                cpu_s[i] += servers[i].cpu_seconds() - cpu_before[i]
             for i, x in enumerate(res):
                 failed[i] += x.failed
             ratios[0].append(res[1].rps / res[0].rps if res[0].rps else float("inf"))

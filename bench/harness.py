@@ -255,6 +255,13 @@ class Server:
 
     def worker_pids(self) -> List[int]:
         """The master's workers: its live children but its molds (named ``edgesync-mold``)."""
+        return self._children(molds=False)
+
+    def mold_pids(self) -> List[int]:
+        """The master's live molds (edgesync names their processes ``edgesync-mold``)."""
+        return self._children(molds=True)
+
+    def _children(self, molds: bool) -> List[int]:
         import psutil
 
         if self.proc is None:
@@ -266,7 +273,7 @@ class Server:
             return []
         for kid in kids:
             try:
-                if kid.status() != psutil.STATUS_ZOMBIE and kid.name() != "edgesync-mold":
+                if kid.status() != psutil.STATUS_ZOMBIE and (kid.name() == "edgesync-mold") == molds:
                     out.append(kid.pid)
             except psutil.Error:
                 pass  # gone since the listing
@@ -329,11 +336,10 @@ class Server:
         total = 0.0
         for pid in [self.proc.pid] + self.processes():
             try:
-                with open("/proc/%d/stat" % pid) as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
+                st = proc_stat(pid)
             except OSError:
                 continue  # gone since the listing: its master's cutime has it now
-            total += sum(int(x) for x in fields[11:15]) / _CLOCK_TICKS
+            total += (st["cpu"] + st["ccpu"]) / _CLOCK_TICKS
         return total
 
     def boot_cpu_ms(self, since: int = 0) -> List[int]:
@@ -582,6 +588,15 @@ def main_thread_instructions(argv: List[str]) -> int:
         if found is None:
             raise RuntimeError("no total in %s" % files[0])
         return int(found.group(1))
+
+
+def proc_stat(pid: int) -> Dict[str, int]:
+    """From ``/proc/<pid>/stat``: minor faults and CPU ticks (user + system) of the process and of its
+    reaped children (``minflt``, ``cminflt``, ``cpu``, ``ccpu``). Raises OSError if it is gone."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return {"minflt": int(fields[7]), "cminflt": int(fields[8]), "cpu": int(fields[11]) + int(fields[12]),
+            "ccpu": int(fields[13]) + int(fields[14])}
 
 
 @dataclass
