@@ -23,7 +23,8 @@ from __future__ import annotations
 import gc
 import os
 import signal
-from typing import Any, Callable, Dict, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, Optional
 
 from gunicorn.arbiter import Arbiter
 
@@ -98,12 +99,9 @@ class Master:
         gc.freeze()
         slot = self.table.claim()
         _recycle.adopt(slot)  # copied into the child by the fork below: its own record
-        workers = self.arbiter.WORKERS
-        # The child closes its siblings' heartbeat files (arbiter.py spawn_worker):
-        # let it see the retirees hidden by manage_workers too.
-        workers.update(self.hidden)
         try:
-            pid = self._gunicorn_spawn_worker()
+            with self._retirees_shown():
+                pid = self._gunicorn_spawn_worker()
         except BaseException:
             # why BaseException: in the master a failed fork, whatever it raised, must
             # give its record back. A child passes through untouched (its normal end
@@ -115,10 +113,24 @@ class Master:
             if self.in_master():
                 gc.unfreeze()
                 _recycle.adopt(None)
-                for hidden in self.hidden:
-                    workers.pop(hidden, None)
         self.table.assign(pid, slot)
         return pid
+
+    @contextmanager
+    def _retirees_shown(self) -> Iterator[None]:
+        """``WORKERS`` with the retirees ``manage_workers`` hides, for the length of a fork.
+
+        As in gunicorn's ``spawn_worker``, ``pre_fork`` sees every worker of the arbiter,
+        and the child closes every sibling's heartbeat file.
+        """
+        workers = self.arbiter.WORKERS
+        workers.update(self.hidden)
+        try:
+            yield
+        finally:
+            if self.in_master():
+                for hidden in self.hidden:
+                    workers.pop(hidden, None)
 
     def _spawn_from_mold(self) -> int:
         """gunicorn's ``spawn_worker`` (arbiter.py, 27.0.x), with the fork done by the generation's mold.
@@ -132,19 +144,11 @@ class Master:
         arbiter.worker_age += 1
         worker = arbiter.worker_class(arbiter.worker_age, arbiter.pid, arbiter.LISTENERS, arbiter.app,
                                       arbiter.timeout / 2.0, arbiter.cfg, arbiter.log)
-        # pre_fork sees every worker of the arbiter, the retirees manage_workers hides included
-        # (as in spawn_worker; a worker forked here closes their heartbeat files too).
-        workers = arbiter.WORKERS
-        workers.update(self.hidden)
-        try:
+        with self._retirees_shown():
             arbiter.cfg.pre_fork(arbiter, worker)
             pid = self.molds.fork(worker, slot)
             if pid is None:
                 pid = self._fork_here(worker, slot)
-        finally:
-            if self.in_master():
-                for hidden in self.hidden:
-                    workers.pop(hidden, None)
         worker.pid = pid
         arbiter.WORKERS[pid] = worker
         stats = getattr(arbiter, "_stats", None)
