@@ -11,10 +11,11 @@ birth, and it imports them too (``_learn``): later workers start with them.
 
 gunicorn stays in charge. The master (``_gunicorn.arbiter.Master.spawn_worker``) still
 builds each worker's ``Worker`` object, runs ``pre_fork``, and records the worker in
-``WORKERS``; only the ``fork`` is the mold's. Each fork is a double fork (mold ->
-intermediate -> worker, the intermediate exits at once) and the master is a child
-subreaper (``prctl(PR_SET_CHILD_SUBREAPER)``, Linux), so every worker becomes the
-master's own child: the arbiter reaps it, counts it, times it out through its
+``WORKERS``; only the ``fork`` is the mold's. The mold forks each worker as the master's
+own child, in one step (``clone(CLONE_PARENT)``, ``_fork``), or where that cannot be had,
+by a double fork (mold -> intermediate -> worker, the intermediate exits at once, and the
+master is a child subreaper, ``prctl(PR_SET_CHILD_SUBREAPER)``). Either way the worker is
+the master's child: the arbiter reaps it, counts it, times it out through its
 heartbeat file (sent to the mold with ``SCM_RIGHTS``) and signals it as any other.
 The worker runs gunicorn's child half of ``spawn_worker`` (``_gunicorn.child.run_worker``,
 a mirror of it: "Booting worker", ``post_fork``, ``init_process``, ``worker_exit``); every
@@ -52,6 +53,8 @@ import threading
 import time
 import traceback
 from typing import Any, Callable, Dict, FrozenSet, List, NoReturn, Optional, Set, Tuple, Union
+
+from . import _fork
 
 log = logging.getLogger("edgesync")
 
@@ -148,8 +151,11 @@ class Mold:
         mold = cls(arbiter, arbiter.cfg, pid, ours)
         reply = mold._receive(READY_TIMEOUT)
         if reply is not None and reply.startswith(b"ready:"):
-            imported, _, warmed = reply[6:].decode().partition(":")
-            mold.loaded = "imported in %.2fs, warmed up in %.2fs" % (float(imported), float(warmed))
+            imported, warmed, double_fork = reply[6:].decode(errors="replace").split(":", 2)
+            mold.loaded = "imported in %.2fs, warmed up in %.2fs; %s" % (
+                float(imported), float(warmed),
+                "each worker forked through an intermediate: " + double_fork if double_fork
+                else "each worker forked in one step")
             return mold, "", ""
         mold.stop()
         if reply is None:
@@ -260,6 +266,9 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
     _stdlib_dirs()
     imported_since: Set[str] = set()
     threads_from = ""  # what a learned import started: the next fork request is refused
+    # Why workers cannot be forked in one step here (then each goes through an intermediate).
+    double_fork = _fork.probe()
+    timing += b":" + (double_fork or "").encode()
     gc.collect()
     _mold_modules = frozenset(sys.modules)
     gc.freeze()
@@ -296,23 +305,44 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
                     os.close(fd)
                 _send(sock, b"stale:%d" % now)
                 continue
-        pid = os.fork()
-        if pid == 0:  # the intermediate: forks the worker and exits, so that it becomes the master's child
-            _name(master_name)  # before the worker exists: the master never has a worker with the mold's name
-            worker_pid = os.fork()
-            if worker_pid == 0:
-                sock.close()
-                learned.close()
-                _worker_main(arbiter, master, age, None if slot < 0 else slot, max_requests, fds[0])
+        worker_pid: Optional[int] = None
+        if double_fork is None:
             try:
-                sock.send(b"%d" % worker_pid)
-            except OSError:  # the master gave up on this mold: it will never know this worker
-                os.kill(worker_pid, signal.SIGKILL)
-                os._exit(1)
-            os._exit(0)
+                worker_pid = _fork.fork_sibling()  # None while a C library runs a thread here
+            except OSError as exc:  # refused here (a seccomp filter, say): double forks from now on
+                double_fork = "clone(CLONE_PARENT) failed: %s" % exc
+                log.warning("edgesync: mold %d: %s; forking each worker through an intermediate process",
+                            os.getpid(), double_fork)
+        if worker_pid == 0:  # one fork: the worker, the master's child already
+            _name(master_name)
+            _worker_main(arbiter, master, age, None if slot < 0 else slot, max_requests, fds[0], (sock, learned))
+        intermediate = 0
+        if worker_pid is None:
+            intermediate = os.fork()
+            if intermediate == 0:  # forks the worker and exits, so that it becomes the master's child
+                _name(master_name)  # before the worker exists: the master never has a worker with the mold's name
+                worker_pid = os.fork()
+                if worker_pid == 0:
+                    _worker_main(arbiter, master, age, None if slot < 0 else slot, max_requests, fds[0],
+                                 (sock, learned))
+                _reply(sock, worker_pid)
+                os._exit(0)
+        else:
+            _reply(sock, worker_pid)
         for fd in fds:
             os.close(fd)
-        os.waitpid(pid, 0)
+        if intermediate:
+            os.waitpid(intermediate, 0)
+
+
+def _reply(sock: socket.socket, worker_pid: int) -> None:
+    """Tell the master the pid of the worker just forked; if it gave up on this mold, the worker and the
+    process replying end (it would never know that worker)."""
+    try:
+        sock.send(b"%d" % worker_pid)
+    except OSError:
+        os.kill(worker_pid, signal.SIGKILL)
+        os._exit(1)
 
 
 def _learn(learned: socket.socket, imported_since: Set[str]) -> str:
@@ -450,9 +480,12 @@ def _settled(files: List[str], now: int) -> int:
 
 
 def _worker_main(arbiter: Any, master: int, age: int, slot: Optional[int], max_requests: int,
-                 heartbeat_fd: int) -> NoReturn:
+                 heartbeat_fd: int, molds: Tuple[socket.socket, ...]) -> NoReturn:
     from . import _process, _recycle
     from ._gunicorn import child
+
+    for sock in molds:  # the mold's sockets: the worker's own is _learned_to
+        sock.close()
 
     _process.set_mold(False)
     # Set only if the import changed them (each logger touched is a page the worker copies).

@@ -560,8 +560,11 @@ def test_the_warm_up_runs_once_where_the_app_was_imported_and_after_fork_in_each
         assert hooks["warmed_by"] == warmed_by and hooks["warm_ups"] == 1, (hooks, warmed_by, molds)
         assert hooks["warm_up_answer"] == str(warmed_by)
     if molds:
-        assert re.search(r"mold %d ready for the first generation \(imported in [\d.]+s, warmed up in [\d.]+s\)"
-                         % molds[0], server.log)
+        # One fork per worker (clone(CLONE_PARENT)), not a double fork, where the machine allows it.
+        one_step = sys.platform.startswith("linux") and os.uname().machine in ("x86_64", "aarch64")
+        assert re.search(r"mold %d ready for the first generation \(imported in [\d.]+s, warmed up in [\d.]+s; %s\)"
+                         % (molds[0], "each worker forked in one step" if one_step else "each worker forked through"),
+                         server.log)
     assert server.stop() == 0, server.log
 
 
