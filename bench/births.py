@@ -2,7 +2,8 @@
 
     python bench/births.py oneshot [--rounds 5] [--seconds 5] [--workers 2] [--connections 8] [--no-pin]
     python bench/births.py boot [--births 20] [--workers 2]
-    python bench/births.py recycling [--rounds 5] [--seconds 10] [--workers 2] [--preload-only]
+    python bench/births.py recycling [--rounds 5] [--seconds 10] [--workers 2] [--preload-only] [--pair]
+                                     [--wall-clock-ms 4000]
     python bench/births.py memory [--rounds 3] [--requests 1000]
     python bench/births.py warmup [--rounds 5] [--seconds 5] [--workers 2] [--connections 8] [--no-pin]
     python bench/births.py picture [--seconds 12] [--workers 2] [--connections 8] [--no-pin]
@@ -24,10 +25,11 @@ line, ``runtime_metrics()["boot_cpu_s"]``): the worker imports the app, the mast
 births each (oneshot servers, one request per birth). Medians.
 
 ``recycling``: four servers at once, 2 workers each: steady (wall clock off),
-recycling (``wall_clock_limit_ms = 4000``) with births as gunicorn's, recycling
-with the mold, and the same with the bench app's warm-up (``BENCH_WARM_UP=1``);
+recycling (``wall_clock_limit_ms = 4000``, ``--wall-clock-ms``) with births as gunicorn's,
+recycling with the mold, and the same with the bench app's warm-up (``BENCH_WARM_UP=1``);
 the medians of recycling / steady req/s and p99; then the same four with
-``--preload``.
+``--preload``. ``--pair``: steady and the mold's recycling only, two servers sharing the
+core instead of four (a birth then weighs on a server with half the core, not a quarter).
 
 ``warmup``: three servers loaded at once: oneshot with the mold, the same with the bench
 app's ``edgesync.warm_up`` function (``BENCH_WARM_UP=1``: ``/hello`` and ``/pid`` passed
@@ -248,7 +250,7 @@ def recycling(a: argparse.Namespace, logdir: Path) -> int:
     """Recycling (wall clock 4 s) / steady, without and with the mold (and its warm-up); then with --preload."""
     cpu: Optional[int] = None if a.no_pin else 0
     client: Optional[int] = None if a.no_pin else 1
-    wall = {**QUIET, "EDGESYNC_WALL_CLOCK_LIMIT_MS": "4000"}
+    wall = {**QUIET, "EDGESYNC_WALL_CLOCK_LIMIT_MS": str(a.wall_clock_ms)}
     variants: List[List[str]] = ([] if a.preload_only else [[]]) + [["--preload"]]
     for preload in variants:
         tag = " --preload" if preload else ""
@@ -260,24 +262,29 @@ def recycling(a: argparse.Namespace, logdir: Path) -> int:
                           args=preload, env={**wall, "EDGESYNC_MOLD": "true"}),
                    Server("recycling-mold-warm-up" + tag.replace(" ", ""), ES, logdir, workers=a.workers, cpu=cpu,
                           args=preload, env={**wall, "EDGESYNC_MOLD": "true", "BENCH_WARM_UP": "1"})]
+        if a.pair:  # steady and the mold's recycling only: each server has half the core, not a quarter
+            servers = [servers[0], servers[2]]
         try:
             for s in servers:
                 s.start()
             loads = [Load(s.name, s, "/hello") for s in servers]
             side_by_side(loads, 1, a.connections, client)  # warm-up
-            rps: List[List[float]] = [[], [], []]
-            p99: List[List[float]] = [[], [], []]
+            rows = len(servers) - 1
+            rps: List[List[float]] = [[] for _ in range(rows)]
+            p99: List[List[float]] = [[] for _ in range(rows)]
             failed = [0] * len(servers)
             for r in range(a.rounds):
                 res = side_by_side(loads, a.seconds, a.connections, client, first=r % len(loads))
                 for i, x in enumerate(res):
                     failed[i] += x.failed
-                for i in (0, 1, 2):
+                for i in range(rows):
                     rps[i].append(res[i + 1].rps / res[0].rps)
                     p99[i].append(res[i + 1].p99 / res[0].p99)
                 print("round %d%s: %s" % (r + 1, tag, " | ".join("%s: %s" % (s.name, x.brief())
                                                                 for s, x in zip(servers, res, strict=True))))
-            for i, name in enumerate(("recycling (no mold)", "recycling (mold)", "recycling (mold + warm_up)")):
+            names = ("recycling (mold)",) if a.pair else ("recycling (no mold)", "recycling (mold)",
+                                                          "recycling (mold + warm_up)")
+            for i, name in enumerate(names):
                 print("median %s / steady%s: req/s %.3fx (%s), p99 %.2fx (%s)"
                       % (name, tag, median(rps[i]), _fmt(rps[i]), median(p99[i]), _fmt(p99[i])))
             print("failed requests%s: %s" % (tag, ", ".join("%s %d" % (s.name, f)
@@ -354,6 +361,10 @@ def main(argv: List[str]) -> int:
     p.add_argument("--requests", type=int, default=1000,
                    help="memory: requests before the reading; perbirth: requests (births) measured")
     p.add_argument("--preload-only", action="store_true", help="recycling: only the --preload servers")
+    p.add_argument("--pair", action="store_true",
+                   help="recycling: only steady and the mold's recycling, two servers at once instead of four")
+    p.add_argument("--wall-clock-ms", type=int, default=4000,
+                   help="recycling: the recycling servers' wall_clock_limit_ms (a worker retires at 20-50%% of it)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, help="seconds of load per round (default 5; picture: 12)")
     p.add_argument("--workers", type=int, default=2)

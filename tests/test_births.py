@@ -230,11 +230,21 @@ def test_no_mold_nor_worker_outlives_a_killed_master(server_factory: Callable[..
     wait_for(lambda: all(_gone(p) for p in [mold, *workers]), 20, "the mold and the workers to end")
 
 
+@pytest.mark.parametrize("os_thread", [False, True], ids=["one fork", "a C library's thread: double fork"])
 def test_the_workers_are_the_masters_children_and_the_mold_is_not_a_worker(
-        server_factory: Callable[..., Server]) -> None:
-    server = server_factory("--workers", "2", app=APP, workers_ready=2, env=MOLD)
+        server_factory: Callable[..., Server], os_thread: bool) -> None:
+    server = server_factory("--workers", "2", app=APP, workers_ready=2,
+                            env={**MOLD, **({"IMPORT_OS_THREAD": "1"} if os_thread else {})})
     [mold] = _mold_pids(server)
     assert server.proc is not None
+    # One fork per worker, or, with a thread that threading does not list (its C library's
+    # pthread_atfork handlers must run), a double fork through an intermediate.
+    if os_thread:
+        assert "each worker forked through an intermediate: probed with more than one thread" in server.log
+        server.signal(signal.SIGTTIN)
+        wait_for(lambda: len(server.worker_pids()) == 3, 20, "the third worker")
+    elif os.uname().machine in ("x86_64", "aarch64"):
+        assert "each worker forked in one step" in server.log
     for pid in [mold, *server.worker_pids()]:
         assert os.stat("/proc/%d" % pid) and _ppid(pid) == server.proc.pid
     assert mold not in server.worker_pids()

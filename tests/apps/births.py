@@ -4,7 +4,8 @@ At import: if ``$CODE_FILE`` is set, the file's text is the code's version (``/v
 answers it), and ``raise`` makes the import fail (a broken deploy). If
 ``$IMPORT_THREAD`` is set, the import starts a thread of that name (as some clients
 and metrics exporters do). If ``$WAIT_UNTIL_AT_IMPORT`` is set, the import calls
-``edgesync.wait_until``.
+``edgesync.wait_until``. If ``$IMPORT_OS_THREAD`` is set, it starts an OS thread that
+``threading`` does not list (as a C library's own pool: OpenBLAS's).
 
 The app uses both birth hooks. At import it opens a "connection" (a socketpair, as
 a database client would open one) that each worker must own: its after-fork
@@ -24,6 +25,7 @@ gunicorn code in between).
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
 import socket
@@ -45,6 +47,8 @@ if os.environ.get("WAIT_UNTIL_AT_IMPORT"):
     edgesync.wait_until(time.sleep, 0)
 if os.environ.get("IMPORT_THREAD"):
     threading.Thread(target=time.sleep, args=(3600,), name=os.environ["IMPORT_THREAD"], daemon=True).start()
+if os.environ.get("IMPORT_OS_THREAD"):
+    _thread.start_new_thread(time.sleep, (3600,))
 
 
 class _Connection:
