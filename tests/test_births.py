@@ -261,6 +261,24 @@ def test_the_workers_are_the_masters_children_and_the_mold_is_not_a_worker(
     assert _gone(mold)
 
 
+def test_usr1_reopens_the_log_files_for_the_workers_the_mold_forks_later(
+        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    # gunicorn's log rotation: rename the file, USR1; every process logs to the new file,
+    # the workers born after it too (the mold opened its files before the rotation).
+    log = tmp_path / "server0" / "gunicorn.log"
+    server = server_factory("--workers", "2", "--error-logfile", str(log), app=APP, workers_ready=2, env=MOLD)
+    rotated = tmp_path / "rotated.log"
+    log.rename(rotated)
+    server.signal(signal.SIGUSR1)
+    wait_for(log.exists, 10, "the master to reopen its log file")
+    server.signal(signal.SIGTTIN)  # (server.log reads the new file from here on)
+    server.wait_for_log(r"Booting worker with pid: \d+", timeout=20)
+    [born] = [int(p) for p in re.findall(r"Booting worker with pid: (\d+)", log.read_text())]
+    assert "Booting worker with pid: %d" % born not in rotated.read_text()
+    server.wait_for_log(r"worker %d: serving" % born)
+    assert server.stop() == 0, server.log
+
+
 def _heartbeats(pid: int) -> Dict[Tuple[int, int], str]:
     """The gunicorn heartbeat files (unlinked ``wgunicorn-*``) process ``pid`` holds open: (dev, inode) -> path."""
     out = {}
