@@ -315,8 +315,9 @@ def picture(a: argparse.Namespace, logdir: Path) -> int:
         runs = [Traced("before", before, "before: each worker imports the app (mold = false)", "tab:red"),
                 Traced("after", after, "after: each worker forked by the generation's mold", "tab:blue")]
         lines = recycling_picture(runs, "/hello", a.seconds, a.connections, client, logdir, PICTURE,
-                                  "Recycling at a 4 s lifetime, %d workers each, both loaded at once (%d connections "
-                                  "each), servers on one core of a 2-core machine" % (a.workers, a.connections))
+                                  "Recycling at wall_clock_limit_ms = 4000, %d workers each, both loaded at once "
+                                  "(%d connections each), servers on one core of a 2-core machine"
+                                  % (a.workers, a.connections))
     finally:
         for s in (before, after):
             s.stop()
