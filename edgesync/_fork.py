@@ -4,9 +4,9 @@ design: a worker the mold forks must be the master's child, for the arbiter to r
 count and signal it. ``os.fork()`` makes it the mold's; the portable way out is a double
 fork (mold -> intermediate -> worker: the intermediate exits at once, and the master, a
 child subreaper, inherits the worker), which costs a second fork of the whole mold and
-the intermediate's exit: 2.0 ms of CPU of the 12.4 ms a oneshot birth cost
-(``bench/births.py perbirth``). Linux's ``clone(2)`` with ``CLONE_PARENT`` gives the child
-the caller's parent in one step.
+the intermediate's exit: 2.1 ms of CPU of the 12.7-13.4 ms a oneshot birth cost
+(``bench/births.py perbirth``; 11.5-12.0 ms without it). Linux's ``clone(2)`` with
+``CLONE_PARENT`` gives the child the caller's parent in one step.
 
 Python has no ``clone``; ``fork_sibling`` makes it what ``os.fork()`` is
 (Modules/posixmodule.c ``os_fork_impl``) for a process that runs one thread:
