@@ -40,6 +40,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import ctypes.util
+import functools
 import gc
 import importlib
 import logging
@@ -305,6 +306,10 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
                     os.close(fd)
                 _send(sock, b"stale:%d" % now)
                 continue
+        # What the process that becomes the worker runs (it never returns).
+        become_worker = functools.partial(_worker_main, arbiter, master, age, None if slot < 0 else slot,
+                                          max_requests, fds[0], (sock, learned))
+
         worker_pid: Optional[int] = None
         if double_fork is None:
             try:
@@ -315,7 +320,7 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
                             os.getpid(), double_fork)
         if worker_pid == 0:  # one fork: the worker, the master's child already
             _name(master_name)
-            _worker_main(arbiter, master, age, None if slot < 0 else slot, max_requests, fds[0], (sock, learned))
+            become_worker()
         intermediate = 0
         if worker_pid is None:
             intermediate = os.fork()
@@ -323,8 +328,7 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
                 _name(master_name)  # before the worker exists: the master never has a worker with the mold's name
                 worker_pid = os.fork()
                 if worker_pid == 0:
-                    _worker_main(arbiter, master, age, None if slot < 0 else slot, max_requests, fds[0],
-                                 (sock, learned))
+                    become_worker()
                 _reply(sock, worker_pid)
                 os._exit(0)
         else:
@@ -493,7 +497,7 @@ def _worker_main(arbiter: Any, master: int, age: int, slot: Optional[int], max_r
         _set_logger_flags(_loggers_before)
     atexit.register(_report_imports)  # edgesync's exit (_exit.leave) runs the atexit callbacks
     deadline = time.monotonic() + REPARENT_TIMEOUT
-    while os.getppid() != master:  # until the intermediate has exited
+    while os.getppid() != master:  # forked through an intermediate: until it has exited
         if time.monotonic() >= deadline:
             os._exit(0)  # the master is gone
         time.sleep(0.0002)
