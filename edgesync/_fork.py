@@ -36,6 +36,7 @@ import ctypes
 import os
 import platform
 import sys
+import threading
 from typing import Any, Optional
 
 CLONE_PARENT = 0x00008000
@@ -71,7 +72,7 @@ def probe() -> Optional[str]:
         libc_version = ""
     if not libc_version.startswith("glibc"):
         return "not glibc"
-    if len(os.listdir("/proc/self/task")) != 1 or os.getpid() != _gettid():
+    if len(os.listdir("/proc/self/task")) != 1 or os.getpid() != threading.get_native_id():
         return "probed with more than one thread running"
     libc = ctypes.CDLL(None)
     libc.pthread_self.restype = ctypes.c_void_p
@@ -111,8 +112,3 @@ def fork_sibling() -> Optional[int]:
         raise OSError(errno, "clone(CLONE_PARENT): %s" % os.strerror(errno))
     return int(pid)
 
-
-def _gettid() -> int:
-    import threading
-
-    return threading.get_native_id()
