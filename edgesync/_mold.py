@@ -247,7 +247,7 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
     if refused is not None:  # raised, or caught by the app: either way its workers must schedule it
         _send(sock, b"wait_until:" + refused.encode())
         os._exit(0)
-    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    others = _other_threads()
     if others:
         names = ", ".join("%s (target %s)" % (t.name, getattr(getattr(t, "_target", None), "__qualname__", "?"))
                           for t in others)
@@ -371,14 +371,14 @@ def _learn(learned: socket.socket, imported_since: Set[str]) -> str:
     for name in sorted(names - sys.modules.keys(), key=lambda n: (n.count("."), n)):
         if len(imported_since) >= LEARN_MAX:
             break
-        if name.partition(".")[0] not in sys.stdlib_module_names or name.partition(".")[0] in _NOT_LEARNED:
+        if not _stdlib_name(name):
             continue
         imported_since.add(name)
         try:
             importlib.import_module(name)
         except Exception:  # this Python lacks it, or it needs what the worker had: the workers import it
             pass
-        others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+        others = _other_threads()
         if others:
             return "importing %s (learned from a worker) started %s" % (name, ", ".join(t.name for t in others))
     global _mold_modules
@@ -405,8 +405,7 @@ def _report_imports() -> None:
 def _stdlib(name: str, module: object) -> bool:
     """Whether ``module`` is the standard library's ``name``: by its name, and by its file (an app's own
     module may take a standard-library name)."""
-    top = name.partition(".")[0]
-    if top not in sys.stdlib_module_names or top in _NOT_LEARNED:
+    if not _stdlib_name(name):
         return False
     path = getattr(module, "__file__", None)
     if not isinstance(path, str):
@@ -414,6 +413,17 @@ def _stdlib(name: str, module: object) -> bool:
     # No realpath here: each code path a worker runs for the first time copies pages. A path
     # through a link the directories below do not name is not learned (the workers import it).
     return path.startswith(_stdlib_dirs()) and "site-packages" not in path.split(os.sep)
+
+
+def _stdlib_name(name: str) -> bool:
+    """Whether ``name`` is a standard-library module's name that may be learned (``_NOT_LEARNED`` may not)."""
+    top = name.partition(".")[0]
+    return top in sys.stdlib_module_names and top not in _NOT_LEARNED
+
+
+def _other_threads() -> List[threading.Thread]:
+    """The Python threads running besides the main one (a mold forks with none)."""
+    return [t for t in threading.enumerate() if t is not threading.main_thread()]
 
 
 def _stdlib_dirs() -> Tuple[str, ...]:
