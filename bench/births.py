@@ -1,6 +1,6 @@
 """Births, measured side by side: what a worker's birth costs the server.
 
-    python bench/births.py oneshot [--rounds 5] [--seconds 5] [--workers 2] [--connections 8] [--no-pin]
+    python bench/births.py oneshot [--rounds 5] [--seconds 5] [--workers 2] [--connections 8] [--pair] [--no-pin]
     python bench/births.py boot [--births 20] [--workers 2]
     python bench/births.py recycling [--rounds 5] [--seconds 10] [--workers 2] [--preload-only] [--pair]
                                      [--wall-clock-ms 4000]
@@ -17,7 +17,8 @@ sleep. Prints per round and the medians of the ratios oneshot / per_worker, mold
 before, mold / mold-with-the-sleep, each server's CPU per request (its master, workers
 and mold: a CPU-bound oneshot server's req/s ratio is about the inverse ratio of
 these), the failed requests (non-2xx and socket errors), and the births each oneshot
-server made.
+server made. ``--pair``: oneshot with the mold and ``per_worker`` only, two servers sharing
+the core instead of four (the issue's own comparison).
 
 ``boot``: the CPU each new worker spent from its fork to serving (its serving
 line, ``runtime_metrics()["boot_cpu_s"]``): the worker imports the app, the master did
@@ -92,20 +93,23 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
     one = {**QUIET, "EDGESYNC_POLICY": "oneshot"}
     mold = {**one, "EDGESYNC_MOLD": "true"}
     servers = [Server("oneshot-mold", ES, logdir, workers=a.workers, env=mold, cpu=cpu),
-               Server("oneshot-before", ES, logdir, workers=a.workers, env={**one, "EDGESYNC_MOLD": "false"}, cpu=cpu,
-                      args=["-c", SLEEP_CONF]),
-               Server("per_worker", ES, logdir, workers=a.workers, env=QUIET, cpu=cpu),
-               Server("oneshot-mold-spawn-sleep", ES, logdir, workers=a.workers, env=mold, cpu=cpu,
-                      args=["-c", SLEEP_CONF])]
+               Server("per_worker", ES, logdir, workers=a.workers, env=QUIET, cpu=cpu)]
+    if not a.pair:
+        servers += [Server("oneshot-before", ES, logdir, workers=a.workers, env={**one, "EDGESYNC_MOLD": "false"},
+                           cpu=cpu, args=["-c", SLEEP_CONF]),
+                    Server("oneshot-mold-spawn-sleep", ES, logdir, workers=a.workers, env=mold, cpu=cpu,
+                           args=["-c", SLEEP_CONF])]
+    ratios = {"oneshot (mold) / per_worker": (0, 1)}
+    if not a.pair:
+        ratios.update({"oneshot (before: no mold, gunicorn's spawn sleep) / per_worker": (2, 1),
+                       "oneshot (mold) / oneshot (before)": (0, 2),
+                       "oneshot (mold) / oneshot (mold, gunicorn's spawn sleep)": (0, 3)})
     try:
         for s in servers:
             s.start()
         loads = [Load(s.name, s, "/hello") for s in servers]
         side_by_side(loads, 1, a.connections, client)  # warm-up
-        vs_pw: List[float] = []
-        before_pw: List[float] = []
-        vs_sleep: List[float] = []
-        no_sleep: List[float] = []
+        seen: Dict[str, List[float]] = {name: [] for name in ratios}
         failed = [0] * len(servers)
         cpu_ms: List[List[float]] = [[] for _ in servers]
         for r in range(a.rounds):
@@ -116,18 +120,12 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
             for i, x in enumerate(res):
                 failed[i] += x.failed
                 cpu_ms[i].append(1000 * (servers[i].cpu_seconds() - cpu_before[i]) / max(1, x.requests))
-            vs_pw.append(res[0].rps / res[2].rps)
-            before_pw.append(res[1].rps / res[2].rps)
-            vs_sleep.append(res[0].rps / res[1].rps if res[1].rps else float("inf"))
-            no_sleep.append(res[0].rps / res[3].rps if res[3].rps else float("inf"))
+            for name, (i, j) in ratios.items():
+                seen[name].append(res[i].rps / res[j].rps if res[j].rps else float("inf"))
             print("round %d: %s" % (r + 1, " | ".join("%s: %s, %d births" % (s.name, x.brief(), n)
                                                       for s, x, n in zip(servers, res, births, strict=True))))
-        print("median oneshot (mold) / per_worker req/s: %.4fx (rounds %s)" % (median(vs_pw), _fmt(vs_pw)))
-        print("median oneshot (before: no mold, gunicorn's spawn sleep) / per_worker req/s: %.4fx (rounds %s)"
-              % (median(before_pw), _fmt(before_pw)))
-        print("median oneshot (mold) / oneshot (before) req/s: %.2fx (rounds %s)" % (median(vs_sleep), _fmt(vs_sleep)))
-        print("median oneshot (mold) / oneshot (mold, gunicorn's spawn sleep) req/s: %.2fx (rounds %s)"
-              % (median(no_sleep), _fmt(no_sleep)))
+        for name, values in seen.items():
+            print("median %s req/s: %.4fx (rounds %s)" % (name, median(values), _fmt(values)))
         print("median server CPU per request (master, workers, mold): %s"
               % ", ".join("%s %.3f ms" % (s.name, median(c)) for s, c in zip(servers, cpu_ms, strict=True)))
         print("failed requests: %s" % ", ".join("%s %d" % (s.name, f) for s, f in zip(servers, failed, strict=True)))
@@ -363,7 +361,8 @@ def main(argv: List[str]) -> int:
                    help="memory: requests before the reading; perbirth: requests (births) measured")
     p.add_argument("--preload-only", action="store_true", help="recycling: only the --preload servers")
     p.add_argument("--pair", action="store_true",
-                   help="recycling: only steady and the mold's recycling, two servers at once instead of four")
+                   help="recycling: only steady and the mold's recycling; oneshot: only oneshot with the mold and "
+                        "per_worker; two servers at once instead of four")
     p.add_argument("--wall-clock-ms", type=int, default=4000,
                    help="recycling: the recycling servers' wall_clock_limit_ms (a worker retires at 20-50%% of it)")
     p.add_argument("--rounds", type=int, default=5)
