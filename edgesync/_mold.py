@@ -233,11 +233,17 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
     global _loggers_before, _loggers_after
     _loggers_before = _logger_flags()
     try:
+        child.rehearse(arbiter.cfg)
+    # why Exception: a request this configuration refuses costs the workers warm code, nothing else.
+    except Exception as exc:
+        arbiter.log.info("edgesync: mold %d: no rehearsed request (%s: %s); each worker warms gunicorn's request "
+                         "code itself", os.getpid(), type(exc).__name__, exc)
+    try:
         started = time.monotonic()
         child.load_app(arbiter)  # the app's import (done already in the master with --preload)
         imported = time.monotonic()
         _births.warm()  # the app's warm-up functions (the master ran them already with --preload)
-        timing = b"ready:%.3f:%.3f" % (imported - started, time.monotonic() - imported)
+        warmed = time.monotonic()
     except BaseException:
         # why BaseException: whatever the import raised, the mold reports it and ends; the master decides.
         if _process.mold_refusal() is None:
@@ -269,7 +275,8 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
     threads_from = ""  # what a learned import started: the next fork request is refused
     # Why workers cannot be forked in one step here (then each goes through an intermediate).
     double_fork = _fork.probe()
-    timing += b":" + (double_fork or "").encode()
+    timing = b"ready:%.3f:%.3f:" % (imported - started, warmed - imported)
+    timing += (double_fork or "").encode()
     gc.collect()
     _mold_modules = frozenset(sys.modules)
     gc.freeze()
@@ -316,7 +323,7 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
                 worker_pid = _fork.fork_sibling()  # None while a C library runs a thread here
             except OSError as exc:  # refused here (a seccomp filter, say): double forks from now on
                 double_fork = "clone(CLONE_PARENT) failed: %s" % exc
-                log.warning("edgesync: mold %d: %s; forking each worker through an intermediate process",
+                arbiter.log.warning("edgesync: mold %d: %s; forking each worker through an intermediate process",
                             os.getpid(), double_fork)
         if worker_pid == 0:  # one fork: the worker, the master's child already
             _name(master_name)

@@ -550,6 +550,67 @@ def test_with_reload_the_workers_import_the_app_themselves(server_factory: Calla
     assert server.stop() == 0, server.log
 
 
+# -- the mold's rehearsal ----------------------------------------------------------------
+
+
+def test_the_rehearsal_answers_its_own_app_and_runs_no_server_hook() -> None:
+    from gunicorn.config import Config
+
+    from edgesync._gunicorn import child
+
+    hooked: List[str] = []
+    cfg = Config()
+    cfg.set("pre_request", lambda worker, req: hooked.append("pre_request"))
+    cfg.set("post_request", lambda worker, req, environ, resp: hooked.append("post_request"))
+    answer = child.rehearse(cfg, times=3)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nok"), answer
+    assert hooked == []
+    cfg.set("limit_request_line", 20)  # shorter than the rehearsal's request line: gunicorn refuses it
+    with pytest.raises(Exception, match=r"Request Line is too large"):
+        child.rehearse(cfg)
+
+
+HOOK_CONF = """
+import os
+def pre_request(worker, req):
+    with open(os.environ["HOOK_FILE"], "a") as f:
+        f.write(req.path + "\\n")
+"""
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["mold", "mold-preload"])
+def test_the_molds_rehearsal_reaches_neither_the_app_nor_the_hooks_and_a_refused_one_only_costs_warmth(
+        server_factory: Callable[..., Server], tmp_path: Path, preload: bool) -> None:
+    conf, hooked = tmp_path / "conf.py", tmp_path / "hooked"
+    conf.write_text(HOOK_CONF)
+    preloading = ["--preload"] if preload else []
+    env = {**MOLD, "HOOK_FILE": str(hooked)}
+    server = server_factory("--workers", "2", "-c", str(conf), *preloading, app=APP, workers_ready=2, env=env)
+    seen: Dict[int, List[str]] = {}
+
+    def both() -> bool:
+        answer = json.loads(server.get("/seen")[1])
+        seen[answer["pid"]] = answer["seen"]
+        return set(seen) >= set(server.worker_pids())
+    wait_for(both, 20, "an answer from every worker")
+    # What the app saw in each worker, and inherited from the mold (the master with
+    # --preload), and what pre_request saw: the warm-up's /pid, the harness's and this
+    # test's requests; never the rehearsal's /edgesync-rehearsal.
+    assert all(set(paths) <= {"/pid", "/seen"} for paths in seen.values()), seen
+    assert set(hooked.read_text().split()) <= {"/pid", "/seen"}
+    assert "no rehearsed request" not in server.log
+    assert server.stop() == 0, server.log
+    # A configuration that refuses the rehearsal's request (its line is 39 bytes): the
+    # mold says so and its workers serve.
+    refused = server_factory("--workers", "2", "--limit-request-line", "36", *preloading, app=APP,
+                             workers_ready=2, env=MOLD)
+    refused.wait_for_log(r"edgesync: mold \d+: no rehearsed request \(LimitRequestLine: Request Line is too "
+                         r"large \(39 > 36\)\); each worker warms gunicorn's request code itself")
+    assert "each worker forked" in refused.log  # the generation is ready all the same
+    assert refused.get("/pid")[0] == 200
+    assert refused.stop() == 0, refused.log
+
+
 # -- the app's birth hooks: warm_up and after_fork ------------------------------------
 
 

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List
 
-from gunicorn import sock, util
+from gunicorn import http, sock, util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 from gunicorn.errors import AppImportError
@@ -69,13 +69,15 @@ KNOWN: Dict[str, str] = {  # gunicorn 27.0.1
     "util._setproctitle": "565a467c3e87360c",
     "util.import_app": "a4d34dd3c36cb4f0",
     "wsgi.default_environ": "b7e18b84d829cb5a",
+    "http.get_parser": "b7d8dcde91e20db4",
+    "wsgi.create": "2c35d4a2dc629ede",
     "ThreadWorker.handle_http2_request": "ab456fbbca0edd89",
     "HTTP2Response.__init__": "7ff22bf8c96f1def",
     "HTTP2ServerConnection.send_response": "5d0ce1b0456e5647",
 }
 OWNERS: Dict[str, Any] = {"Arbiter": Arbiter, "BaseApplication": BaseApplication, "ThreadWorker": gthread.ThreadWorker,
                           "LengthReader": LengthReader, "Worker": base.Worker, "WorkerTmp": workertmp.WorkerTmp,
-                          "util": util, "wsgi": wsgi, "HTTP2Response": HTTP2Response,
+                          "util": util, "wsgi": wsgi, "http": http, "HTTP2Response": HTTP2Response,
                           "HTTP2ServerConnection": HTTP2ServerConnection}
 
 

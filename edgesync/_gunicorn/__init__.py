@@ -15,7 +15,7 @@ and ``http`` do not either): ``worker``, ``arbiter`` and ``child`` do.
   ``spawn_workers``, ``manage_workers``, ``reap_workers``, ``kill_worker``), installed
   from ``Worker.check_config``.
 - ``child``: the mold's process and the workers it forks, as gunicorn's ``spawn_worker``
-  makes them.
+  makes them, and the request the mold rehearses for them.
 - ``roles``: which gunicorn process this is (the master edgesync patched, or the
   main thread's stack).
 - ``http``: a request's connection, as gunicorn gives it, for answering it from
@@ -72,6 +72,8 @@ against the edgesync code the entry names, then update the hash.
 - ``util.import_app``: an ``app_uri`` imported for a durable task (``import_app`` below).
 - ``wsgi.default_environ``: the client's socket in the environ as ``gunicorn.socket``
   (``http.client_socket``).
+- ``http.get_parser``, ``wsgi.create``: a request parsed from a socket and its environ and
+  ``Response`` built, with no server hook called (``child.rehearse``, in the mold).
 - ``ThreadWorker.handle_http2_request``: ``HTTP_VERSION`` is ``"2"`` in the environ, and
   ``start_response`` is bound to an ``HTTP2Response`` (``http.http2``).
 - ``HTTP2Response.__init__``: the response keeps ``h2_conn`` and ``stream_id``

@@ -15,14 +15,25 @@ import signal
 import socket
 import sys
 import traceback
-from typing import Any, NoReturn
+from typing import Any, List, NoReturn
 
+from gunicorn import http as ghttp
 from gunicorn import sock as gsock
 from gunicorn import util
 from gunicorn.errors import AppImportError
+from gunicorn.http import wsgi as gwsgi
 from gunicorn.workers import base, workertmp
 
 from .. import _exit
+from .._invocation import Tracker
+from .._wsgi import Boundary
+
+#: How many requests a mold rehearses. CPython specializes a function's bytecode in
+#: place once it has run a few times (3.11: after 8 calls); the rehearsals take every
+#: function of the request path past that in the mold, so no worker does it again.
+REHEARSALS = 20
+_REHEARSAL = (b"GET /edgesync-rehearsal?mold=1 HTTP/1.1\r\nHost: localhost\r\nUser-Agent: edgesync-mold\r\n"
+              b"Accept: */*\r\n\r\n")
 
 
 def become_mold(arbiter: Any) -> None:
@@ -40,6 +51,50 @@ def become_mold(arbiter: Any) -> None:
 def load_app(arbiter: Any) -> None:
     """The app's import, as ``--preload`` does it in the master (``Worker.load_wsgi`` then reuses it)."""
     arbiter.app.wsgi()
+
+
+def rehearse(cfg: Any, times: int = REHEARSALS) -> bytes:
+    """In a mold, before the app's import: pass ``times`` requests through the code of a worker's first request.
+
+    That code (gunicorn's HTTP/1.1 parser, its environ and its response, and edgesync's
+    boundary) never ran in the mold: each worker would specialize it (CPython rewrites
+    a function's bytecode in place once it has run a few times) and fill the caches it
+    uses, writing to pages it shares with the mold, which copies them. Rehearsed here,
+    once a generation, every worker starts with it warm (docs/births.md has the
+    figures). Before the import, so that the import's own allocations fill the memory
+    the rehearsal freed: freed blocks left between the app's objects would be filled
+    by each worker instead, each one a page it copies.
+
+    The requests go over a socketpair to a WSGI app of this function's own, never to
+    the user's, and no server hook runs (``pre_request`` and ``post_request`` are
+    called by gthread's ``handle_request``, which does not run here): nothing outside
+    this process sees them. Returns the last response's bytes. Raises what gunicorn
+    raises for a request this configuration refuses (a ``limit_request_line`` too
+    short for it, say): the caller goes on without the rehearsal.
+    """
+
+    def app(environ: Any, start_response: Any) -> List[bytes]:
+        environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    boundary = Boundary(app, Tracker(), os.getpid())
+    client, server = socket.socketpair()
+    peer, local = ("127.0.0.1", 1), ("127.0.0.1", 2)
+    answer = b""
+    try:
+        for _ in range(times):
+            client.sendall(_REHEARSAL)
+            req = next(ghttp.get_parser(cfg, server, peer))
+            resp, environ = gwsgi.create(req, server, peer, local, cfg)
+            for chunk in boundary(environ, resp.start_response):
+                resp.write(chunk)
+            resp.close()
+            answer = client.recv(65536)
+    finally:
+        client.close()
+        server.close()
+    return answer
 
 
 class _Heartbeat(workertmp.WorkerTmp):  # type: ignore[misc]  # gunicorn is untyped

@@ -32,7 +32,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable
+from typing import Any, Callable, Dict, Iterable, List
 
 import edgesync
 
@@ -90,8 +90,14 @@ def _exit_later(code: int, delay: float) -> None:
     os._exit(code)
 
 
+SEEN: List[str] = []  # every path this module's app was called with, in this process and its forker
+
+
 def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     path = environ["PATH_INFO"]
+    SEEN.append(path)
+    if path == "/seen":
+        return text(start_response, json.dumps({"pid": os.getpid(), "seen": SEEN}))
     if path == "/hooks":
         return text(start_response, json.dumps({
             "pid": os.getpid(), "connection_opened_in": CONNECTION.opened_in, "warmed_by": WARMED["by"],
