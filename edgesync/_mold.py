@@ -243,7 +243,7 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
         child.load_app(arbiter)  # the app's import (done already in the master with --preload)
         imported = time.monotonic()
         _births.warm()  # the app's warm-up functions (the master ran them already with --preload)
-        warmed = time.monotonic()
+        timing = b"ready:%.3f:%.3f" % (imported - started, time.monotonic() - imported)
     except BaseException:
         # why BaseException: whatever the import raised, the mold reports it and ends; the master decides.
         if _process.mold_refusal() is None:
@@ -275,8 +275,7 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
     threads_from = ""  # what a learned import started: the next fork request is refused
     # Why workers cannot be forked in one step here (then each goes through an intermediate).
     double_fork = _fork.probe()
-    timing = b"ready:%.3f:%.3f:" % (imported - started, warmed - imported)
-    timing += (double_fork or "").encode()
+    timing += b":" + (double_fork or "").encode()
     gc.collect()
     _mold_modules = frozenset(sys.modules)
     gc.freeze()

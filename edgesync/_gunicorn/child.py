@@ -35,12 +35,10 @@ REHEARSALS = 20
 #: The shapes a worker's first requests take, each rehearsed REHEARSALS times: a GET whose
 #: connection is kept alive, the same answered with "Connection: close" (every response
 #: of a oneshot instance, or of a worker past max_requests), a POST with a body.
-_REHEARSALS = ((b"GET /edgesync-rehearsal?mold=1 HTTP/1.1\r\nHost: localhost\r\nUser-Agent: edgesync-mold\r\n"
-                b"Accept: */*\r\n\r\n", False),
-               (b"GET /edgesync-rehearsal?mold=1 HTTP/1.1\r\nHost: localhost\r\nUser-Agent: edgesync-mold\r\n"
-                b"Accept: */*\r\n\r\n", True),
-               (b"POST /edgesync-rehearsal HTTP/1.1\r\nHost: localhost\r\nUser-Agent: edgesync-mold\r\n"
-                b"Content-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"mold\": 1}", False))
+_GET = b"GET /edgesync-rehearsal?mold=1 HTTP/1.1\r\nHost: localhost\r\nUser-Agent: edgesync-mold\r\nAccept: */*\r\n\r\n"
+_POST = (b"POST /edgesync-rehearsal HTTP/1.1\r\nHost: localhost\r\nUser-Agent: edgesync-mold\r\n"
+         b"Content-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"mold\": 1}")
+_REHEARSALS = ((_GET, False), (_GET, True), (_POST, False))
 
 
 def become_mold(arbiter: Any) -> None:
@@ -61,24 +59,25 @@ def load_app(arbiter: Any) -> None:
 
 
 def rehearse(cfg: Any, times: int = REHEARSALS) -> bytes:
-    """In a mold, before the app's import: pass requests through the code of a worker's first ones.
+    """In a mold: pass requests of its own through the code of a worker's first requests.
 
     That code (gunicorn's HTTP/1.1 parser, its environ and its response, and edgesync's
     boundary) never ran in the mold: each worker would specialize it (CPython rewrites
     a function's bytecode in place once it has run a few times) and fill the caches it
     uses, writing to pages it shares with the mold, which copies them. Rehearsed here,
     once a generation, every worker starts with it warm (docs/births.md has the
-    figures). Before the import, so that the import's own allocations fill the memory
-    the rehearsal freed: freed blocks left between the app's objects would be filled
-    by each worker instead, each one a page it copies.
+    figures). The mold rehearses before it imports the app, so that the import's own
+    allocations fill the memory the rehearsal freed (freed blocks left between the
+    app's objects would be filled by each worker instead, each one a page it copies);
+    with ``--preload`` the master imported it already.
 
     The requests go over a socketpair to a WSGI app of this function's own, never to
     the user's, and no server hook runs (``pre_request`` and ``post_request`` are
     called by gthread's ``handle_request``, which does not run here): nothing outside
     this process sees them. Each shape of ``_REHEARSALS`` goes ``times`` times (60
-    requests, about 5 ms, by default). Returns the last response's bytes. Raises what gunicorn
-    raises for a request this configuration refuses (a ``limit_request_line`` too
-    short for it, say): the caller goes on without the rehearsal.
+    requests, about 5 ms, by default). Returns the last response's bytes. Raises what
+    gunicorn raises for a request this configuration refuses (a ``limit_request_line``
+    too short for it, say): the caller goes on without the rehearsal.
     """
 
     def app(environ: Any, start_response: Any) -> List[bytes]:
