@@ -321,9 +321,9 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
             try:
                 worker_pid = _fork.fork_sibling()  # None while a C library runs a thread here
             except OSError as exc:  # refused here (a seccomp filter, say): double forks from now on
-                double_fork = "clone(CLONE_PARENT) failed: %s" % exc
+                double_fork = str(exc.strerror or exc)  # "clone(CLONE_PARENT): <why>"
                 arbiter.log.warning("edgesync: mold %d: %s; forking each worker through an intermediate process",
-                            os.getpid(), double_fork)
+                                    os.getpid(), double_fork)
         if worker_pid == 0:  # one fork: the worker, the master's child already
             _name(master_name)
             become_worker()

@@ -425,6 +425,56 @@ def post_fork(server, worker):
 '''
 
 
+SECCOMP_CONF = """
+import ctypes, os
+# A seccomp filter on the master, inherited by the mold: clone() with CLONE_PARENT fails
+# with EPERM, as a container runtime's filter may make it; every other call is allowed.
+ARCH, NR = {"x86_64": (0xC000003E, 56), "aarch64": (0xC00000B7, 220)}[os.uname().machine]
+
+class Insn(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
+
+def on_starting(server):
+    program = (Insn * 8)(
+        Insn(0x20, 0, 0, 4),          # the architecture
+        Insn(0x15, 0, 4, ARCH),       # another one: allow
+        Insn(0x20, 0, 0, 0),          # the system call's number
+        Insn(0x15, 0, 2, NR),         # not clone: allow
+        Insn(0x20, 0, 0, 16),         # its flags (low 32 bits)
+        Insn(0x45, 1, 0, 0x8000),     # CLONE_PARENT: refuse
+        Insn(0x06, 0, 0, 0x7FFF0000), # SECCOMP_RET_ALLOW
+        Insn(0x06, 0, 0, 0x00050001)) # SECCOMP_RET_ERRNO | EPERM
+    prog = Prog(len(program), program)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) or libc.prctl(22, 2, ctypes.byref(prog), 0, 0):  # NO_NEW_PRIVS, SECCOMP
+        raise OSError(ctypes.get_errno(), "seccomp")
+"""
+
+
+@pytest.mark.skipif(not _one_fork_here(), reason="the mold forks in one step only on Linux x86_64/aarch64 with glibc")
+def test_a_mold_refused_clone_parent_says_so_in_the_error_log_and_double_forks(
+        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    conf = tmp_path / "conf.py"
+    conf.write_text(SECCOMP_CONF)
+    server = server_factory("--workers", "2", "-c", str(conf), app=APP, workers_ready=2, env=MOLD)
+    # gunicorn's error log format: the warning went through the master's logger, not
+    # Python's last-resort handler on stderr (which prints the bare message).
+    pattern = (r"\[WARNING\] edgesync: mold (\d+): clone\(CLONE_PARENT\): Operation not permitted; "
+               r"forking each worker through an intermediate process")
+    server.wait_for_log(pattern)
+    server.signal(signal.SIGTTIN)
+    wait_for(lambda: len(server.worker_pids()) == 3, 20, "the third worker")
+    assert server.proc is not None
+    for pid in server.worker_pids():
+        assert _ppid(pid) == server.proc.pid  # through an intermediate, still the master's children
+    assert len(re.findall(pattern, server.log)) == 1, server.log  # once, not at every birth
+    assert server.get("/pid")[0] == 200
+    assert server.stop() == 0, server.log
+
+
 @pytest.mark.slow
 def test_a_worker_killed_while_the_mold_forks_it_is_replaced(server_factory: Callable[..., Server],
                                                                tmp_path: Path) -> None:
