@@ -57,7 +57,8 @@ from typing import Any, Callable, Dict, FrozenSet, List, NoReturn, Optional, Set
 
 from . import _fork
 
-log = logging.getLogger("edgesync")
+# The mold and a worker it forks, until gunicorn's init_process, log through the arbiter's
+# logger (arbiter.log): the edgesync logger has no handler there (Worker._attach_logging).
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -523,7 +524,7 @@ def _worker_main(arbiter: Any, master: int, age: int, slot: Optional[int], max_r
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
         worker = child.new_worker(arbiter, master, age, max_requests, heartbeat_fd)
     except BaseException:
-        log.exception("edgesync: a worker forked by the mold could not be set up")
+        arbiter.log.exception("edgesync: a worker forked by the mold could not be set up")
         os._exit(1)
     child.run_worker(arbiter, worker)
 

@@ -425,6 +425,23 @@ def post_fork(server, worker):
 '''
 
 
+def test_a_molds_worker_that_cannot_be_built_says_why_in_the_error_log(server_factory: Callable[..., Server],
+                                                                       tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    server = server_factory("--workers", "1", "-k", "tests.apps.broken_worker.BrokenWorker", app=APP,
+                            env={**MOLD, "BROKEN_WORKER_FILE": str(broken)})
+    broken.touch()
+    server.signal(signal.SIGTTIN)
+    # In gunicorn's error log, with its traceback: not Python's last-resort handler on
+    # stderr (the edgesync logger has no handler before the worker is set up).
+    server.wait_for_log(r"\[ERROR\] edgesync: a worker forked by the mold could not be set up")
+    assert "RuntimeError: this worker cannot be built" in server.log
+    broken.unlink()
+    wait_for(lambda: len(server.worker_pids()) == 2, 20, "the second worker, once it can be built")
+    assert server.get("/pid")[0] == 200
+    assert server.stop() == 0, server.log
+
+
 SECCOMP_CONF = """
 import ctypes, os
 # A seccomp filter on the master, inherited by the mold: clone() with CLONE_PARENT fails
