@@ -94,13 +94,12 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
     mold = {**one, "EDGESYNC_MOLD": "true"}
     servers = [Server("oneshot-mold", ES, logdir, workers=a.workers, env=mold, cpu=cpu),
                Server("per_worker", ES, logdir, workers=a.workers, env=QUIET, cpu=cpu)]
+    ratios = {"oneshot (mold) / per_worker": (0, 1)}  # name -> indices of its two servers
     if not a.pair:
         servers += [Server("oneshot-before", ES, logdir, workers=a.workers, env={**one, "EDGESYNC_MOLD": "false"},
                            cpu=cpu, args=["-c", SLEEP_CONF]),
                     Server("oneshot-mold-spawn-sleep", ES, logdir, workers=a.workers, env=mold, cpu=cpu,
                            args=["-c", SLEEP_CONF])]
-    ratios = {"oneshot (mold) / per_worker": (0, 1)}
-    if not a.pair:
         ratios.update({"oneshot (before: no mold, gunicorn's spawn sleep) / per_worker": (2, 1),
                        "oneshot (mold) / oneshot (before)": (0, 2),
                        "oneshot (mold) / oneshot (mold, gunicorn's spawn sleep)": (0, 3)})
