@@ -19,7 +19,7 @@ import time
 import types
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 
@@ -653,13 +653,7 @@ def test_the_molds_rehearsal_reaches_neither_the_app_nor_the_hooks_and_a_refused
     preloading = ["--preload"] if preload else []
     env = {**MOLD, "HOOK_FILE": str(hooked)}
     server = server_factory("--workers", "2", "-c", str(conf), *preloading, app=APP, workers_ready=2, env=env)
-    seen: Dict[int, List[str]] = {}
-
-    def both() -> bool:
-        answer = json.loads(server.get("/seen")[1])
-        seen[answer["pid"]] = answer["seen"]
-        return set(seen) >= set(server.worker_pids())
-    wait_for(both, 20, "an answer from every worker")
+    seen = {pid: answer["seen"] for pid, answer in _every_workers_answer(server, "/seen").items()}
     # What the app saw in each worker, and inherited from the mold (the master with
     # --preload), and what pre_request saw: the warm-up's /pid, the harness's and this
     # test's requests; never the rehearsal's /edgesync-rehearsal.
@@ -697,14 +691,15 @@ def test_the_birth_hooks_run_nothing_outside_gunicorn_and_refuse_what_they_canno
         edgesync.after_fork("x")  # type: ignore[type-var]
 
 
-def _hooks_of_every_worker(server: Server) -> Dict[int, Dict[str, object]]:
-    seen: Dict[int, Dict[str, object]] = {}
+def _every_workers_answer(server: Server, path: str) -> Dict[int, Dict[str, Any]]:
+    """The JSON each live worker answers on ``path`` (which names its ``pid``), by pid."""
+    seen: Dict[int, Dict[str, Any]] = {}
 
-    def both() -> bool:
-        answer = json.loads(server.get("/hooks")[1])
+    def all_of_them() -> bool:
+        answer = json.loads(server.get(path)[1])
         seen[answer["pid"]] = answer
         return set(seen) >= set(server.worker_pids())
-    wait_for(both, 20, "an answer from every worker")
+    wait_for(all_of_them, 20, "an answer from every worker")
     return seen
 
 
@@ -717,7 +712,7 @@ def test_the_warm_up_runs_once_where_the_app_was_imported_and_after_fork_in_each
     assert server.proc is not None
     molds = _mold_pids(server)
     assert len(molds) == (1 if mold == "true" else 0)
-    for pid, hooks in _hooks_of_every_worker(server).items():
+    for pid, hooks in _every_workers_answer(server, "/hooks").items():
         # What the import opened was reopened in the worker by its after-fork function.
         assert hooks["connection_opened_in"] == pid, hooks
         # The warm-up ran once, in the process that imported the app, and its request went through the app.
@@ -743,13 +738,13 @@ def test_a_new_generation_whose_warm_up_raises_is_refused(server_factory: Callab
     server.wait_for_log(r"the new code's mold could not import the app .*this generation is refused")
     wait_for(lambda: len(re.findall(r"Booting worker with pid", server.log)) >= 4, 20, "the HUP's workers")
     # The HUP's workers come from the first generation's mold, warmed by it.
-    assert {h["warmed_by"] for h in _hooks_of_every_worker(server).values()} == {first}
+    assert {h["warmed_by"] for h in _every_workers_answer(server, "/hooks").values()} == {first}
     assert server.log.count("RuntimeError: the warm-up fails on purpose") == 1, server.log
     fail.unlink()
     server.signal(signal.SIGHUP)
     server.wait_for_log(r"edgesync: mold \d+ ready for a new generation")
     second = _mold_pids(server)[-1]
-    wait_for(lambda: {h["warmed_by"] for h in _hooks_of_every_worker(server).values()} == {second}, 20,
+    wait_for(lambda: {h["warmed_by"] for h in _every_workers_answer(server, "/hooks").values()} == {second}, 20,
              "the second generation to serve")
     assert server.exited() is None and "Worker failed to boot" not in server.log
     assert server.stop() == 0, server.log
