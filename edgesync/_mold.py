@@ -600,8 +600,11 @@ class Molds:
                         "\n%s", kind, detail)
         return cur
 
-    def fork(self, worker: Any, slot: Optional[int]) -> Optional[int]:
-        """Fork ``worker`` from the current generation's mold; None if no mold could (gunicorn's birth then)."""
+    def fork(self, worker: Any, slot: Optional[int], refork: Callable[[], object]) -> Optional[int]:
+        """Fork ``worker`` from the current generation's mold; None if no mold could (gunicorn's birth then).
+
+        ``refork`` runs before ``worker`` is forked again after a mold died on the way (it may have forked
+        one already, which the master never hears of: ``_recycle.stranger``)."""
         mold = self.get()
         for _ in range(3):
             if mold is None:
@@ -615,6 +618,7 @@ class Molds:
                 return None
             if reply is None:
                 self.lost(mold)
+                refork()
                 mold = self.get()
             else:
                 mold = self._renew(mold, int(reply))

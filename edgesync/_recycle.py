@@ -14,7 +14,7 @@ inherited by every worker.
 Rule: the seats a record can be in (booting, serving, retiring, released), their
 transitions and who makes each are ``_lifecycle``'s (``Seat``,
 ``SEAT_TRANSITIONS``, ``SEAT_CODES``); this module only stores them. Each field
-of a record has one writer: the master writes ``token``, the BOOTING and FREE
+of a record has one writer: the master writes ``token``, ``owner``, the BOOTING and FREE
 codes of ``state`` (before the fork, and after the reap) and ``released``; the
 worker writes the SERVING and RETIRING codes of ``state`` and its times. So no
 lock is needed, and a worker that dies mid-write blocks nobody.
@@ -64,6 +64,7 @@ class _Record(ctypes.Structure):
         ("ready", ctypes.c_double),  # time.monotonic() the worker started serving
         ("forked", ctypes.c_double),  # time.monotonic() just before the fork (the master's)
         ("retire_at", ctypes.c_double),  # time.monotonic() the worker plans to retire on its age; 0: none
+        ("owner", ctypes.c_int32),  # the pid the master recorded in WORKERS for this record; 0: none yet
         # The worker's own figures, for edgesync.server_metrics() (written by the worker,
         # at each heartbeat; read by any worker).
         ("pid", ctypes.c_int32),
@@ -106,11 +107,9 @@ class Table:
                 self.spawned += 1
                 rec = self.records[i]
                 rec.token = self.spawned
-                rec.announced = rec.ready = rec.published = rec.retire_at = 0.0
+                rec.owner = 0
                 rec.forked = time.monotonic()
-                rec.pid = rec.pending = 0
-                rec.requests = rec.completed = rec.failed = rec.cancelled = 0
-                _put(rec, Seat.BOOTING)
+                _clear(rec)
                 return i
         if not self.full_warned:
             self.full_warned = True
@@ -119,9 +118,16 @@ class Table:
         return None
 
     def assign(self, pid: int, slot: Optional[int]) -> None:
-        """The worker forked with record ``slot`` has ``pid``."""
+        """The worker forked with record ``slot`` has ``pid`` (the arbiter has it in ``WORKERS`` now)."""
         if slot is not None:
             self.slot_of[pid] = slot
+            self.records[slot].owner = pid
+
+    def refork(self, slot: Optional[int]) -> None:
+        """The worker about to be forked for ``slot`` again (its mold died on the way): what a first one
+        wrote there, before the master recorded its replacement's pid, goes (``stranger``)."""
+        if slot is not None:
+            _clear(self.records[slot])
 
     def free(self, slot: int) -> None:
         rec = self.records[slot]
@@ -179,6 +185,14 @@ def _seat(rec: _Record) -> Optional[Seat]:
     return seat_of(int(rec.state), int(rec.released))
 
 
+def _clear(rec: _Record) -> None:
+    """The master's reset of what a worker writes, before a fork: BOOTING, no times, no figures."""
+    rec.announced = rec.ready = rec.published = rec.retire_at = 0.0
+    rec.pid = rec.pending = 0
+    rec.requests = rec.completed = rec.failed = rec.cancelled = 0
+    _put(rec, Seat.BOOTING)
+
+
 def _put(rec: _Record, seat: Seat) -> None:
     """The master's reset of a record no live worker holds (a claim, a free): both fields."""
     rec.state, rec.released = SEAT_CODES[seat]
@@ -208,11 +222,13 @@ def share(table: Table) -> None:
 
 
 def _record() -> Optional[_Record]:
-    """This worker's own record, if it has one and its master is its parent."""
+    """This worker's own record, if it has one, its master is its parent, and the master recorded no other
+    pid for it (``stranger``)."""
     m = _master
     if m is None or _own is None or m.in_master() or os.getppid() != m.pid:
         return None
-    return m.records[_own]
+    rec = m.records[_own]
+    return rec if rec.owner in (0, os.getpid()) else None
 
 
 def _wake_master() -> None:
@@ -241,6 +257,23 @@ def ready() -> None:
     rec.ready = time.monotonic()
     _move(rec, Seat.SERVING, WORKER)
     _wake_master()
+
+
+def stranger() -> Optional[int]:
+    """In a worker: the pid its master recorded for its record instead of this one, or None.
+
+    A mold that dies between forking a worker and telling the master its pid leaves
+    that worker running as the master's child, but missing from ``WORKERS``: nothing
+    counts it, times it out or stops it, and the master forks a replacement for the
+    same record (``Table.refork``), whose pid it records there. From then on the
+    record is the replacement's (``_record`` is None here), and the worker retires
+    at its next heartbeat, when it asks this.
+    """
+    m = _master
+    if m is None or _own is None or m.in_master() or os.getppid() != m.pid:
+        return None
+    owner = int(m.records[_own].owner)
+    return None if owner in (0, os.getpid()) else owner
 
 
 def boot_seconds() -> Optional[float]:

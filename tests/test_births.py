@@ -8,6 +8,7 @@ server lives and replaces it.
 
 from __future__ import annotations
 
+import ctypes
 import http.client
 import json
 import os
@@ -212,6 +213,74 @@ def test_a_killed_mold_is_replaced_and_the_workers_serve_on(server_factory: Call
     finally:
         load.stop()
     assert load.errors == [], load.errors
+    assert server.stop() == 0, server.log
+
+
+class _KillAfterFork:
+    """Traces a mold (ptrace, as a debugger does) and SIGKILLs it right after it forks a worker: the worker
+    lives, the mold never tells the master its pid. The window a real crash (OOM, SIGKILL) has to hit."""
+
+    SEIZE, CONT, DETACH, GETEVENTMSG = 0x4206, 7, 17, 0x4201
+    TRACEFORK, TRACEVFORK, TRACECLONE = 0x02, 0x04, 0x08
+    WALL = 0x40000000
+
+    def __init__(self, mold: int):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+        self.libc.ptrace.restype = ctypes.c_long
+        self.mold = mold
+        self._ptrace(self.SEIZE, mold, self.TRACEFORK | self.TRACEVFORK | self.TRACECLONE)
+
+    def _ptrace(self, request: int, pid: int, data: Any = None) -> None:
+        if self.libc.ptrace(request, pid, None, data) != 0:
+            raise OSError(ctypes.get_errno(), "ptrace(%#x, %d)" % (request, pid))
+
+    def worker(self) -> int:
+        """Wait for the mold's next fork, kill it, let the new process run; its pid."""
+        while True:
+            _, status = os.waitpid(self.mold, self.WALL)
+            assert os.WIFSTOPPED(status), "the mold ended before it forked (status %#x)" % status
+            if status >> 16:  # a fork (or clone) event: the new process exists
+                break
+            self._ptrace(self.CONT, self.mold, os.WSTOPSIG(status))  # a signal on its way to the mold
+        child = ctypes.c_ulong()
+        self._ptrace(self.GETEVENTMSG, self.mold, ctypes.addressof(child))
+        os.kill(self.mold, signal.SIGKILL)
+        os.waitpid(self.mold, self.WALL)  # its exit, which the master reaps after us
+        os.waitpid(child.value, self.WALL)  # the new process's first stop (traced from birth)
+        self._ptrace(self.DETACH, child.value)
+        return child.value
+
+
+@pytest.mark.slow
+def test_a_worker_whose_mold_dies_before_naming_it_retires(server_factory: Callable[..., Server]) -> None:
+    # The master never hears its pid, forks the same worker again from a new mold, and records that
+    # one: the first must not serve on uncounted (nothing would time it out or stop it before the
+    # master exits), nor write in the replacement's record.
+    server = server_factory("--workers", "2", app=APP, workers_ready=2, env=MOLD)
+    [mold] = _mold_pids(server)
+    catcher = _KillAfterFork(mold)
+    load = _Load(server)
+    try:
+        server.signal(signal.SIGTTIN)
+        stranger = catcher.worker()
+        server.wait_for_log(r"edgesync: mold %d is gone; starting another" % mold)
+        server.wait_for_log(r"worker %d: the master does not know this worker \(it recorded pid (\d+) in its place"
+                            % stranger)
+        replacement = int(re.findall(r"worker %d: the master does not know this worker \(it recorded pid (\d+)"
+                                     % stranger, server.log)[0])
+        server.wait_for_log(r"worker %d: retiring \(reason=unregistered\)" % stranger)
+        wait_for(lambda: _gone(stranger), 20, "the unregistered worker to exit")
+        assert replacement in server.worker_pids() and len(server.worker_pids()) == 3
+        assert server.proc is not None and _ppid(replacement) == server.proc.pid
+        seen = load.answered()
+        wait_for(lambda: load.answered() >= seen + 20, 20, "answers after the stranger left")
+        metrics = server.get_json("/server_metrics")
+    finally:
+        load.stop()
+    assert load.errors == [], load.errors
+    assert stranger not in {w["pid"] for w in metrics["workers"]}, metrics  # the replacement's record is its own
+    assert server.exited() is None
     assert server.stop() == 0, server.log
 
 

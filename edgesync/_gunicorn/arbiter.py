@@ -20,6 +20,7 @@ into every forked worker. gunicorn's own code still decides everything else.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import signal
@@ -146,8 +147,10 @@ class Master:
                                       arbiter.timeout / 2.0, arbiter.cfg, arbiter.log)
         with self._retirees_shown():
             arbiter.cfg.pre_fork(arbiter, worker)
-            pid = self.molds.fork(worker, slot)
+            refork = functools.partial(self.table.refork, slot)
+            pid = self.molds.fork(worker, slot, refork)
             if pid is None:
+                refork()
                 pid = self._fork_here(worker, slot)
         worker.pid = pid
         arbiter.WORKERS[pid] = worker

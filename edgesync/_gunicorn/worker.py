@@ -369,12 +369,12 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
                  rt.pid, st.policy, st.wall_clock_limit_ms, st.cpu_soft_limit_ms, st.cpu_hard_limit_ms,
                  st.memory_limit_mb, (rt.rss_baseline or 0) / 2**20, st.request_idle_timeout_ms,
                  st.background_threads, boot, round((rt.boot_cpu or 0.0) * 1000))
-        parent_alive = self._serve()
+        left = self._serve()
         self.poll()
         if rt.lifecycle.serving:
             # gunicorn's handle_request turned `alive` off after max_requests, or the
-            # master went away.
-            rt.retire("max_requests" if parent_alive else "parent_exited")
+            # master went away, or never knew this worker.
+            rt.retire(left or "max_requests")
         plan, _abandoned = drain(rt, self)
         self._close()
         if rt.lifecycle.cause is Trigger.QUICK:
@@ -382,8 +382,8 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         if plan.exit_status:
             raise SystemExit(plan.exit_status)
 
-    def _serve(self) -> bool:
-        """Serve until asked to stop; False if the master went away.
+    def _serve(self) -> Optional[str]:
+        """Serve until asked to stop; the reason to retire if the master went away or does not know this worker.
 
         Mirrors gthread.ThreadWorker.run's serving loop (gthread.py 406-441), except
         that a worker that is no longer serving takes no connections, one takes a
@@ -398,10 +398,23 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
             beat_due = self.heartbeat()
             self.set_accept_enabled(self._can_accept())
             self.wait_for_and_dispatch_events(timeout=self._beat)
-            if beat_due and not self.is_parent_alive():
-                return False
+            if beat_due:
+                if not self.is_parent_alive():
+                    return "parent_exited"
+                if self._stranger():
+                    return "unregistered"
             self.murder_keepalived()
             self.murder_pending()
+        return None
+
+    def _stranger(self) -> bool:
+        """Whether the master recorded another pid for this worker (``_recycle.stranger``): its mold died
+        before saying which pid it forked, and the master forked a replacement."""
+        owner = _recycle.stranger()
+        if owner is None:
+            return False
+        log.warning("worker %d: the master does not know this worker (it recorded pid %d in its place: the mold "
+                    "that forked it ended before saying so); retiring", self.pid, owner)
         return True
 
     def _can_accept(self) -> bool:

@@ -110,6 +110,8 @@ def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         return text(start_response, "%s %d" % (VERSION, os.getpid()))
     if path == "/pid":
         return text(start_response, str(os.getpid()))
+    if path == "/server_metrics":
+        return text(start_response, json.dumps(edgesync.server_metrics()))
     if path == "/lazy_import":
         # A standard-library module nothing imports at start, imported by the request
         # (as werkzeug imports the idna codec on its first request): was it there already?
