@@ -553,6 +553,7 @@ class Molds:
         self.disabled = ""  # why births came back to gunicorn's for good (an import that starts threads)
         self.subreaper = False
         self._said_off = ""
+        self.dead: Optional[Tuple[Any, int]] = None  # the config and pid of a mold that died, until a successor
 
     def _off(self) -> Optional[str]:
         why = self.disabled or unavailable(self.arbiter, self.enabled)
@@ -580,9 +581,12 @@ class Molds:
             self.before_start()
         new, kind, detail = Mold.start(self.arbiter)
         if new is not None:
+            dead = self.dead[1] if self.dead is not None and self.dead[0] is cfg else 0
             self.glog.info("edgesync: mold %d ready for %s (%s)%s", new.pid,
-                           "a new generation" if cur is not None else "the first generation",
+                           "a new generation" if cur is not None else
+                           "the same generation, in place of mold %d" % dead if dead else "the first generation",
                            new.loaded, "; the previous one ends" if cur is not None else "")
+            self.dead = None
             if cur is not None:
                 cur.stop()
             self.current = new
@@ -664,6 +668,7 @@ class Molds:
         """``mold`` stopped answering (killed?): the next ``get`` starts another for the same config."""
         self.glog.warning("edgesync: mold %d is gone; starting another", mold.pid)
         mold.stop()
+        self.dead = (mold.cfg, mold.pid)
         if self.current is mold:
             self.current = None
             if self.refused_cfg is self.arbiter.cfg:
