@@ -168,17 +168,25 @@ def stubborn(task_id: str, burn_cpu: bool) -> Callable[[], None]:
         record(type="stubborn_started", id=task_id)
         while True:
             # why BaseException: this task ignores everything, cancellation included,
-            # to show that only the instance's hard limits can end it.
+            # to show that only the instance's hard limits can end it. The whole loop
+            # is inside the try: an exception raised in the thread from outside lands
+            # on whichever instruction checks for it (on 3.13, the loop's jump back
+            # too), and the loop's own jump runs only after an exception was caught.
             try:
-                if burn_cpu:
-                    deadline = time.monotonic() + 0.01
-                    while time.monotonic() < deadline:
-                        pass
-                else:
-                    time.sleep(0.01)
+                _work_forever(burn_cpu)
             except BaseException:
                 record(type="stubborn_ignored", id=task_id)
     return body
+
+
+def _work_forever(burn_cpu: bool) -> None:
+    while True:
+        if burn_cpu:
+            deadline = time.monotonic() + 0.01
+            while time.monotonic() < deadline:
+                pass
+        else:
+            time.sleep(0.01)
 
 
 # -- routes ------------------------------------------------------------------------
