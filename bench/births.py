@@ -1,13 +1,14 @@
 """Births, measured side by side: what a worker's birth costs the server.
 
     python bench/births.py oneshot [--rounds 5] [--seconds 5] [--workers 2] [--connections 8] [--pair] [--no-pin]
+                                   [--against KEY=VALUE]
     python bench/births.py boot [--births 20] [--workers 2]
     python bench/births.py recycling [--rounds 5] [--seconds 10] [--workers 2] [--preload-only] [--pair]
-                                     [--wall-clock-ms 4000]
-    python bench/births.py memory [--rounds 3] [--requests 1000]
+                                     [--wall-clock-ms 4000] [--against KEY=VALUE]
+    python bench/births.py memory [--rounds 3] [--requests 1000] [--against KEY=VALUE]
     python bench/births.py warmup [--rounds 5] [--seconds 5] [--workers 2] [--connections 8] [--no-pin]
     python bench/births.py picture [--seconds 12] [--workers 2] [--connections 8] [--no-pin]
-    python bench/births.py perbirth [--rounds 5] [--requests 200] [--workers 2] [--no-pin]
+    python bench/births.py perbirth [--rounds 5] [--requests 200] [--workers 2] [--no-pin] [--against KEY=VALUE]
 
 ``oneshot``: four servers of the bench Flask app, loaded at once by their own wrk
 (each round starts a different one first): edgesync ``policy = "oneshot"`` with the
@@ -51,6 +52,11 @@ mold give the CPU and minor page faults per birth of the master, the workers (th
 master's reaped children), the mold and the double fork's intermediates (the mold's
 reaped children). One server per round; medians.
 
+``--against KEY=VALUE`` (``oneshot``, ``recycling``, ``perbirth``, ``memory``): the mold's
+births also with this edgesync setting (``mold_immortal_heap=false``): one more server
+side by side (``oneshot``, ``recycling``), rounds alternating with the default's
+(``perbirth``), one more pair of servers (``memory``), and their ratios.
+
 The servers are pinned to core 0 and wrk to core 1 (``--no-pin``: no pinning, e.g. on
 a many-core machine). On a loaded machine, quote medians of several rounds.
 """
@@ -58,11 +64,12 @@ a many-core machine). On a loaded machine, quote medians of several rounds.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -103,6 +110,12 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
         ratios.update({"oneshot (before: no mold, gunicorn's spawn sleep) / per_worker": (2, 1),
                        "oneshot (mold) / oneshot (before)": (0, 2),
                        "oneshot (mold) / oneshot (mold, gunicorn's spawn sleep)": (0, 3)})
+    if a.against:
+        servers.append(Server("oneshot-mold-against", ES, logdir, workers=a.workers, env={**mold, **a.against},
+                              cpu=cpu))
+        what = _against(a)
+        ratios.update({"oneshot (mold, %s) / per_worker" % what: (len(servers) - 1, 1),
+                       "oneshot (mold) / oneshot (mold, %s)" % what: (0, len(servers) - 1)})
     try:
         for s in servers:
             s.start()
@@ -140,10 +153,12 @@ def perbirth(a: argparse.Namespace, logdir: Path) -> int:
 
     cpu: Optional[int] = None if a.no_pin else 0
     tick_ms = 1000.0 / os.sysconf("SC_CLK_TCK")
-    rows: Dict[str, List[float]] = {}
-    for r in range(a.rounds):
-        s = Server("perbirth-%d" % r, ES, logdir, workers=a.workers, env={**QUIET, "EDGESYNC_POLICY": "oneshot"},
-                   cpu=cpu)
+    variants = ["default"] + ([_against(a)] if a.against else [])
+    rows: Dict[str, Dict[str, List[float]]] = {v: {} for v in variants}
+    for r in range(a.rounds * len(variants)):
+        variant = variants[r % len(variants)]  # alternately, round by round
+        s = Server("perbirth-%d" % r, ES, logdir, workers=a.workers, env={
+            **QUIET, "EDGESYNC_POLICY": "oneshot", **(a.against if variant != "default" else {})}, cpu=cpu)
         try:
             s.start()
             for _ in range(20):
@@ -168,12 +183,17 @@ def perbirth(a: argparse.Namespace, logdir: Path) -> int:
         per["worker faults"] = (master["cminflt"] - before[0]["cminflt"]) / births
         per["intermediate faults"] = (mold["cminflt"] - before[1]["cminflt"]) / births
         per["mold faults"] = (mold["minflt"] - before[1]["minflt"]) / births
-        print("round %d (%d births): %s" % (r + 1, births, ", ".join("%s %.2f" % kv for kv in per.items())),
-              flush=True)
+        print("round %d, %s (%d births): %s" % (r + 1, variant, births,
+                                                ", ".join("%s %.2f" % kv for kv in per.items())), flush=True)
         for k, v in per.items():
-            rows.setdefault(k, []).append(v)
-    print("median per oneshot birth: %s (ms of CPU; faults: minor page faults)"
-          % ", ".join("%s %.2f" % (k, median(v)) for k, v in rows.items()))
+            rows[variant].setdefault(k, []).append(v)
+    for variant in variants:
+        print("median per oneshot birth, %s: %s (ms of CPU; faults: minor page faults)"
+              % (variant, ", ".join("%s %.2f" % (k, median(v)) for k, v in rows[variant].items())))
+    if a.against:
+        print("%s / default, per birth: total CPU %.3fx, worker faults %.3fx" % (
+            variants[1], median(rows[variants[1]]["total"]) / median(rows["default"]["total"]),
+            median(rows[variants[1]]["worker faults"]) / median(rows["default"]["worker faults"])))
     return 0
 
 
@@ -261,6 +281,9 @@ def recycling(a: argparse.Namespace, logdir: Path) -> int:
                           args=preload, env={**wall, "EDGESYNC_MOLD": "true", "BENCH_WARM_UP": "1"})]
         if a.pair:  # steady and the mold's recycling only: each server has half the core, not a quarter
             servers = [servers[0], servers[2]]
+        if a.against:
+            servers.append(Server("recycling-mold-against" + tag.replace(" ", ""), ES, logdir, workers=a.workers,
+                                  cpu=cpu, args=preload, env={**wall, "EDGESYNC_MOLD": "true", **a.against}))
         try:
             for s in servers:
                 s.start()
@@ -279,8 +302,9 @@ def recycling(a: argparse.Namespace, logdir: Path) -> int:
                     p99[i].append(res[i + 1].p99 / res[0].p99)
                 print("round %d%s: %s" % (r + 1, tag, " | ".join("%s: %s" % (s.name, x.brief())
                                                                 for s, x in zip(servers, res, strict=True))))
-            names = ("recycling (mold)",) if a.pair else ("recycling (no mold)", "recycling (mold)",
-                                                          "recycling (mold + warm_up)")
+            names = ["recycling (mold)"] if a.pair else ["recycling (no mold)", "recycling (mold)",
+                                                         "recycling (mold + warm_up)"]
+            names += ["recycling (mold, %s)" % _against(a)] if a.against else []
             for i, name in enumerate(names):
                 print("median %s / steady%s: req/s %.3fx (%s), p99 %.2fx (%s)"
                       % (name, tag, median(rps[i]), _fmt(rps[i]), median(p99[i]), _fmt(p99[i])))
@@ -330,12 +354,17 @@ def memory(a: argparse.Namespace, logdir: Path) -> int:
     import psutil
 
     cpu: Optional[int] = None if a.no_pin else 0
-    for name, preload, mold in (("import-in-worker", False, "false"), ("preload", True, "false"),
-                                ("mold", False, "true"), ("mold + preload", True, "true")):
+    kinds: List[Tuple[str, bool, str, Dict[str, str]]] = [
+        ("import-in-worker", False, "false", {}), ("preload", True, "false", {}),
+        ("mold", False, "true", {}), ("mold + preload", True, "true", {})]
+    if a.against:
+        kinds += [("mold, %s" % _against(a), False, "true", a.against),
+                  ("mold + preload, %s" % _against(a), True, "true", a.against)]
+    for name, preload, mold, extra in kinds:
         uss: List[float] = []
         for _ in range(a.rounds):
-            s = Server(name.replace(" + ", "-"), ES, logdir, workers=1, env={**QUIET, "EDGESYNC_MOLD": mold},
-                       cpu=cpu, args=["--preload"] if preload else [])
+            s = Server(re.sub(r"[^a-z0-9-]+", "-", name.replace(" + ", "-")), ES, logdir, workers=1,
+                       env={**QUIET, "EDGESYNC_MOLD": mold, **extra}, cpu=cpu, args=["--preload"] if preload else [])
             try:
                 s.start()
                 for _ in range(a.requests):
@@ -346,6 +375,17 @@ def memory(a: argparse.Namespace, logdir: Path) -> int:
                 s.stop()
         print("USS of a worker after %d requests, %s: median %.1f MB (%s)" % (a.requests, name, median(uss), _fmt(uss)))
     return 0
+
+
+def _against(a: argparse.Namespace) -> str:
+    return ", ".join("%s=%s" % (k[len("EDGESYNC_"):].lower(), v) for k, v in a.against.items())
+
+
+def _setting(text: str) -> Dict[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError("expected KEY=VALUE (an edgesync setting), got %r" % text)
+    return {"EDGESYNC_" + key.strip().upper(): value.strip()}
 
 
 def _fmt(values: List[float]) -> str:
@@ -370,6 +410,9 @@ def main(argv: List[str]) -> int:
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--births", type=int, default=20)
     p.add_argument("--no-pin", action="store_true")
+    p.add_argument("--against", type=_setting, metavar="KEY=VALUE",
+                   help="oneshot, recycling, perbirth, memory: also measure the mold's births with this edgesync "
+                        "setting (e.g. mold_immortal_heap=false), side by side or in alternate rounds")
     a = p.parse_args(argv)
     if a.seconds is None:
         a.seconds = 12.0 if a.what == "picture" else 5.0

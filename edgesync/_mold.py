@@ -4,10 +4,11 @@ design: without ``--preload`` every gunicorn worker imports the app itself (abou
 of CPU for a Flask app), and with it every worker is forked from a master that never
 ran the app (cold caches, copy-on-write faults on its first requests). A mold is a
 child of the master that imports the app (``app.wsgi()``, what ``--preload`` does in
-the master), collects and freezes its heap (``gc.collect(); gc.freeze()``), starts no
-thread, and then forks every worker of its generation on the master's request. Its
-workers report, at their exit, the standard-library modules they imported after their
-birth, and it imports them too (``_learn``): later workers start with them.
+the master), collects and freezes its heap (``gc.collect(); gc.freeze()``; on CPython
+3.12+ its objects are made immortal first, ``_heap``), starts no thread, and then forks
+every worker of its generation on the master's request. Its workers report, at their
+exit, the standard-library modules they imported after their birth, and it imports
+them too (``_learn``): later workers start with them.
 
 gunicorn stays in charge. The master (``_gunicorn.arbiter.Master.spawn_worker``) still
 builds each worker's ``Worker`` object, runs ``pre_fork``, and records the worker in
@@ -41,7 +42,6 @@ import atexit
 import ctypes
 import ctypes.util
 import functools
-import gc
 import importlib
 import logging
 import os
@@ -55,7 +55,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict, FrozenSet, List, NoReturn, Optional, Set, Tuple, Union
 
-from . import _fork
+from . import _fork, _heap
 
 # The mold and a worker it forks, until gunicorn's init_process, log through the arbiter's
 # logger (arbiter.log): the edgesync logger has no handler there (Worker._attach_logging).
@@ -134,8 +134,9 @@ class Mold:
         self.loaded = ""  # what its import and the app's warm-up took, for the log
 
     @classmethod
-    def start(cls, arbiter: Any) -> tuple[Optional[Mold], str, str]:
-        """Fork a mold for the arbiter's current config and wait until it is ready.
+    def start(cls, arbiter: Any, immortal_heap: bool = False) -> tuple[Optional[Mold], str, str]:
+        """Fork a mold for the arbiter's current config and wait until it is ready (``immortal_heap``: see
+        ``_heap.freeze``).
 
         Returns ``(mold, "", "")`` or ``(None, kind, detail)`` with kind ``"threads"``
         (detail: their names), ``"error"`` (the traceback) or ``"gone"``.
@@ -146,16 +147,16 @@ class Mold:
         if pid == 0:  # the mold
             try:
                 ours.close()
-                _mold_main(arbiter, theirs, master)
+                _mold_main(arbiter, theirs, master, immortal_heap)
             finally:
                 os._exit(1)
         theirs.close()
         mold = cls(arbiter, arbiter.cfg, pid, ours)
         reply = mold._receive(READY_TIMEOUT)
         if reply is not None and reply.startswith(b"ready:"):
-            imported, warmed, double_fork = reply[6:].decode(errors="replace").split(":", 2)
-            mold.loaded = "imported in %.2fs, warmed up in %.2fs; %s" % (
-                float(imported), float(warmed),
+            imported, warmed, heap, double_fork = reply[6:].decode(errors="replace").split(":", 3)
+            mold.loaded = "imported in %.2fs, warmed up in %.2fs; %s%s" % (
+                float(imported), float(warmed), heap + "; " if heap else "",
                 "each worker forked through an intermediate: " + double_fork if double_fork
                 else "each worker forked in one step")
             return mold, "", ""
@@ -214,7 +215,7 @@ def _send(sock: socket.socket, data: bytes) -> None:
         os._exit(1)
 
 
-def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
+def _mold_main(arbiter: Any, sock: socket.socket, master: int, immortal_heap: bool) -> NoReturn:
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != master:
         os._exit(0)
@@ -276,18 +277,16 @@ def _mold_main(arbiter: Any, sock: socket.socket, master: int) -> NoReturn:
     threads_from = ""  # what a learned import started: the next fork request is refused
     # Why workers cannot be forked in one step here (then each goes through an intermediate).
     double_fork = _fork.probe()
-    timing += b":" + (double_fork or "").encode()
-    gc.collect()
     _mold_modules = frozenset(sys.modules)
-    gc.freeze()
-    _send(sock, timing)
+    heap = _heap.freeze(immortal_heap)
+    _send(sock, b"%s:%s:%s" % (timing, heap.encode(), (double_fork or "").encode()))
     while True:
         try:
             readable = select.select([sock, learned], [], [])[0]
         except InterruptedError:
             continue
         if learned in readable:
-            threads_from = threads_from or _learn(learned, imported_since)
+            threads_from = threads_from or _learn(learned, imported_since, immortal_heap)
             if sock not in readable:
                 continue
         try:
@@ -356,7 +355,7 @@ def _reply(sock: socket.socket, worker_pid: int) -> None:
         os._exit(1)
 
 
-def _learn(learned: socket.socket, imported_since: Set[str]) -> str:
+def _learn(learned: socket.socket, imported_since: Set[str], immortal_heap: bool) -> str:
     """In the mold: import the standard-library modules its workers reported, so later workers start with them.
 
     What a worker imports after its birth (a lazily imported codec, ``json``, ``email``...)
@@ -390,7 +389,7 @@ def _learn(learned: socket.socket, imported_since: Set[str]) -> str:
             return "importing %s (learned from a worker) started %s" % (name, ", ".join(t.name for t in others))
     global _mold_modules
     _mold_modules = frozenset(sys.modules)
-    gc.freeze()
+    _heap.freeze(immortal_heap)
     return ""
 
 
@@ -538,8 +537,9 @@ class Molds:
     """In the master: the current generation's mold, started, replaced and given up as the rules say."""
 
     def __init__(self, arbiter: Any, enabled: bool, glog: Any, code_generations: bool = False,
-                 before_start: Optional[Callable[[], object]] = None):
+                 before_start: Optional[Callable[[], object]] = None, immortal_heap: bool = False):
         self.arbiter = arbiter
+        self.immortal_heap = immortal_heap  # a mold makes its heap immortal (_heap) before it forks
         # What the master does before a new generation's mold forks from it (the worker class reads
         # its settings again after a HUP, so that the mold's workers start from them).
         self.before_start = before_start
@@ -579,7 +579,7 @@ class Molds:
             return cur
         if self.before_start is not None:
             self.before_start()
-        new, kind, detail = Mold.start(self.arbiter)
+        new, kind, detail = Mold.start(self.arbiter, self.immortal_heap)
         if new is not None:
             dead = self.dead[1] if self.dead is not None and self.dead[0] is cfg else 0
             self.glog.info("edgesync: mold %d ready for %s (%s)%s", new.pid,
@@ -630,7 +630,7 @@ class Molds:
 
     def _renew(self, old: Mold, code: int) -> Optional[Mold]:
         """The app's source changed on disk (oneshot): a new generation from it, or ``old`` if its import fails."""
-        new, kind, detail = Mold.start(self.arbiter)
+        new, kind, detail = Mold.start(self.arbiter, self.immortal_heap)
         if new is not None:
             self.glog.info("edgesync: the app's source changed: mold %d ready for a new generation (%s); the "
                            "previous one ends", new.pid, new.loaded)

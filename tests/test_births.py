@@ -14,7 +14,9 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import types
@@ -25,8 +27,10 @@ from typing import Any, Callable, Dict, List, Tuple
 import pytest
 
 import edgesync
+from edgesync import _heap
 
 from .conftest import Server, wait_for
+from .support import REPO
 
 APP = "tests.apps.births:app"
 MOLD = {"EDGESYNC_MOLD": "true"}
@@ -788,12 +792,56 @@ def test_the_warm_up_runs_once_where_the_app_was_imported_and_after_fork_in_each
         warmed_by = server.proc.pid if preload else molds[0] if molds else pid
         assert hooks["warmed_by"] == warmed_by and hooks["warm_ups"] == 1, (hooks, warmed_by, molds)
         assert hooks["warm_up_answer"] == str(warmed_by)
+    # The app's objects are immortal in a mold's workers, where this Python has immortal objects (_heap).
+    immortal = bool(molds) and _heap.unsupported() is None
+    assert {w["immortal"] for w in _every_workers_answer(server, "/immortal").values()} == {immortal}
     if molds:
         # One fork per worker (clone(CLONE_PARENT)), not a double fork, where the machine allows it.
-        assert re.search(r"mold %d ready for the first generation \(imported in [\d.]+s, warmed up in [\d.]+s; %s\)"
-                         % (molds[0], "each worker forked in one step" if _one_fork_here() else
-                            "each worker forked through"), server.log)
+        assert re.search(r"mold %d ready for the first generation \(imported in [\d.]+s, warmed up in [\d.]+s; %s%s\)"
+                         % (molds[0], r"\d+ objects made immortal in [\d.]+s; " if immortal else "",
+                            "each worker forked in one step" if _one_fork_here() else "each worker forked through"),
+                         server.log), server.log
     assert server.stop() == 0, server.log
+
+
+def test_the_mold_leaves_its_heap_mortal_when_told(server_factory: Callable[..., Server]) -> None:
+    server = server_factory("--workers", "2", app=APP, workers_ready=2,
+                            env={**MOLD, "EDGESYNC_MOLD_IMMORTAL_HEAP": "false"})
+    assert len(_mold_pids(server)) == 1
+    assert {w["immortal"] for w in _every_workers_answer(server, "/immortal").values()} == {False}
+    assert "made immortal" not in server.log
+    assert server.stop() == 0, server.log
+
+
+HEAP_PROBE = """
+import ctypes, gc, json, sys
+from edgesync import _heap
+kept = {"kept": ["by", "the", "heap"]}
+done = _heap.freeze(sys.argv[1] == "1")
+before = sys.getrefcount(kept)
+held = [kept] * 10
+print(json.dumps({"done": done, "unsupported": _heap.unsupported(),
+                  "immortal": ctypes.c_int32.from_address(id(kept)).value < 0,
+                  "inner_immortal": ctypes.c_int32.from_address(id(kept["kept"][2])).value < 0,
+                  "counted": sys.getrefcount(kept) - before, "frozen": gc.get_freeze_count() > 0}))
+"""
+
+
+@pytest.mark.parametrize("immortal", [True, False])
+def test_freezing_the_heap_makes_its_objects_immortal_where_python_can(tmp_path: Path, immortal: bool) -> None:
+    # In a process of its own: an immortal object is never freed.
+    out = subprocess.run([sys.executable, "-c", HEAP_PROBE, "1" if immortal else "0"], cwd=str(REPO),
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    got = json.loads(out)
+    assert got["frozen"]
+    supported = sys.version_info >= (3, 12) and not sysconfig.get_config_var("Py_GIL_DISABLED")
+    assert got["unsupported"] is None if supported else "3.12+" in got["unsupported"], got
+    if immortal and supported:
+        assert re.fullmatch(r"\d+ objects made immortal in [\d.]+s", got["done"]), got
+        assert got["immortal"] and got["inner_immortal"], got  # and what it holds, strings included
+        assert got["counted"] == 0, got  # ten more references, and its count did not move
+    else:
+        assert got["done"] == "" and not got["immortal"] and got["counted"] == 10, got
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ DESIGN_DEFAULTS = {
     "handoff_queue": "default",
     "replace_before_retire": True,  # issue 10: a replacement serves before a retiring worker stops accepting
     "mold": True,  # issue 23: a mold per code generation forks the workers
+    "mold_immortal_heap": True,  # issue 23: the mold's objects immortal (CPython 3.12+) before it forks
 }
 
 
@@ -97,6 +98,7 @@ def test_full_valid_file(tmp_path: Path) -> None:
         "handoff_queue": "edge.tasks",
         "replace_before_retire": False,
         "mold": False,
+        "mold_immortal_heap": False,
     }
     body = "\n".join(f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}".replace("'", '"')
                      for k, v in wanted.items())

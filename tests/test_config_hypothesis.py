@@ -48,8 +48,8 @@ TEXTS = {"durable_journal": r"[^\x00]*", "handoff_redis_url": r"(redis|rediss|un
          "handoff_queue": r"[A-Za-z0-9_.:-]+"}
 KEYS = ["policy", *list(RANGES)[:-3], "durable_journal", "durable_max_attempts", "durable_lease_ms", "handoff",
         "handoff_on", "handoff_redis_url", "handoff_broker_url", "handoff_visibility_timeout_ms", "handoff_queue",
-        "replace_before_retire", "mold"]
-BOOLEANS = {"replace_before_retire", "mold"}
+        "replace_before_retire", "mold", "mold_immortal_heap"]
+BOOLEANS = {"replace_before_retire", "mold", "mold_immortal_heap"}
 DEFAULTS = dataclasses.asdict(Settings())
 SUPABASE_KEYS = {"enabled", "inspector_port", "deno_version", "secrets"}
 

@@ -56,11 +56,11 @@ class Master:
     """The arbiter's patched methods, and what they tell the table of workers and the molds."""
 
     def __init__(self, arbiter: Any, glog: Any, mold: bool = False, code_generations: bool = False,
-                 before_mold: Optional[Callable[[], object]] = None):
+                 before_mold: Optional[Callable[[], object]] = None, immortal_heap: bool = False):
         self.arbiter = arbiter
         self.glog = glog
         self.table = _recycle.Table(glog)
-        self.molds = _mold.Molds(arbiter, mold, glog, code_generations, before_mold)
+        self.molds = _mold.Molds(arbiter, mold, glog, code_generations, before_mold, immortal_heap)
         self.hidden: Dict[int, Any] = {}  # retirees taken out of WORKERS during manage_workers
         self.orig: Dict[str, Callable[..., Any]] = {}
         for name in _PATCHED:
@@ -267,7 +267,7 @@ _master: Optional[Master] = None
 
 
 def install(glog: Any, mold: bool = False, code_generations: bool = False,
-            before_mold: Optional[Callable[[], object]] = None) -> bool:
+            before_mold: Optional[Callable[[], object]] = None, immortal_heap: bool = False) -> bool:
     """In gunicorn's master, before the first fork: share the workers' table and patch the arbiter.
 
     Returns False (and changes nothing) outside a running gunicorn arbiter, e.g.
@@ -281,7 +281,7 @@ def install(glog: Any, mold: bool = False, code_generations: bool = False,
         glog.debug("edgesync: no running gunicorn arbiter in this process; workers retire without a "
                    "replacement serving first")
         return False
-    _master = Master(arbiter, glog, mold, code_generations, before_mold)
+    _master = Master(arbiter, glog, mold, code_generations, before_mold, immortal_heap)
     _recycle.share(_master.table)
     roles.record_master(arbiter)
     return True

@@ -171,7 +171,8 @@ class Worker(gthread.ThreadWorker):  # type: ignore[misc]
         # replace_before_retire on); each worker ends without Python's teardown of its
         # modules (see _exit).
         arbiter.install(log, mold=cls._settings.mold, code_generations=cls._settings.policy == Policy.ONESHOT,
-                        before_mold=lambda: cls.current_settings(log))
+                        before_mold=lambda: cls.current_settings(log),
+                        immortal_heap=cls._settings.mold_immortal_heap)
         if cfg.preload_app:  # the master imported the app: it warms it before its forks
             try:
                 _births.warm()

@@ -26,6 +26,7 @@ gunicorn code in between).
 from __future__ import annotations
 
 import _thread
+import ctypes
 import json
 import os
 import socket
@@ -91,6 +92,8 @@ def _exit_later(code: int, delay: float) -> None:
 
 
 SEEN: List[str] = []  # every path this module's app was called with, in this process and its forker
+#: An object of the app's own, made at import: immortal in a mold's workers on CPython 3.12+ (/immortal).
+MADE_AT_IMPORT = {"made": "at import"}
 
 
 def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -110,6 +113,9 @@ def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         return text(start_response, "%s %d" % (VERSION, os.getpid()))
     if path == "/pid":
         return text(start_response, str(os.getpid()))
+    if path == "/immortal":  # is an object the app made at import immortal here (edgesync._heap)?
+        count = ctypes.c_int32.from_address(id(MADE_AT_IMPORT)).value
+        return text(start_response, json.dumps({"pid": os.getpid(), "immortal": count < 0}))
     if path == "/server_metrics":
         return text(start_response, json.dumps(edgesync.server_metrics()))
     if path == "/lazy_import":
