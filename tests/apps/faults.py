@@ -168,10 +168,10 @@ def stubborn(task_id: str, burn_cpu: bool) -> Callable[[], None]:
         record(type="stubborn_started", id=task_id)
         while True:
             # why BaseException: this task ignores everything, cancellation included,
-            # to show that only the instance's hard limits can end it. The whole loop
-            # is inside the try: an exception raised in the thread from outside lands
-            # on whichever instruction checks for it (on 3.13, the loop's jump back
-            # too), and the loop's own jump runs only after an exception was caught.
+            # to show that only the instance's hard limits can end it. The loop runs in
+            # a function of its own: CPython 3.13.0 lets an exception raised into a
+            # thread while a loop evaluates its condition skip the handler in that
+            # frame (docs/pythons-and-frameworks.md), not one in the caller's.
             try:
                 _work_forever(burn_cpu)
             except BaseException:
