@@ -221,14 +221,19 @@ def share(table: Table) -> None:
     _master = table
 
 
-def _record() -> Optional[_Record]:
-    """This worker's own record, if it has one, its master is its parent, and the master recorded no other
-    pid for it (``stranger``)."""
+def _slot_record() -> Optional[_Record]:
+    """The record this worker was forked for, if it has one and its master is its parent."""
     m = _master
     if m is None or _own is None or m.in_master() or os.getppid() != m.pid:
         return None
-    rec = m.records[_own]
-    return rec if rec.owner in (0, os.getpid()) else None
+    return m.records[_own]
+
+
+def _record() -> Optional[_Record]:
+    """This worker's own record: the one it was forked for, unless the master recorded another pid for it
+    (``stranger``)."""
+    rec = _slot_record()
+    return rec if rec is not None and rec.owner in (0, os.getpid()) else None
 
 
 def _wake_master() -> None:
@@ -269,10 +274,8 @@ def stranger() -> Optional[int]:
     record is the replacement's (``_record`` is None here), and the worker retires
     at its next heartbeat, when it asks this.
     """
-    m = _master
-    if m is None or _own is None or m.in_master() or os.getppid() != m.pid:
-        return None
-    owner = int(m.records[_own].owner)
+    rec = _slot_record()
+    owner = 0 if rec is None else int(rec.owner)
     return None if owner in (0, os.getpid()) else owner
 
 
