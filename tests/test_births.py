@@ -272,10 +272,9 @@ def test_a_worker_whose_mold_dies_before_naming_it_retires(server_factory: Calla
         server.signal(signal.SIGTTIN)
         stranger = catcher.worker()
         server.wait_for_log(r"edgesync: mold %d is gone; starting another" % mold)
-        server.wait_for_log(r"worker %d: the master does not know this worker \(it recorded pid (\d+) in its place"
-                            % stranger)
-        replacement = int(re.findall(r"worker %d: the master does not know this worker \(it recorded pid (\d+)"
-                                     % stranger, server.log)[0])
+        unknown = r"worker %d: the master does not know this worker \(it recorded pid (\d+) in its place" % stranger
+        [line] = server.wait_for_log(unknown)
+        replacement = int(re.findall(unknown, line)[0])
         server.wait_for_log(r"worker %d: retiring \(reason=unregistered\)" % stranger)
         wait_for(lambda: _gone(stranger), 20, "the unregistered worker to exit")
         assert replacement in server.worker_pids() and len(server.worker_pids()) == 3
