@@ -1,7 +1,7 @@
 """Births, measured side by side: what a worker's birth costs the server.
 
     python bench/births.py oneshot [--rounds 5] [--seconds 5] [--workers 2] [--connections 8] [--pair] [--no-pin]
-                                   [--against KEY=VALUE]
+                                   [--against KEY=VALUE] [--floor]
     python bench/births.py boot [--births 20] [--workers 2]
     python bench/births.py recycling [--rounds 5] [--seconds 10] [--workers 2] [--preload-only] [--pair]
                                      [--wall-clock-ms 4000] [--against KEY=VALUE]
@@ -9,6 +9,7 @@
     python bench/births.py warmup [--rounds 5] [--seconds 5] [--workers 2] [--connections 8] [--no-pin]
     python bench/births.py picture [--seconds 12] [--workers 2] [--connections 8] [--no-pin]
     python bench/births.py perbirth [--rounds 5] [--requests 200] [--workers 2] [--no-pin] [--against KEY=VALUE]
+                                    [--floor]
 
 ``oneshot``: four servers of the bench Flask app, loaded at once by their own wrk
 (each round starts a different one first): edgesync ``policy = "oneshot"`` with the
@@ -57,6 +58,13 @@ births also with this edgesync setting (``mold_immortal_heap=false``): one more 
 side by side (``oneshot``, ``recycling``), rounds alternating with the default's
 (``perbirth``), one more pair of servers (``memory``), and their ratios.
 
+``--floor`` (``oneshot``, ``perbirth``): also births of ``bench/apps/floor_worker.py``'s
+worker, which the same master and mold fork but which only serves its one request (on
+the main thread, through gunicorn's parser and the app, then exits): the floor of a
+oneshot birth on this machine while gunicorn's arbiter reaps, counts and signals every
+instance. One more server side by side (``oneshot``: floor / per_worker, oneshot /
+floor), rounds alternating (``perbirth``).
+
 The servers are pinned to core 0 and wrk to core 1 (``--no-pin``: no pinning, e.g. on
 a many-core machine). On a loaded machine, quote medians of several rounds.
 """
@@ -87,6 +95,7 @@ from bench.harness import (  # noqa: E402
 
 ES = "edgesync.Worker"
 SLEEP_CONF = str(REPO / "bench" / "apps" / "spawn_sleep_conf.py")
+FLOOR = "bench.apps.floor_worker.FloorWorker"
 QUIET = {"EDGESYNC_REQUEST_IDLE_TIMEOUT_MS": "0"}
 
 
@@ -116,6 +125,10 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
         what = _against(a)
         ratios.update({"oneshot (mold, %s) / per_worker" % what: (len(servers) - 1, 1),
                        "oneshot (mold) / oneshot (mold, %s)" % what: (0, len(servers) - 1)})
+    if a.floor:
+        servers.append(Server("floor", FLOOR, logdir, workers=a.workers, env=mold, cpu=cpu))
+        ratios.update({"floor (an instance that only serves its request) / per_worker": (len(servers) - 1, 1),
+                       "oneshot (mold) / floor": (0, len(servers) - 1)})
     try:
         for s in servers:
             s.start()
@@ -153,12 +166,13 @@ def perbirth(a: argparse.Namespace, logdir: Path) -> int:
 
     cpu: Optional[int] = None if a.no_pin else 0
     tick_ms = 1000.0 / os.sysconf("SC_CLK_TCK")
-    variants = ["default"] + ([_against(a)] if a.against else [])
+    variants = ["default"] + ([_against(a)] if a.against else []) + (["floor"] if a.floor else [])
     rows: Dict[str, Dict[str, List[float]]] = {v: {} for v in variants}
     for r in range(a.rounds * len(variants)):
         variant = variants[r % len(variants)]  # alternately, round by round
-        s = Server("perbirth-%d" % r, ES, logdir, workers=a.workers, env={
-            **QUIET, "EDGESYNC_POLICY": "oneshot", **(a.against if variant != "default" else {})}, cpu=cpu)
+        s = Server("perbirth-%d" % r, FLOOR if variant == "floor" else ES, logdir, workers=a.workers, env={
+            **QUIET, "EDGESYNC_POLICY": "oneshot", **(a.against if variant not in ("default", "floor") else {})},
+                   cpu=cpu)
         try:
             s.start()
             for _ in range(20):
@@ -190,10 +204,10 @@ def perbirth(a: argparse.Namespace, logdir: Path) -> int:
     for variant in variants:
         print("median per oneshot birth, %s: %s (ms of CPU; faults: minor page faults)"
               % (variant, ", ".join("%s %.2f" % (k, median(v)) for k, v in rows[variant].items())))
-    if a.against:
+    for variant in variants[1:]:
         print("%s / default, per birth: total CPU %.3fx, worker faults %.3fx" % (
-            variants[1], median(rows[variants[1]]["total"]) / median(rows["default"]["total"]),
-            median(rows[variants[1]]["worker faults"]) / median(rows["default"]["worker faults"])))
+            variant, median(rows[variant]["total"]) / median(rows["default"]["total"]),
+            median(rows[variant]["worker faults"]) / median(rows["default"]["worker faults"])))
     return 0
 
 
@@ -293,10 +307,13 @@ def recycling(a: argparse.Namespace, logdir: Path) -> int:
             rps: List[List[float]] = [[] for _ in range(rows)]
             p99: List[List[float]] = [[] for _ in range(rows)]
             failed = [0] * len(servers)
+            cpu_ms: List[List[float]] = [[] for _ in servers]
             for r in range(a.rounds):
+                cpu_before = [s.cpu_seconds() for s in servers]
                 res = side_by_side(loads, a.seconds, a.connections, client, first=r % len(loads))
                 for i, x in enumerate(res):
                     failed[i] += x.failed
+                    cpu_ms[i].append(1000 * (servers[i].cpu_seconds() - cpu_before[i]) / max(1, x.requests))
                 for i in range(rows):
                     rps[i].append(res[i + 1].rps / res[0].rps)
                     p99[i].append(res[i + 1].p99 / res[0].p99)
@@ -308,6 +325,8 @@ def recycling(a: argparse.Namespace, logdir: Path) -> int:
             for i, name in enumerate(names):
                 print("median %s / steady%s: req/s %.3fx (%s), p99 %.2fx (%s)"
                       % (name, tag, median(rps[i]), _fmt(rps[i]), median(p99[i]), _fmt(p99[i])))
+            print("median server CPU per request%s (master, workers, mold): %s" % (tag, ", ".join(
+                "%s %.3f ms" % (s.name, median(c)) for s, c in zip(servers, cpu_ms, strict=True))))
             print("failed requests%s: %s" % (tag, ", ".join("%s %d" % (s.name, f)
                                                           for s, f in zip(servers, failed, strict=True))))
             for s in servers[1:]:
@@ -413,6 +432,9 @@ def main(argv: List[str]) -> int:
     p.add_argument("--against", type=_setting, metavar="KEY=VALUE",
                    help="oneshot, recycling, perbirth, memory: also measure the mold's births with this edgesync "
                         "setting (e.g. mold_immortal_heap=false), side by side or in alternate rounds")
+    p.add_argument("--floor", action="store_true",
+                   help="oneshot, perbirth: also births of an instance that only serves its request "
+                        "(bench/apps/floor_worker.py), side by side or in alternate rounds")
     a = p.parse_args(argv)
     if a.seconds is None:
         a.seconds = 12.0 if a.what == "picture" else 5.0
