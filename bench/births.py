@@ -86,6 +86,7 @@ from bench.harness import (  # noqa: E402
     Load,
     Server,
     Traced,
+    WrkResult,
     cleanup,
     median,
     proc_stat,
@@ -101,6 +102,21 @@ QUIET = {"EDGESYNC_REQUEST_IDLE_TIMEOUT_MS": "0"}
 
 def _births(server: Server) -> int:
     return server.count(r"Booting worker with pid")
+
+
+def _round(servers: List[Server], loads: List[Load], a: argparse.Namespace, client: Optional[int], first: int,
+           cpu_ms: List[List[float]]) -> List[WrkResult]:
+    """One round of ``side_by_side``; appends each server's CPU per request over it (ms) to ``cpu_ms``."""
+    before = [s.cpu_seconds() for s in servers]
+    res = side_by_side(loads, a.seconds, a.connections, client, first=first)
+    for spent, s, b, x in zip(cpu_ms, servers, before, res, strict=True):
+        spent.append(1000 * (s.cpu_seconds() - b) / max(1, x.requests))
+    return res
+
+
+def _cpu_line(servers: List[Server], cpu_ms: List[List[float]], tag: str = "") -> str:
+    return "median server CPU per request%s (master, workers, mold): %s" % (tag, ", ".join(
+        "%s %.3f ms" % (s.name, median(c)) for s, c in zip(servers, cpu_ms, strict=True)))
 
 
 def oneshot(a: argparse.Namespace, logdir: Path) -> int:
@@ -139,20 +155,17 @@ def oneshot(a: argparse.Namespace, logdir: Path) -> int:
         cpu_ms: List[List[float]] = [[] for _ in servers]
         for r in range(a.rounds):
             before = [_births(s) for s in servers]
-            cpu_before = [s.cpu_seconds() for s in servers]
-            res = side_by_side(loads, a.seconds, a.connections, client, first=r % len(loads))
+            res = _round(servers, loads, a, client, r % len(loads), cpu_ms)
             births = [_births(s) - b for s, b in zip(servers, before, strict=True)]
             for i, x in enumerate(res):
                 failed[i] += x.failed
-                cpu_ms[i].append(1000 * (servers[i].cpu_seconds() - cpu_before[i]) / max(1, x.requests))
             for name, (i, j) in ratios.items():
                 seen[name].append(res[i].rps / res[j].rps if res[j].rps else float("inf"))
             print("round %d: %s" % (r + 1, " | ".join("%s: %s, %d births" % (s.name, x.brief(), n)
                                                       for s, x, n in zip(servers, res, births, strict=True))))
         for name, values in seen.items():
             print("median %s req/s: %.4fx (rounds %s)" % (name, median(values), _fmt(values)))
-        print("median server CPU per request (master, workers, mold): %s"
-              % ", ".join("%s %.3f ms" % (s.name, median(c)) for s, c in zip(servers, cpu_ms, strict=True)))
+        print(_cpu_line(servers, cpu_ms))
         print("failed requests: %s" % ", ".join("%s %d" % (s.name, f) for s, f in zip(servers, failed, strict=True)))
         return 0
     finally:
@@ -309,11 +322,9 @@ def recycling(a: argparse.Namespace, logdir: Path) -> int:
             failed = [0] * len(servers)
             cpu_ms: List[List[float]] = [[] for _ in servers]
             for r in range(a.rounds):
-                cpu_before = [s.cpu_seconds() for s in servers]
-                res = side_by_side(loads, a.seconds, a.connections, client, first=r % len(loads))
+                res = _round(servers, loads, a, client, r % len(loads), cpu_ms)
                 for i, x in enumerate(res):
                     failed[i] += x.failed
-                    cpu_ms[i].append(1000 * (servers[i].cpu_seconds() - cpu_before[i]) / max(1, x.requests))
                 for i in range(rows):
                     rps[i].append(res[i + 1].rps / res[0].rps)
                     p99[i].append(res[i + 1].p99 / res[0].p99)
@@ -325,8 +336,7 @@ def recycling(a: argparse.Namespace, logdir: Path) -> int:
             for i, name in enumerate(names):
                 print("median %s / steady%s: req/s %.3fx (%s), p99 %.2fx (%s)"
                       % (name, tag, median(rps[i]), _fmt(rps[i]), median(p99[i]), _fmt(p99[i])))
-            print("median server CPU per request%s (master, workers, mold): %s" % (tag, ", ".join(
-                "%s %.3f ms" % (s.name, median(c)) for s, c in zip(servers, cpu_ms, strict=True))))
+            print(_cpu_line(servers, cpu_ms, tag))
             print("failed requests%s: %s" % (tag, ", ".join("%s %d" % (s.name, f)
                                                           for s, f in zip(servers, failed, strict=True))))
             for s in servers[1:]:

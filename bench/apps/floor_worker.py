@@ -5,10 +5,12 @@ births (the master installs the mold in ``check_config``, and the mold forks eac
 worker) and nothing else: its ``init_process`` takes one connection on the main
 thread, passes the request through gunicorn's HTTP/1.1 parser and the app, answers
 with ``Connection: close`` and exits. No thread, no limits, no heartbeat, no event, no
-log line of edgesync's. ``bench/births.py floor`` loads it side by side with edgesync's
-``per_worker`` and ``oneshot``: what a oneshot birth costs on this machine when the
-arbiter still reaps, counts and signals every instance and a mold forks it. Measurement
-only: such a worker enforces nothing.
+log line of edgesync's. ``bench/births.py oneshot --floor`` loads it side by side with
+edgesync's ``per_worker`` and ``oneshot`` (``perbirth --floor``: in alternate rounds):
+what a oneshot birth costs on this machine when the arbiter still reaps, counts and
+signals every instance and a mold forks it. Measurement only: such a worker enforces
+nothing, and with no heartbeat an instance left idle for ``--timeout`` is killed by the
+arbiter.
 """
 
 from __future__ import annotations
