@@ -271,9 +271,12 @@ class Slot:
                     or inv.answer is None):
                 return False
             inv.answered = True
-        if not inv.answer(inv, status, message):
-            return False
+        # Counted before the answer goes out: a client that has its 504 or 546 and asks
+        # runtime_metrics() next finds it among invocations_cancelled.
         self.tracker.record(inv.kind, Outcome.ANSWERED_OUTSIDE)
+        if not inv.answer(inv, status, message):
+            self.tracker.record(inv.kind, Outcome.ANSWERED_OUTSIDE, -1)
+            return False
         return True
 
     def gate_response(self, inv: Invocation) -> None:
@@ -298,7 +301,7 @@ class Tracker:
         self._gone_requests = 0  # requests begun on threads that ended since
 
     def record(self, kind: Kind, outcome: Outcome, n: int = 1) -> None:
-        """Count ``n`` invocations of ``kind`` that ended with ``outcome``."""
+        """Count ``n`` invocations of ``kind`` that ended with ``outcome`` (a negative ``n`` takes a count back)."""
         if n:
             key = (kind, outcome)
             with self._lock:
