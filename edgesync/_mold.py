@@ -607,8 +607,9 @@ class Molds:
     def fork(self, worker: Any, slot: Optional[int], refork: Callable[[], object]) -> Optional[int]:
         """Fork ``worker`` from the current generation's mold; None if no mold could (gunicorn's birth then).
 
-        ``refork`` runs before ``worker`` is forked again after a mold died on the way (it may have forked
-        one already, which the master never hears of: ``_recycle.stranger``)."""
+        ``refork`` runs as soon as a mold dies on the way, before ``worker`` is forked again, by another mold
+        or, when this returns None, by the master (the dead mold may have forked one already, which the
+        master never hears of: ``_recycle.stranger``)."""
         mold = self.get()
         for _ in range(3):
             if mold is None:

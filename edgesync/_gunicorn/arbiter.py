@@ -147,10 +147,10 @@ class Master:
                                       arbiter.timeout / 2.0, arbiter.cfg, arbiter.log)
         with self._retirees_shown():
             arbiter.cfg.pre_fork(arbiter, worker)
-            refork = functools.partial(self.table.refork, slot)
-            pid = self.molds.fork(worker, slot, refork)
+            # A mold that died on the way may have forked this worker already: Molds.fork clears
+            # what that one wrote (Table.refork) before any second fork, its own or this one's.
+            pid = self.molds.fork(worker, slot, functools.partial(self.table.refork, slot))
             if pid is None:
-                refork()
                 pid = self._fork_here(worker, slot)
         worker.pid = pid
         arbiter.WORKERS[pid] = worker
